@@ -1,0 +1,87 @@
+"""The registry of named model configurations.
+
+Sizes are table rows (openpi's `gemma.get_config`, big_vision's `decode_variant`), and a model is
+a combination of rows. Names match exactly; an unknown name gets the closest match in the error.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from configs.model_config import GemmaConfig, ModelConfig, SiglipConfig
+
+GEMMA_VARIANTS: dict[str, GemmaConfig] = {
+    "dummy": GemmaConfig(width=64, depth=4, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16),
+    "gemma_300m": GemmaConfig(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256),
+    "gemma_2b": GemmaConfig(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256),
+}
+
+SIGLIP_VARIANTS: dict[str, SiglipConfig] = {
+    # The size of openpi's parity fixture: small enough for a 2-core CPU.
+    "tiny/14": SiglipConfig(width=32, depth=2, mlp_dim=64, num_heads=2),
+    "So400m/14": SiglipConfig(width=1152, depth=27, mlp_dim=4304, num_heads=16),
+}
+
+
+def _pi05(name: str, **overrides) -> ModelConfig:
+    base = dict(
+        name=name,
+        vlm=GEMMA_VARIANTS["gemma_2b"],
+        expert=GEMMA_VARIANTS["gemma_300m"],
+        siglip=SIGLIP_VARIANTS["So400m/14"],
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def _tiny(name: str, **overrides) -> ModelConfig:
+    tiny = dict(
+        vlm=GEMMA_VARIANTS["dummy"],
+        expert=GEMMA_VARIANTS["dummy"],
+        siglip=SIGLIP_VARIANTS["tiny/14"],
+        vocab_size=1024,
+        dtype="float32",
+        tokenizer="tiny",
+    )
+    tiny.update(overrides)
+    return _pi05(name, **tiny)
+
+
+def _build_registry(configs: list[ModelConfig]) -> dict[str, ModelConfig]:
+    registry: dict[str, ModelConfig] = {}
+    for cfg in configs:
+        if cfg.name in registry:
+            raise ValueError(f"model config name {cfg.name!r} is defined twice")
+        registry[cfg.name] = cfg
+    return registry
+
+
+_MODELS = _build_registry(
+    [
+        # openpi's pi05 defaults: 3 cameras, 50-step chunks of 32 dims, 200-token prompts.
+        _pi05("pi05"),
+        _pi05("pi05_droid", action_horizon=15),
+        _pi05("pi05_aloha"),
+        _pi05("pi05_libero", action_horizon=10, discrete_state_input=False),
+        # The CPU default and the test model: the layout of openpi's parity fixture.
+        _tiny("pi05_tiny"),
+        _tiny("pi05_tiny_bf16", dtype="bfloat16"),
+    ]
+)
+
+DEFAULT_MODEL = "pi05_tiny"
+
+
+def model_config_names() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model_config(name: str) -> ModelConfig:
+    try:
+        return _MODELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _MODELS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"unknown model config {name!r}.{hint} Known configs: {', '.join(model_config_names())}"
+        ) from None

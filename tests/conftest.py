@@ -1,0 +1,56 @@
+"""Shared test fixtures: the openpi parity fixture and the tiny model loaded from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURE_DIR = Path(__file__).parent / "fixtures" / "openpi_pi05_tiny"
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    return FIXTURE_DIR
+
+
+@pytest.fixture(scope="session")
+def fixture_provenance() -> dict:
+    return json.loads((FIXTURE_DIR / "config.json").read_text())["provenance"]
+
+
+@pytest.fixture(scope="session")
+def expected() -> dict[str, np.ndarray]:
+    with np.load(FIXTURE_DIR / "expected.npz") as f:
+        return dict(f)
+
+
+@pytest.fixture(scope="session")
+def fixture_inputs() -> dict[str, np.ndarray]:
+    with np.load(FIXTURE_DIR / "inputs.npz") as f:
+        return dict(f)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from configs import get_model_config
+
+    return get_model_config("pi05_tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_cfg):
+    import jax.numpy as jnp
+
+    from policy.checkpoint import load_params
+
+    return load_params(FIXTURE_DIR, tiny_cfg, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="session")
+def fixture_obs(tiny_cfg):
+    from policy.fixture import load_inputs
+
+    return load_inputs(FIXTURE_DIR / "inputs.npz", tiny_cfg)
