@@ -49,26 +49,22 @@ def run(config: str, batches: list[int], iters: int) -> str:
                 token_mask=np.ones((b, cfg.max_token_len), bool),
             )
         )
-        noise = jax.device_put(
-            rng.standard_normal((b, cfg.action_horizon, cfg.action_dim)).astype(np.float32)
-        )
+        noise = jax.device_put(rng.standard_normal((b, cfg.action_horizon, cfg.action_dim)).astype(np.float32))
         steps = jnp.int32(cfg.num_steps)
         prefix = pi05.prefill_jit(params, obs, cfg)
         t_prefill = _time(lambda obs=obs: pi05.prefill_jit(params, obs, cfg), iters)
         t_denoise = _time(
-            lambda prefix=prefix, noise=noise: pi05.denoise_jit(params, prefix, noise, steps, cfg), iters
+            lambda prefix=prefix, noise=noise, steps=steps: pi05.denoise_jit(params, prefix, noise, steps, cfg), iters
         )
         t_full = _time(
-            lambda obs=obs, noise=noise: pi05.sample_actions_jit(params, obs, noise, steps, cfg), iters
+            lambda obs=obs, noise=noise, steps=steps: pi05.sample_actions_jit(params, obs, noise, steps, cfg), iters
         )
         (pp, _), (dp, _), (fp, f99) = (
             percentiles_ms(t_prefill),
             percentiles_ms(t_denoise),
             percentiles_ms(t_full),
         )
-        rows.append(
-            f"| {b} | {pp:.2f} | {dp:.2f} | {pp + dp:.2f} | {fp:.2f} | {f99:.2f} | {(pp + dp) / fp:.2f} |"
-        )
+        rows.append(f"| {b} | {pp:.2f} | {dp:.2f} | {pp + dp:.2f} | {fp:.2f} | {f99:.2f} | {(pp + dp) / fp:.2f} |")
         log.info(
             "batch %d: prefill %.2f ms, %d flow steps %.2f ms, one-jit sample_actions %.2f ms",
             b,

@@ -23,7 +23,9 @@ def machine() -> str:
 
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
     cpu = platform.processor() or platform.machine()
-    return f"{platform.node() or 'host'}: {os.cpu_count()} CPU cores ({cpu}), backend {jax.default_backend()} [{devices}]"
+    return (
+        f"{platform.node() or 'host'}: {os.cpu_count()} CPU cores ({cpu}), backend {jax.default_backend()} [{devices}]"
+    )
 
 
 def versions(*packages: str) -> str:

@@ -28,9 +28,7 @@ class GemmaConfig:
     def __post_init__(self) -> None:
         _check_positive(self)
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
-            )
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +47,7 @@ class SiglipConfig:
         if self.width % self.num_heads:
             raise ValueError(f"siglip width {self.width} is not a multiple of num_heads {self.num_heads}")
         if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 
     @property
     def head_dim(self) -> int:

@@ -97,8 +97,7 @@ def check_tree(stored: dict[str, tuple[int, ...]], cfg: ModelConfig, source: str
             )
         if path not in expected:
             raise CheckpointError(
-                f"{source}: unexpected parameter {path} with shape {stored[path]} "
-                f"(not part of config {cfg.name!r})"
+                f"{source}: unexpected parameter {path} with shape {stored[path]} (not part of config {cfg.name!r})"
             )
         if tuple(stored[path]) != tuple(expected[path]):
             raise CheckpointError(
@@ -107,9 +106,7 @@ def check_tree(stored: dict[str, tuple[int, ...]], cfg: ModelConfig, source: str
             )
 
 
-def load_params(
-    path: str | Path, cfg: ModelConfig, dtype=jnp.bfloat16, device: jax.Device | None = None
-) -> Params:
+def load_params(path: str | Path, cfg: ModelConfig, dtype=jnp.bfloat16, device: jax.Device | None = None) -> Params:
     """Restores an openpi `params/` folder into the model's tree, cast to `dtype`, on `device`."""
     directory = params_dir(path)
     stored, has_value = _stored_shapes(directory)

@@ -16,9 +16,7 @@ from policy.pi05 import Observation
 
 
 def _gemma(d: dict) -> GemmaConfig:
-    return GemmaConfig(
-        **{k: d[k] for k in ("width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim")}
-    )
+    return GemmaConfig(**{k: d[k] for k in ("width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim")})
 
 
 def config_from_json(path: str | Path) -> ModelConfig:
@@ -28,9 +26,7 @@ def config_from_json(path: str | Path) -> ModelConfig:
         d = json.loads(path.read_text())
         s = d["siglip"]
         if s["image_size"][0] != s["image_size"][1] or s["patch_size"][0] != s["patch_size"][1]:
-            raise ValueError(
-                f"only square images and patches are supported, got {s['image_size']}, {s['patch_size']}"
-            )
+            raise ValueError(f"only square images and patches are supported, got {s['image_size']}, {s['patch_size']}")
         pi0 = d.get("pi0_config", {})
         return ModelConfig(
             name=f"fixture:{path.parent.name}",
@@ -73,10 +69,7 @@ def load_inputs(path: str | Path, cfg: ModelConfig) -> tuple[Observation, np.nda
         batch = f["tokenized_prompt"].shape[0]
         images = np.stack([f[f"image_{k}"] for k in cfg.image_keys], axis=1).astype(np.float32)
         masks = np.stack(
-            [
-                f[f"image_mask_{k}"] if f"image_mask_{k}" in f else np.ones(batch, bool)
-                for k in cfg.image_keys
-            ],
+            [f[f"image_mask_{k}"] if f"image_mask_{k}" in f else np.ones(batch, bool) for k in cfg.image_keys],
             axis=1,
         )
         obs = Observation(

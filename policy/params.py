@@ -29,10 +29,7 @@ def _siglip_shapes(s: SiglipConfig, out_width: int) -> dict:
                 "LayerNorm_0": {"scale": (layers, d), "bias": (layers, d)},
                 "LayerNorm_1": {"scale": (layers, d), "bias": (layers, d)},
                 "MultiHeadDotProductAttention_0": {
-                    **{
-                        k: {"kernel": (layers, d, n, h), "bias": (layers, n, h)}
-                        for k in ("query", "key", "value")
-                    },
+                    **{k: {"kernel": (layers, d, n, h), "bias": (layers, n, h)} for k in ("query", "key", "value")},
                     "out": {"kernel": (layers, n, h, d), "bias": (layers, d)},
                 },
                 "MlpBlock_0": {"Dense_0": dense(d, s.mlp_dim), "Dense_1": dense(s.mlp_dim, d)},

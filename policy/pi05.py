@@ -81,9 +81,7 @@ def prefill(params: dict, obs: Observation, cfg: ModelConfig) -> Prefix:
     tokens, mask = embed_prefix(params, obs, cfg)
     attn_mask = make_attn_mask(mask, jnp.zeros(mask.shape[1], dtype=bool))
     positions = jnp.cumsum(mask, axis=1) - 1
-    hidden, cache = gemma.forward(
-        params["PaliGemma"]["llm"], tokens, positions, attn_mask, cfg.vlm, suffix=""
-    )
+    hidden, cache = gemma.forward(params["PaliGemma"]["llm"], tokens, positions, attn_mask, cfg.vlm, suffix="")
     last = jnp.argmax(positions, axis=1)  # index of the last valid token
     last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     return Prefix(cache=cache, mask=mask, last_hidden=last_hidden)
@@ -121,9 +119,7 @@ def velocity(params: dict, prefix: Prefix, x_t: jax.Array, t: jax.Array, cfg: Mo
     return dense(params["action_out_proj"], out)
 
 
-def denoise(
-    params: dict, prefix: Prefix, noise: jax.Array, num_steps: int | jax.Array, cfg: ModelConfig
-) -> jax.Array:
+def denoise(params: dict, prefix: Prefix, noise: jax.Array, num_steps: int | jax.Array, cfg: ModelConfig) -> jax.Array:
     """Euler integration from t = 1 (noise) to t = 0, exactly openpi's loop and time arithmetic."""
     dt = jnp.float32(-1.0) / jnp.asarray(num_steps, jnp.float32)
 
@@ -132,9 +128,7 @@ def denoise(
         v = velocity(params, prefix, x_t, t, cfg)
         return x_t + dt * v.astype(jnp.float32), t + dt
 
-    x_0, _ = jax.lax.while_loop(
-        lambda c: c[1] >= -dt / 2, step, (noise.astype(jnp.float32), jnp.float32(1.0))
-    )
+    x_0, _ = jax.lax.while_loop(lambda c: c[1] >= -dt / 2, step, (noise.astype(jnp.float32), jnp.float32(1.0)))
     return x_0
 
 
@@ -156,9 +150,7 @@ def prefill_jit(params: dict, obs: Observation, cfg: ModelConfig) -> Prefix:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def denoise_jit(
-    params: dict, prefix: Prefix, noise: jax.Array, num_steps: jax.Array, cfg: ModelConfig
-) -> jax.Array:
+def denoise_jit(params: dict, prefix: Prefix, noise: jax.Array, num_steps: jax.Array, cfg: ModelConfig) -> jax.Array:
     return denoise(params, prefix, noise, num_steps, cfg)
 
 

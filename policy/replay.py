@@ -35,14 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m policy.replay", description=__doc__.splitlines()[0])
     parser.add_argument("fixture", type=Path, help="folder with config.json, params/, inputs.npz")
     parser.add_argument("--out", type=Path, required=True, help="where to write the computed arrays (.npz)")
-    parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default="float32", help="params and compute dtype"
-    )
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="params and compute dtype")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         result = replay(args.fixture, args.dtype)

@@ -31,9 +31,7 @@ def test_restore_in_bfloat16(tmp_path, tiny_cfg, random_params):
     restored = load_params(tmp_path / "params", tiny_cfg, dtype=jnp.bfloat16)
     leaf = restored["action_in_proj"]["kernel"]
     assert leaf.dtype == jnp.bfloat16
-    np.testing.assert_allclose(
-        np.asarray(leaf, np.float32), random_params["action_in_proj"]["kernel"], rtol=1e-2
-    )
+    np.testing.assert_allclose(np.asarray(leaf, np.float32), random_params["action_in_proj"]["kernel"], rtol=1e-2)
 
 
 def test_training_checkpoint_value_suffix_is_stripped(tmp_path, tiny_cfg, random_params):
@@ -57,13 +55,9 @@ def test_missing_parameter_is_named(tmp_path, tiny_cfg, random_params):
 
 
 def test_unexpected_parameter_is_named(tmp_path, tiny_cfg, random_params):
-    params = _mutated(
-        random_params, lambda p: p.update(state_proj={"kernel": np.zeros((32, 64), np.float32)})
-    )
+    params = _mutated(random_params, lambda p: p.update(state_proj={"kernel": np.zeros((32, 64), np.float32)}))
     save_params(tmp_path / "params", params)
-    with pytest.raises(
-        CheckpointError, match=r"unexpected parameter state_proj/kernel with shape \(32, 64\)"
-    ):
+    with pytest.raises(CheckpointError, match=r"unexpected parameter state_proj/kernel with shape \(32, 64\)"):
         load_params(tmp_path, tiny_cfg)
 
 
@@ -71,9 +65,7 @@ def test_misshaped_parameter_names_both_shapes(tmp_path, random_params):
     save_params(tmp_path / "params", random_params)
     # A config with a wider action chunk than the checkpoint holds.
     cfg = get_model_config("pi05_tiny").replace(action_dim=14)
-    with pytest.raises(
-        CheckpointError, match=r"action_in_proj/kernel has shape \(32, 64\) .* expects \(14, 64\)"
-    ):
+    with pytest.raises(CheckpointError, match=r"action_in_proj/kernel has shape \(32, 64\) .* expects \(14, 64\)"):
         load_params(tmp_path, cfg)
 
 

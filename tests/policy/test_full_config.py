@@ -29,9 +29,7 @@ def test_full_pi05_parameter_count_matches_published_parts():
     llm = dict(flatten(specs["PaliGemma"]["llm"]))
     expert = sum(math.prod(v.shape) for k, v in llm.items() if "_1/" in k or k.endswith("_1"))
     vlm = sum(math.prod(v.shape) for k, v in llm.items()) - expert
-    heads = sum(
-        _count(specs, k) for k in ("action_in_proj", "action_out_proj", "time_mlp_in", "time_mlp_out")
-    )
+    heads = sum(_count(specs, k) for k in ("action_in_proj", "action_out_proj", "time_mlp_in", "time_mlp_out"))
     embedding = math.prod(llm["embedder/input_embedding"].shape)
     adarms = sum(math.prod(v.shape) for k, v in llm.items() if "Dense_0" in k)
     published = {"siglip": 414.8e6, "vlm": 2508.5e6, "expert": 427.9e6, "heads": 2.2e6, "embedding": 526.6e6}

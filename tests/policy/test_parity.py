@@ -34,9 +34,7 @@ def test_actions_bf16_within_openpi_precision_spread(fixture_dir, fixture_obs, e
     actions = np.asarray(pi05.sample_actions_jit(params, obs, noise, jnp.int32(num_steps), cfg))
     err_bf16 = float(np.abs(actions - expected["actions_bf16"]).max())
     spread = fixture_provenance["checks"]["bf16_vs_f32_actions_max_abs"]
-    print(
-        f"bf16 max abs error vs openpi actions_bf16: {err_bf16:.3e} (openpi's own bf16-vs-f32 spread {spread:.3e})"
-    )
+    print(f"bf16 max abs error vs openpi actions_bf16: {err_bf16:.3e} (openpi's own bf16-vs-f32 spread {spread:.3e})")
     assert err_bf16 <= spread
     # bf16 really ran: the result is not the float32 one.
     assert float(np.abs(actions - expected["actions"]).max()) > 1e-4
@@ -70,16 +68,14 @@ def test_prefix_and_kv_cache(tiny_params, fixture_obs, tiny_cfg, expected):
 
 
 def test_flow_step_intermediates(tiny_params, fixture_obs, tiny_cfg, expected):
-    obs, noise, _ = fixture_obs
+    obs, _, _ = fixture_obs
     cond = pi05.time_conditioning(tiny_params, jnp.ones((1,), jnp.float32), tiny_cfg)
     np.testing.assert_allclose(cond, expected["adarms_cond_step0"], atol=1e-5)
     prefix = pi05.prefill_jit(tiny_params, obs, tiny_cfg)
     for step in (0, 5, 9):
         t = jnp.float32(expected["euler_times"][step])
         v = pi05.velocity(tiny_params, prefix, expected["euler_x"][step], t, tiny_cfg)
-        np.testing.assert_allclose(
-            v, expected["euler_v"][step], atol=5e-5, err_msg=f"velocity at step {step}"
-        )
+        np.testing.assert_allclose(v, expected["euler_v"][step], atol=5e-5, err_msg=f"velocity at step {step}")
 
 
 def test_euler_times_accumulate_in_float32(expected):
