@@ -7,6 +7,7 @@ a combination of rows. Names match exactly; an unknown name gets the closest mat
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 
 from configs.model_config import GemmaConfig, ModelConfig, SiglipConfig
 
@@ -70,6 +71,10 @@ _MODELS = _build_registry(
 )
 
 DEFAULT_MODEL = "pi05_tiny"
+
+# Tokenizers small enough to ship (built by `python -m configs.build_tiny_tokenizer`). The PaliGemma
+# tokenizer of the full models is a file the user supplies.
+SHIPPED_TOKENIZERS: dict[str, Path] = {"tiny": Path(__file__).resolve().parent / "assets" / "tiny_tokenizer.model"}
 
 
 def model_config_names() -> list[str]:

@@ -56,6 +56,11 @@ def config_from_json(path: str | Path) -> ModelConfig:
         raise ValueError(f"{path}: missing field {e.args[0]!r}") from None
 
 
+def decode_steps(path: str | Path, default: int = 8) -> int:
+    """How many greedy tokens the fixture's reference decoded (`decode_steps` in config.json)."""
+    return int(json.loads(Path(path).read_text()).get("decode_steps", default))
+
+
 def load_inputs(path: str | Path, cfg: ModelConfig) -> tuple[Observation, np.ndarray, int]:
     """The observation, noise and number of flow steps stored in `inputs.npz`."""
     path = Path(path)

@@ -6,6 +6,7 @@ the tree the model reads and the tree a checkpoint must hold cannot disagree.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 
@@ -106,14 +107,25 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Params:
     """Random weights of a plausible scale, for the embedded default and for benchmarks.
 
     Kernels get N(0, 1/fan_in) (fan_in: the contracted axes), norm scales and adaRMS modulation get
-    small noise rather than openpi's zeros, so every path of the network carries signal. Drawn with
-    `jax.random` on the default device, so full-size random weights appear in seconds on a GPU.
+    small noise rather than openpi's zeros, so every path of the network carries signal. One jitted
+    function on the default device, so full-size random weights appear in seconds on a GPU.
     """
-    key = jax.random.key(seed)
+    return _init_jit(jax.random.key(seed), cfg, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def _init_jit(key: jax.Array, cfg: ModelConfig, dtype) -> Params:
+    # One RNG op for the whole tree, sliced into leaves: compiling one RNG op per leaf costs
+    # seconds on a CPU.
+    leaves = list(flatten(param_shapes(cfg)))
+    sizes = [math.prod(shape) for _, shape in leaves]
+    flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
     out: dict = {}
-    for i, (path, shape) in enumerate(flatten(param_shapes(cfg))):
+    offset = 0
+    for (path, shape), size in zip(leaves, sizes, strict=True):
+        normal = flat[offset : offset + size].reshape(shape)
+        offset += size
         leaf = path.rsplit("/", 1)[-1]
-        normal = jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
         if leaf in ("kernel", "w", "gating_einsum", "linear", "input_embedding", "pos_embedding"):
             value = normal / np.sqrt(_fan_in(path, shape))
         else:

@@ -144,6 +144,11 @@ def sample_actions(
     return denoise(params, prefix, noise, cfg.num_steps if num_steps is None else num_steps, cfg)
 
 
+def noise_from_keys(keys: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Flow start x(t=1) drawn per row from its own key, so a row's noise does not depend on its batch."""
+    return jax.vmap(lambda k: jax.random.normal(k, (cfg.action_horizon, cfg.action_dim), jnp.float32))(keys)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def prefill_jit(params: dict, obs: Observation, cfg: ModelConfig) -> Prefix:
     return prefill(params, obs, cfg)

@@ -16,19 +16,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from policy import checkpoint, fixture, pi05
+from policy import checkpoint, fixture, phases, pi05
 
 log = logging.getLogger("policy.replay")
 
 
-def replay(folder: Path, dtype: str) -> dict[str, np.ndarray]:
+def replay(folder: Path, dtype: str, decode_steps: int | None = None) -> dict[str, np.ndarray]:
     cfg = fixture.config_from_json(folder / "config.json").replace(dtype=dtype)
+    decode_steps = decode_steps or fixture.decode_steps(folder / "config.json")
     params = checkpoint.load_params(folder / "params", cfg, dtype=jnp.dtype(dtype))
     obs, noise, num_steps = fixture.load_inputs(folder / "inputs.npz", cfg)
     start = time.perf_counter()
     actions = np.asarray(pi05.sample_actions_jit(params, obs, noise, jnp.int32(num_steps), cfg))
     log.info("sampled actions %s in %.2f s (compile included)", actions.shape, time.perf_counter() - start)
-    return {"actions": actions}
+    b = actions.shape[0]
+    greedy = jnp.zeros((b,), jnp.float32)
+    tokens, _ = phases.subtask_phase(
+        params, obs, jnp.zeros((b,), jnp.uint32), jnp.full((b,), decode_steps, jnp.int32), greedy, cfg, decode_steps
+    )
+    return {"actions": actions, "decode_tokens": np.asarray(tokens)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,12 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("fixture", type=Path, help="folder with config.json, params/, inputs.npz")
     parser.add_argument("--out", type=Path, required=True, help="where to write the computed arrays (.npz)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="params and compute dtype")
+    parser.add_argument("--decode-steps", type=int, default=None, help="greedy decode length (default: the fixture's)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
-        result = replay(args.fixture, args.dtype)
+        result = replay(args.fixture, args.dtype, args.decode_steps)
     except (FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
@@ -55,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             if key in expected:
                 err = float(np.abs(result["actions"] - expected[key]).max())
                 out.write(f"max abs error vs expected {key}: {err:.3e}\n")
+            if "decode_tokens" in expected and expected["decode_tokens"].shape == result["decode_tokens"].shape:
+                same = bool((expected["decode_tokens"] == result["decode_tokens"]).all())
+                out.write(f"greedy decode tokens match expected: {same}\n")
     out.write(f"backend: {jax.default_backend()}\n")
     return 0
 

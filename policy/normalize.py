@@ -1,0 +1,110 @@
+"""openpi's `norm_stats.json` and the normalization of state and actions around the model.
+
+pi05 uses quantile normalization, `(x - q01) / (q99 - q01 + 1e-6) * 2 - 1`; z-score with
+`std + 1e-6` is the other mode. As in openpi, normalizing uses the first `x.shape[-1]` entries of the
+stats, and unnormalizing leaves dims beyond the stats unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+Mode = Literal["quantile", "zscore"]
+_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    mean: np.ndarray
+    std: np.ndarray
+    q01: np.ndarray
+    q99: np.ndarray
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> Stats:
+        fields = {}
+        for name in ("mean", "std", "q01", "q99"):
+            if name not in d:
+                raise ValueError(f"{where}: missing {name!r}")
+            fields[name] = np.asarray(d[name], np.float64)
+        sizes = {k: v.shape for k, v in fields.items()}
+        if len(set(sizes.values())) != 1 or len(fields["mean"].shape) != 1:
+            raise ValueError(f"{where}: mean, std, q01 and q99 must be 1-D of one length, got {sizes}")
+        return cls(**fields)
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalizer:
+    """State in, actions out: the model's view of a robot's numbers."""
+
+    state: Stats | None
+    actions: Stats | None
+    mode: Mode = "quantile"
+
+    def normalize_state(self, state: np.ndarray) -> np.ndarray:
+        return _normalize(state, self.state, self.mode)
+
+    def unnormalize_actions(self, actions: np.ndarray) -> np.ndarray:
+        return _unnormalize(actions, self.actions, self.mode)
+
+
+IDENTITY = Normalizer(state=None, actions=None)
+
+
+def _normalize(x: np.ndarray, s: Stats | None, mode: Mode) -> np.ndarray:
+    if s is None:
+        return np.asarray(x, np.float32)
+    n = x.shape[-1]
+    if n > s.dim:
+        raise ValueError(f"value has {n} dims, the norm stats only {s.dim}")
+    if mode == "quantile":
+        q01, q99 = s.q01[:n], s.q99[:n]
+        out = (x - q01) / (q99 - q01 + _EPS) * 2.0 - 1.0
+    else:
+        out = (x - s.mean[:n]) / (s.std[:n] + _EPS)
+    return out.astype(np.float32)
+
+
+def _unnormalize(x: np.ndarray, s: Stats | None, mode: Mode) -> np.ndarray:
+    if s is None:
+        return np.asarray(x, np.float32)
+    n = min(x.shape[-1], s.dim)
+    out = np.array(x, np.float64)
+    head = out[..., :n]
+    if mode == "quantile":
+        q01, q99 = s.q01[:n], s.q99[:n]
+        out[..., :n] = (head + 1.0) / 2.0 * (q99 - q01 + _EPS) + q01
+    else:
+        out[..., :n] = head * (s.std[:n] + _EPS) + s.mean[:n]
+    return out.astype(np.float32)
+
+
+def load_norm_stats(path: str | Path, mode: Mode = "quantile") -> Normalizer:
+    """Reads openpi's `{"norm_stats": {"state": {...}, "actions": {...}}}`.
+
+    `path` is the json file or an openpi checkpoint's `assets/<asset_id>/` folder.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "norm_stats.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"norm stats not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    stats = data.get("norm_stats", data) if isinstance(data, dict) else None
+    if not isinstance(stats, dict):
+        raise ValueError(f"{path}: expected an object with 'norm_stats'")
+    state = Stats.from_dict(stats["state"], f"{path}: state") if "state" in stats else None
+    actions = Stats.from_dict(stats["actions"], f"{path}: actions") if "actions" in stats else None
+    return Normalizer(state=state, actions=actions, mode=mode)

@@ -1,0 +1,72 @@
+"""The SentencePiece tokenizer of a model configuration.
+
+The full models use PaliGemma's tokenizer, which no package ships: its path is a setting, and a
+missing file is an error that says where to get it. The tiny configurations use a small model
+shipped in `configs/assets/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from configs import SHIPPED_TOKENIZERS
+from configs.model_config import ModelConfig
+
+PALIGEMMA_TOKENIZER_URL = "gs://big_vision/paligemma_tokenizer.model"
+EOS_ID = 1
+
+
+class Tokenizer:
+    """Text <-> ids with Gemma's special ids (pad 0, eos 1, bos 2)."""
+
+    def __init__(self, path: Path, vocab_size: int):
+        self.path = path
+        self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        if self._sp.vocab_size() > vocab_size:
+            raise ValueError(
+                f"tokenizer {path} has {self._sp.vocab_size()} pieces, more than the model's vocabulary of {vocab_size}"
+            )
+        if (self._sp.pad_id(), self._sp.eos_id(), self._sp.bos_id()) != (0, EOS_ID, 2):
+            raise ValueError(f"tokenizer {path} does not use Gemma's special ids pad 0, eos 1, bos 2")
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self._sp.encode(text)
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids: list[int] | np.ndarray) -> str:
+        """Text of ids up to the first EOS (excluded)."""
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self._sp.decode(ids)
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | Path | None = None) -> Tokenizer:
+    """The tokenizer for `cfg`: the given file, or the shipped one for configs that have one."""
+    if path is None:
+        if cfg.tokenizer not in SHIPPED_TOKENIZERS:
+            raise FileNotFoundError(
+                f"model config {cfg.name!r} needs the PaliGemma tokenizer, which is not shipped: download "
+                f"{PALIGEMMA_TOKENIZER_URL} (https://storage.googleapis.com/big_vision/paligemma_tokenizer.model; "
+                "openpi caches it at ~/.cache/openpi/big_vision/paligemma_tokenizer.model) and pass its path "
+                "(tokenizer_path=..., or --tokenizer on the command line)"
+            )
+        path = SHIPPED_TOKENIZERS[cfg.tokenizer]
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer file not found: {path}. For the full models download {PALIGEMMA_TOKENIZER_URL} "
+            "(https://storage.googleapis.com/big_vision/paligemma_tokenizer.model)"
+        )
+    return Tokenizer(path, cfg.vocab_size)
