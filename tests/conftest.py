@@ -54,3 +54,27 @@ def fixture_obs(tiny_cfg):
     from policy.fixture import load_inputs
 
     return load_inputs(FIXTURE_DIR / "inputs.npz", tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory):
+    """One started tiny engine for the whole run (compiling its buckets takes seconds).
+
+    Its worker thread is independent of event loops, so each test may drive it from its own
+    `asyncio.run`.
+    """
+    import asyncio
+
+    from policy.engine import AsyncPi05Inference
+
+    eng = AsyncPi05Inference(
+        "pi05_tiny",
+        max_batch=8,
+        batch_buckets=(1, 2, 4, 8),
+        batch_window_ms=20.0,
+        max_decoding_steps_limit=12,
+        compile_cache_dir=tmp_path_factory.mktemp("jax_cache"),
+    )
+    asyncio.run(eng.start())
+    yield eng
+    asyncio.run(eng.close())

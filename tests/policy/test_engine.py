@@ -20,31 +20,12 @@ def _images(seed: int, cameras=CAMERAS, shape=(224, 224, 3)) -> dict[str, np.nda
     return {k: rng.integers(0, 256, shape, dtype=np.uint8) for k in cameras}
 
 
-@pytest.fixture(scope="module")
-def engine_loop(tmp_path_factory):
-    """A started engine and the event loop it serves (module-scoped: compiling takes seconds)."""
-    loop = asyncio.new_event_loop()
-    engine = AsyncPi05Inference(
-        "pi05_tiny",
-        max_batch=4,
-        batch_buckets=(1, 2, 4),
-        batch_window_ms=50.0,
-        max_decoding_steps_limit=12,
-        compile_cache_dir=tmp_path_factory.mktemp("jax_cache"),
-    )
-    loop.run_until_complete(engine.start())
-    yield engine, loop
-    loop.run_until_complete(engine.close())
-    loop.close()
+def run(coro):
+    return asyncio.run(coro)
 
 
-def run(engine_loop, coro):
-    return engine_loop[1].run_until_complete(coro)
-
-
-def test_infer_returns_every_field(engine_loop):
-    engine, _ = engine_loop
-    out = run(engine_loop, engine.infer(_images(0), "pick up the pen", state=[0.1, -0.2], max_decoding_steps=6, seed=3))
+def test_infer_returns_every_field(engine):
+    out = run(engine.infer(_images(0), "pick up the pen", state=[0.1, -0.2], max_decoding_steps=6, seed=3))
     assert out["actions"].shape == (50, 32) and out["actions"].dtype == np.float32
     assert np.isfinite(out["actions"]).all()
     assert isinstance(out["subtask"], str)
@@ -57,16 +38,15 @@ def test_infer_returns_every_field(engine_loop):
     assert t["total_ms"] >= t["subtask_ms"] + t["action_ms"]
 
 
-def test_concurrent_calls_are_batched_and_match_alone(engine_loop):
-    engine, _ = engine_loop
+def test_concurrent_calls_are_batched_and_match_alone(engine):
     kwargs = [dict(images=_images(i), high_level_prompt=f"task {i}", state=[i / 10], seed=100 + i) for i in range(4)]
-    alone = [run(engine_loop, engine.infer(**kw, max_decoding_steps=8, temperature=0.7)) for kw in kwargs]
+    alone = [run(engine.infer(**kw, max_decoding_steps=8, temperature=0.7)) for kw in kwargs]
     before = engine.batch_counts[("action", 4)]
 
     async def together():
         return await asyncio.gather(*(engine.infer(**kw, max_decoding_steps=8, temperature=0.7) for kw in kwargs))
 
-    batched = run(engine_loop, together())
+    batched = run(together())
     assert engine.batch_counts[("action", 4)] == before + 1  # the four went through as one batch
     for a, b in zip(alone, batched, strict=True):
         assert a["subtask_tokens"] == b["subtask_tokens"]
@@ -75,21 +55,18 @@ def test_concurrent_calls_are_batched_and_match_alone(engine_loop):
     assert np.abs(batched[0]["actions"] - batched[1]["actions"]).max() > 1e-3
 
 
-def test_same_seed_same_result_and_fresh_seeds_differ(engine_loop):
-    engine, _ = engine_loop
-    a = run(engine_loop, engine.infer(_images(1), "wipe the table", seed=5, max_decoding_steps=4))
-    b = run(engine_loop, engine.infer(_images(1), "wipe the table", seed=5, max_decoding_steps=4))
-    c = run(engine_loop, engine.infer(_images(1), "wipe the table", max_decoding_steps=4))
+def test_same_seed_same_result_and_fresh_seeds_differ(engine):
+    a = run(engine.infer(_images(1), "wipe the table", seed=5, max_decoding_steps=4))
+    b = run(engine.infer(_images(1), "wipe the table", seed=5, max_decoding_steps=4))
+    c = run(engine.infer(_images(1), "wipe the table", max_decoding_steps=4))
     np.testing.assert_array_equal(a["actions"], b["actions"])
     assert np.abs(a["actions"] - c["actions"]).max() > 1e-3
 
 
-def test_low_level_prompt_skips_decoding_and_conditions_actions(engine_loop):
-    engine, _ = engine_loop
+def test_low_level_prompt_skips_decoding_and_conditions_actions(engine):
     images = _images(2)
-    generated = run(engine_loop, engine.infer(images, "fold the towel", seed=9, max_decoding_steps=5, temperature=0))
+    generated = run(engine.infer(images, "fold the towel", seed=9, max_decoding_steps=5, temperature=0))
     given = run(
-        engine_loop,
         engine.infer(images, "fold the towel", low_level_prompt=generated["subtask"], generate_subtask=False, seed=9),
     )
     assert given["timing"]["subtask_ms"] == 0.0
@@ -97,28 +74,25 @@ def test_low_level_prompt_skips_decoding_and_conditions_actions(engine_loop):
     # The same subtask text in the action prompt gives the same chunk, decoded or given.
     np.testing.assert_array_equal(given["actions"], generated["actions"])
     other = run(
-        engine_loop,
         engine.infer(images, "fold the towel", low_level_prompt="open the drawer", generate_subtask=False, seed=9),
     )
     assert np.abs(other["actions"] - given["actions"]).max() > 1e-4
 
 
-def test_generate_subtask_alone(engine_loop):
-    engine, _ = engine_loop
-    full = run(engine_loop, engine.infer(_images(3), "stack the cups", seed=4, max_decoding_steps=7))
-    only = run(engine_loop, engine.generate_subtask(_images(3), "stack the cups", seed=4, max_decoding_steps=7))
+def test_generate_subtask_alone(engine):
+    full = run(engine.infer(_images(3), "stack the cups", seed=4, max_decoding_steps=7))
+    only = run(engine.generate_subtask(_images(3), "stack the cups", seed=4, max_decoding_steps=7))
     assert only["subtask_tokens"] == full["subtask_tokens"]
     assert set(only) == {"subtask", "subtask_tokens", "timing"}
     assert only["timing"]["subtask_ms"] > 0
 
 
-def test_missing_camera_and_any_image_size(engine_loop):
-    engine, _ = engine_loop
+def test_missing_camera_and_any_image_size(engine):
     images = {"base_0_rgb": _images(4, ("base_0_rgb",), (480, 640, 3))["base_0_rgb"]}
-    out = run(engine_loop, engine.infer(images, "go", generate_subtask=False, seed=1))
+    out = run(engine.infer(images, "go", generate_subtask=False, seed=1))
     assert out["actions"].shape == (50, 32)
     # A masked camera is not invented: changing what would be its pixels changes nothing.
-    out2 = run(engine_loop, engine.infer(images, "go", generate_subtask=False, seed=1))
+    out2 = run(engine.infer(images, "go", generate_subtask=False, seed=1))
     np.testing.assert_array_equal(out["actions"], out2["actions"])
 
 
@@ -140,12 +114,11 @@ def test_missing_camera_and_any_image_size(engine_loop):
         (dict(seed=-4), "seed must be an integer"),
     ],
 )
-def test_bad_input_raises_before_device_work(engine_loop, change, message):
-    engine, _ = engine_loop
+def test_bad_input_raises_before_device_work(engine, change, message):
     before = sum(engine.batch_counts.values())
     kwargs = dict(images=_images(0), high_level_prompt="pick up the pen", max_decoding_steps=4) | change
     with pytest.raises(ValueError, match=message):
-        run(engine_loop, engine.infer(**kwargs))
+        run(engine.infer(**kwargs))
     assert sum(engine.batch_counts.values()) == before
 
 

@@ -20,7 +20,9 @@ def tiny_prompts():
 
 def test_discretize_state_matches_openpi_bins():
     # openpi's own examples: 0.0 -> 128, 0.5 -> 192, -1.0 -> 0; below -1 -> -1; >= 1 -> 255.
-    np.testing.assert_array_equal(prompts.discretize_state([0.0, 0.5, -1.0, -1.5, 1.0, 3.0]), [128, 192, 0, -1, 255, 255])
+    np.testing.assert_array_equal(
+        prompts.discretize_state([0.0, 0.5, -1.0, -1.5, 1.0, 3.0]), [128, 192, 0, -1, 255, 255]
+    )
     assert prompts.state_text(np.array([0.0, 0.5])) == "128 192"
 
 

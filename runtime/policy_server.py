@@ -1,0 +1,136 @@
+"""`python -m runtime.policy_server`: one process serving Pi0.5 to many robots.
+
+The engine runs the model; the ZMQ ROUTER and XPUB, the JSON WebSocket API and openpi's
+WebSocket protocol are its endpoints. A port of 0 disables that endpoint. It logs each endpoint
+when bound and `ready` once it serves; SIGINT or SIGTERM shut it down cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from configs import DEFAULT_MODEL, model_config_names
+from runtime.service import InferenceBackend, PolicyService
+from transport.zmq_server import ZmqServer, ZmqServerSettings
+
+log = logging.getLogger("runtime.policy_server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtime.policy_server", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=DEFAULT_MODEL, help=f"model config: {', '.join(model_config_names())}")
+    p.add_argument("--checkpoint", default=None, help="openpi checkpoint dir (default: random weights)")
+    p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece file (full-size configs)")
+    p.add_argument("--norm-stats", default=None, help="openpi norm_stats.json or checkpoint assets/<id>/ folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind every endpoint to")
+    p.add_argument("--router-port", type=int, default=5555, help="ZMQ ROUTER for requests (0: off)")
+    p.add_argument("--pub-port", type=int, default=5556, help="ZMQ PUB for subtask refreshes (0: off)")
+    p.add_argument("--ws-port", type=int, default=8765, help="JSON WebSocket API (0: off)")
+    p.add_argument("--openpi-port", type=int, default=8000, help="openpi msgpack WebSocket protocol (0: off)")
+    p.add_argument("--gpu-id", type=int, default=None, help="index into jax.devices()")
+    p.add_argument("--max-batch", type=int, default=8, help="most requests batched into one model call")
+    p.add_argument("--batch-window-ms", type=float, default=3.0, help="how long to wait for a batch to fill")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def make_engine(args: argparse.Namespace) -> Any:
+    from policy.engine import AsyncPi05Inference
+
+    return AsyncPi05Inference(
+        config_name=args.config,
+        gpu_id=args.gpu_id,
+        checkpoint_dir=args.checkpoint,
+        tokenizer_path=args.tokenizer,
+        norm_stats=args.norm_stats,
+        max_batch=args.max_batch,
+        batch_buckets=(1, 2, 4, 8, 16, 32),  # the engine keeps those up to max_batch, and max_batch
+        batch_window_ms=args.batch_window_ms,
+    )
+
+
+def _endpoint(host: str, port: int) -> str:
+    return f"tcp://{host}:{port}"
+
+
+async def serve(
+    args: argparse.Namespace,
+    backend: InferenceBackend | None = None,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[dict[str, str]], None] | None = None,
+) -> None:
+    """Runs until `stop` is set (or a signal arrives). `backend` replaces the engine (benchmarks)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    engine = backend or make_engine(args)
+    closers: list[Callable[[], Any]] = []
+    endpoints: dict[str, str] = {}
+    try:
+        if backend is None:
+            await engine.start()
+            closers.append(engine.close)
+        if args.router_port:
+            zmq_server = await _start_zmq(args, engine, closers)
+            endpoints["router"] = zmq_server.router_endpoint
+            if zmq_server.pub_endpoint:
+                endpoints["pub"] = zmq_server.pub_endpoint
+        for name, endpoint in endpoints.items():
+            log.info("%s endpoint: %s", name, endpoint)
+        log.info("ready")
+        if on_ready is not None:
+            on_ready(endpoints)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for close in reversed(closers):
+            await close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+
+
+async def _start_zmq(args: argparse.Namespace, engine: InferenceBackend, closers: list) -> ZmqServer:
+    server_ref: list[ZmqServer] = []
+
+    async def publish(key: str, message: dict[str, Any]) -> None:
+        publisher = server_ref[0].publisher
+        if publisher is not None:
+            await publisher.publish(key, message)
+
+    service = PolicyService(engine, publish)
+    settings = ZmqServerSettings(
+        router_endpoint=_endpoint(args.host, args.router_port),
+        pub_endpoint=_endpoint(args.host, args.pub_port) if args.pub_port else None,
+    )
+    server = ZmqServer(settings, lambda request: service.handle(request.robot, request))
+    server_ref.append(server)
+    await server.start()
+    closers.append(server.close)
+    closers.append(service.close)
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        asyncio.run(serve(args))
+    except (ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
