@@ -17,7 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 from configs import DEFAULT_MODEL, model_config_names
+from robots.adapters import ADAPTERS, get_adapter
 from runtime.service import InferenceBackend, PolicyService
+from transport.openpi_server import OpenpiServer
+from transport.ws_common import WsSettings
+from transport.ws_json_server import JsonApiServer
 from transport.zmq_server import ZmqServer, ZmqServerSettings
 
 log = logging.getLogger("runtime.policy_server")
@@ -34,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pub-port", type=int, default=5556, help="ZMQ PUB for subtask refreshes (0: off)")
     p.add_argument("--ws-port", type=int, default=8765, help="JSON WebSocket API (0: off)")
     p.add_argument("--openpi-port", type=int, default=8000, help="openpi msgpack WebSocket protocol (0: off)")
+    p.add_argument(
+        "--openpi-layout", choices=sorted(ADAPTERS), default="droid", help="robot layout of openpi observations"
+    )
+    p.add_argument("--default-prompt", default=None, help="prompt for openpi observations that carry none")
     p.add_argument("--gpu-id", type=int, default=None, help="index into jax.devices()")
     p.add_argument("--max-batch", type=int, default=8, help="most requests batched into one model call")
     p.add_argument("--batch-window-ms", type=float, default=3.0, help="how long to wait for a batch to fill")
@@ -84,6 +92,12 @@ async def serve(
             endpoints["router"] = zmq_server.router_endpoint
             if zmq_server.pub_endpoint:
                 endpoints["pub"] = zmq_server.pub_endpoint
+        if args.ws_port:
+            json_server = await _start_json(args, engine, closers)
+            endpoints["json websocket"] = f"ws://{args.host}:{json_server.port}"
+        if args.openpi_port:
+            openpi_server = await _start_openpi(args, engine, closers)
+            endpoints["openpi websocket"] = f"ws://{args.host}:{openpi_server.port} (layout {args.openpi_layout})"
         for name, endpoint in endpoints.items():
             log.info("%s endpoint: %s", name, endpoint)
         log.info("ready")
@@ -117,6 +131,55 @@ async def _start_zmq(args: argparse.Namespace, engine: InferenceBackend, closers
     await server.start()
     closers.append(server.close)
     closers.append(service.close)
+    return server
+
+
+async def _start_json(args: argparse.Namespace, engine: InferenceBackend, closers: list) -> JsonApiServer:
+    server_ref: list[JsonApiServer] = []
+
+    async def push(key: str, message: dict[str, Any]) -> None:
+        await server_ref[0].push(key, message)
+
+    service = PolicyService(engine, push)
+    server = JsonApiServer(WsSettings(args.host, args.ws_port), service.handle, service.drop_session)
+    server_ref.append(server)
+    await server.start()
+    closers.append(server.close)
+    closers.append(service.close)
+    return server
+
+
+def openpi_handler(engine: InferenceBackend, layout: str, default_prompt: str | None):
+    """openpi observation dict -> robot adapter -> engine (no subtask stage, as openpi) -> actions."""
+    adapter = get_adapter(layout)
+
+    async def handle(obs: dict[str, Any]) -> dict[str, Any]:
+        inputs = adapter.to_model(obs)
+        prompt = inputs.prompt or default_prompt
+        if not prompt:
+            raise ValueError("the observation has no 'prompt' and the server has no --default-prompt")
+        out = await engine.infer(
+            images=inputs.images, high_level_prompt=prompt, state=inputs.state, generate_subtask=False
+        )
+        return {"actions": adapter.from_model(out["actions"]), "policy_timing": {"infer_ms": out["timing"]["total_ms"]}}
+
+    return handle
+
+
+async def _start_openpi(args: argparse.Namespace, engine: InferenceBackend, closers: list) -> OpenpiServer:
+    info = engine.info()
+    adapter = get_adapter(args.openpi_layout)
+    metadata = {
+        "server": "pi05-runtime",
+        "config": info.get("config"),
+        "layout": adapter.name,
+        "action_horizon": info.get("action_horizon"),
+        "action_dim": adapter.action_dim,
+    }
+    handler = openpi_handler(engine, args.openpi_layout, args.default_prompt)
+    server = OpenpiServer(WsSettings(args.host, args.openpi_port), handler, metadata)
+    await server.start()
+    closers.append(server.close)
     return server
 
 

@@ -1,0 +1,99 @@
+"""openpi's WebSocket policy protocol, for `openpi-client` and the robots already using it.
+
+On connect the server sends one binary frame: the msgpack metadata map. Then each binary frame in
+is an observation dict (msgpack-numpy) and each frame out holds `actions` plus `policy_timing`
+and `server_timing` (`infer_ms`, and from the second request on `prev_total_ms`). On an error
+the server sends a text frame saying what went wrong and closes with 1011, as openpi does (the
+client raises it as a `RuntimeError`); the traceback stays in the server's log. Unlike openpi,
+inference never runs on the event loop, so many clients are served at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
+from transport import openpi_msgpack
+from transport.errors import TransportError
+from transport.ws_common import WsSettings, health_check
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class OpenpiServer:
+    def __init__(self, settings: WsSettings, handler: Handler, metadata: dict[str, Any]):
+        self.settings = settings
+        self._handler = handler
+        self._metadata = metadata
+        self._server = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self._server = await serve(
+            self._connection,
+            s.host,
+            s.port,
+            process_request=health_check,
+            max_size=s.max_message_bytes,
+            max_queue=s.max_queue,
+            ping_interval=s.ping_interval_s,
+            ping_timeout=s.ping_timeout_s,
+            compression=None,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _connection(self, connection: ServerConnection) -> None:
+        await connection.send(openpi_msgpack.packb(self._metadata))
+        prev_total_ms: float | None = None
+        try:
+            async for message in connection:
+                start = time.perf_counter()
+                try:
+                    if isinstance(message, str):
+                        raise TransportError(
+                            "openpi observations are binary msgpack frames, got a text frame", "bad_request"
+                        )
+                    obs = openpi_msgpack.unpackb(message)
+                    if not isinstance(obs, dict):
+                        raise TransportError(f"an observation must be a map, got {type(obs).__name__}", "bad_request")
+                    infer_start = time.perf_counter()
+                    result = await self._handler(obs)
+                    infer_ms = (time.perf_counter() - infer_start) * 1e3
+                except (TransportError, ValueError) as e:
+                    await self._fail(connection, str(e))
+                    return
+                except Exception as e:
+                    log.exception("openpi request failed")
+                    await self._fail(connection, f"internal error: {type(e).__name__}: {e}")
+                    return
+                result = dict(result)
+                result.setdefault("policy_timing", {"infer_ms": infer_ms})
+                result["server_timing"] = {"infer_ms": infer_ms}
+                if prev_total_ms is not None:
+                    result["server_timing"]["prev_total_ms"] = prev_total_ms
+                await connection.send(openpi_msgpack.packb(result))
+                prev_total_ms = (time.perf_counter() - start) * 1e3
+        except ConnectionClosed:
+            pass
+
+    async def _fail(self, connection: ServerConnection, message: str) -> None:
+        log.info("openpi client error: %s", message)
+        try:
+            await connection.send(f"Error: {message}")
+            await connection.close(CloseCode.INTERNAL_ERROR, "Internal server error. Error included in previous frame.")
+        except ConnectionClosed:
+            pass

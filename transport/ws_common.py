@@ -1,0 +1,25 @@
+"""What the two WebSocket servers share: the health check and the keepalive and size settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from http import HTTPStatus
+
+
+@dataclasses.dataclass(frozen=True)
+class WsSettings:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    # A JSON image is about 4 bytes per value: three 640x480 cameras are ~11 MB, a batch of 8 ~90 MB.
+    max_message_bytes: int = 128 * 1024 * 1024
+    max_queue: int = 16
+    # The event loop never waits on the model, so pings are answered even during a long compile.
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 60.0
+
+
+def health_check(connection, request):
+    """`GET /healthz` answers 200 "OK"; every other path goes on to the WebSocket handshake."""
+    if request.path == "/healthz":
+        return connection.respond(HTTPStatus.OK, "OK\n")
+    return None
