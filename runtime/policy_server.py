@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-id", type=int, default=None, help="index into jax.devices()")
     p.add_argument("--max-batch", type=int, default=8, help="most requests batched into one model call")
     p.add_argument("--batch-window-ms", type=float, default=3.0, help="how long to wait for a batch to fill")
+    p.add_argument("--demo", action="store_true", help="also drive the simulated arm through the ZMQ endpoints")
+    p.add_argument(
+        "--demo-duration", type=float, default=None, help="seconds of demo, then exit (default: until Ctrl-C)"
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -103,6 +107,8 @@ async def serve(
         log.info("ready")
         if on_ready is not None:
             on_ready(endpoints)
+        if args.demo:
+            await _run_demo(args, endpoints, stop, closers)
         await stop.wait()
         log.info("shutting down")
     finally:
@@ -111,6 +117,29 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
+
+
+async def _run_demo(args: argparse.Namespace, endpoints: dict[str, str], stop: asyncio.Event, closers: list) -> None:
+    from runtime.demo import Demo
+
+    if "router" not in endpoints or "pub" not in endpoints:
+        raise ValueError("--demo needs the ZMQ endpoints: --router-port and --pub-port must not be 0")
+    demo = Demo(endpoints["router"], endpoints["pub"], args.demo_duration)
+    closers.append(lambda: asyncio.to_thread(demo.stop))
+
+    async def end_with_demo() -> None:
+        await asyncio.to_thread(demo.done.wait)
+        if args.demo_duration is not None:
+            stop.set()
+
+    closers.append(_cancel_on_close(asyncio.create_task(end_with_demo())))
+
+
+def _cancel_on_close(task: asyncio.Task):
+    async def close() -> None:
+        task.cancel()
+
+    return close
 
 
 async def _start_zmq(args: argparse.Namespace, engine: InferenceBackend, closers: list) -> ZmqServer:

@@ -246,6 +246,7 @@ class PolicyClient:
     def __init__(self, endpoint: str, robot_id: str, *, timeout_s: float = 10.0, retries: int = 3):
         self._thread = _LoopThread(f"zmq-client-{robot_id}")
         self._client = AsyncPolicyClient(endpoint, robot_id, timeout_s=timeout_s, retries=retries)
+        self._listeners: list = []
         self._thread.run(self._client.connect())
 
     def __enter__(self) -> PolicyClient:
@@ -255,6 +256,8 @@ class PolicyClient:
         self.close()
 
     def close(self) -> None:
+        for listener in self._listeners:
+            listener.cancel()
         self._thread.run(self._client.close())
         self._thread.stop()
 
@@ -269,6 +272,12 @@ class PolicyClient:
 
     def ping(self) -> dict[str, Any]:
         return self._thread.run(self._client.ping())
+
+    def listen_refreshes(self, pub_endpoint: str, callback: Callable[[dict[str, Any]], None]) -> RefreshListener:
+        """Starts a SUB listener for this robot's refreshes; `callback` runs on the client's thread."""
+        listener = RefreshListener(pub_endpoint, self._client.robot_id, callback)
+        self._listeners.append(asyncio.run_coroutine_threadsafe(listener.run(), self._thread.loop))
+        return listener
 
     def submit(self, coro_fn: Callable[[AsyncPolicyClient], Coroutine[Any, Any, T]]) -> asyncio.Future:
         """Starts a call without waiting: `client.submit(lambda c: c.infer(...))` -> a future."""

@@ -1,0 +1,77 @@
+"""The action-chunk buffer: latency compensation, blending, underruns, leftovers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime.chunk_buffer import ActionChunkBuffer, BufferSettings
+
+
+def _chunk(start: float, n: int = 10, dim: int = 2) -> np.ndarray:
+    return (start + np.arange(n, dtype=np.float64))[:, None] * np.ones((1, dim))
+
+
+def test_stale_actions_are_dropped_by_exactly_the_delay():
+    buf = ActionChunkBuffer(2, BufferSettings(blend="replace"))
+    assert buf.add_chunk(_chunk(100), obs_step=0, now_step=0) == 0
+    for step in range(4):
+        assert buf.next_action(step)[0] == 100 + step
+    # Computed from the observation of step 2, arriving before step 4 runs: actions for 2 and 3 passed.
+    assert buf.add_chunk(_chunk(200), obs_step=2, now_step=4) == 2
+    assert buf.next_action(4)[0] == 202
+    assert buf.metrics.delays_steps == [0, 2]
+
+
+def test_a_chunk_older_than_its_length_is_stale():
+    buf = ActionChunkBuffer(2)
+    assert buf.add_chunk(_chunk(0, n=5), obs_step=0, now_step=7) == 5
+    assert buf.metrics.stale_chunks == 1 and buf.actions_left(7) == 0
+
+
+def test_crossfade_blends_linearly_over_k_steps():
+    buf = ActionChunkBuffer(1, BufferSettings(blend="crossfade", crossfade_steps=3))
+    buf.add_chunk(np.zeros((10, 1)), obs_step=0, now_step=0)
+    buf.add_chunk(np.ones((10, 1)), obs_step=2, now_step=2)
+    got = [buf.next_action(s)[0] for s in range(2, 8)]
+    np.testing.assert_allclose(got, [0.25, 0.5, 0.75, 1, 1, 1])
+
+
+def test_weighted_average_where_chunks_overlap():
+    buf = ActionChunkBuffer(1, BufferSettings(blend="average", average_old_weight=0.3))
+    buf.add_chunk(np.zeros((4, 1)), obs_step=0, now_step=0)
+    buf.add_chunk(np.ones((6, 1)), obs_step=1, now_step=1)
+    got = [buf.next_action(s)[0] for s in range(1, 7)]
+    np.testing.assert_allclose(got, [0.7, 0.7, 0.7, 1, 1, 1])  # old covers steps 1..3 only
+
+
+def test_underrun_holds_the_last_action_or_the_safe_one():
+    buf = ActionChunkBuffer(2)
+    np.testing.assert_array_equal(buf.next_action(0), [0, 0])  # nothing yet: zeros
+    buf.add_chunk(_chunk(5, n=2), obs_step=1, now_step=1)
+    buf.next_action(1), buf.next_action(2)
+    np.testing.assert_array_equal(buf.next_action(3), [6, 6])
+    assert buf.metrics.underruns == 2
+    safe = ActionChunkBuffer(2, BufferSettings(safe_action=(9.0, -9.0)))
+    np.testing.assert_array_equal(safe.next_action(0), [9, -9])
+
+
+def test_requests_when_the_threshold_is_reached_and_keeps_the_leftover():
+    buf = ActionChunkBuffer(2, BufferSettings(request_when_left=3))
+    model = np.full((10, 32), 0.5)
+    buf.add_chunk(_chunk(0), obs_step=0, now_step=0, model_actions=model)
+    assert not buf.needs_chunk(6) and buf.needs_chunk(7)
+    left = buf.leftover(7)
+    assert left.start_step == 7 and left.actions[:, 0].tolist() == [7, 8, 9]
+    assert left.model_actions.shape == (3, 32)
+    assert buf.chunk_age(7) == 7
+
+
+def test_bad_chunks_are_rejected():
+    buf = ActionChunkBuffer(2)
+    with pytest.raises(ValueError, match=r"\(horizon, 2\)"):
+        buf.add_chunk(np.zeros((5, 3)), 0, 0)
+    with pytest.raises(ValueError, match="before its observation"):
+        buf.add_chunk(np.zeros((5, 2)), 3, 1)
+    with pytest.raises(ValueError, match="blend must be"):
+        BufferSettings(blend="fade")
