@@ -3,9 +3,7 @@ with an engine delay injected for the test."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from robots import run as robots_run
 from robots.sim import SimArm
 from runtime.chunk_buffer import BufferSettings
 from runtime.control_loop import ControlLoop, LoopSettings
-from runtime.server_thread import ServerThread
+from tests.helpers import DelayedBackend, zmq_server_thread
 from transport.zmq_client import PolicyClient
 
 HZ = 50.0
@@ -22,40 +20,7 @@ HORIZON = 50
 REQUEST_WHEN_LEFT = 40  # at 50 Hz: 0.8 s of actions left when the next chunk is asked for
 
 
-class DelayedBackend:
-    """The real engine behind an extra, known latency."""
-
-    def __init__(self, engine, delay_s: float):
-        self.engine, self.delay_s = engine, delay_s
-
-    async def infer(self, **kwargs):
-        await asyncio.sleep(self.delay_s)
-        return await self.engine.infer(**kwargs)
-
-    async def generate_subtask(self, **kwargs):
-        return await self.engine.generate_subtask(**kwargs)
-
-    def info(self):
-        return self.engine.info()
-
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _server(backend) -> ServerThread:
-    router, pub = _ports(2)
-    argv = ["--router-port", str(router), "--pub-port", str(pub), "--ws-port", "0", "--openpi-port", "0"]
-    return ServerThread(argv, backend=backend)
-
-
-def _run_loop(server: ServerThread, blend: str, duration_s: float, subtask_mode="off"):
+def _run_loop(server, blend: str, duration_s: float, subtask_mode="off"):
     settings = LoopSettings(
         prompt="pick up the block",
         hz=HZ,
@@ -80,7 +45,7 @@ def _run_loop(server: ServerThread, blend: str, duration_s: float, subtask_mode=
 
 @pytest.mark.parametrize("latency_ms", [60, 180, 300])
 def test_no_underruns_and_exact_latency_compensation(engine, latency_ms):
-    with _server(DelayedBackend(engine, latency_ms / 1e3)) as server:
+    with zmq_server_thread(DelayedBackend(engine, latency_ms / 1e3)) as server:
         summary, executed, received = _run_loop(server, "replace", duration_s=2.5)
     # Latency (injected + model) stays well under the 0.8 s of actions left at each request.
     budget_ms = REQUEST_WHEN_LEFT / HZ * 1e3
@@ -100,7 +65,7 @@ def test_no_underruns_and_exact_latency_compensation(engine, latency_ms):
 
 @pytest.mark.parametrize("blend", ["crossfade", "average"])
 def test_no_jump_at_chunk_boundaries(engine, blend):
-    with _server(DelayedBackend(engine, 0.1)) as server:
+    with zmq_server_thread(DelayedBackend(engine, 0.1)) as server:
         summary, executed, received = _run_loop(server, blend, duration_s=3.0)
     assert summary["underruns"] == 0
     inner = max(float(np.abs(np.diff(a[:, :4], axis=0)).max()) for a, _, _ in received)
@@ -112,14 +77,14 @@ def test_no_jump_at_chunk_boundaries(engine, blend):
 
 
 def test_refreshed_subtasks_reach_the_loop(engine):
-    with _server(engine) as server:
+    with zmq_server_thread(engine) as server:
         summary, _, _ = _run_loop(server, "crossfade", duration_s=2.0, subtask_mode="refresh")
     assert summary["subtasks_seen"] >= 2 and summary["refresh_count"] >= 2
 
 
 def test_robots_run_cli_writes_flat_stats(engine, tmp_path):
     out = tmp_path / "stats.json"
-    with _server(engine) as server:
+    with zmq_server_thread(engine) as server:
         code = robots_run.main(
             ["--server", server.endpoints["router"], "--pub", server.endpoints["pub"], "--hz", "50",
              "--duration", "1.5", "--stats-json", str(out), "--subtask", "off", "--request-when-left", "40"]

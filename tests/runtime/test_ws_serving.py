@@ -217,3 +217,50 @@ def test_openpi_client_and_action_chunk_broker(engine, layout, dim):
     chunk = out["steps"][0]
     assert not np.array_equal(out["steps"][1], chunk) or not np.array_equal(out["steps"][10], chunk)
     assert "missing" in out["error"]
+
+
+def test_json_client_reconnects_after_a_dropped_connection(engine):
+    from tests.helpers import free_ports
+
+    (port,) = free_ports(1)
+
+    async def start():
+        service = PolicyService(engine, lambda key, message: asyncio.sleep(0))
+        server = JsonApiServer(WsSettings(port=port), service.handle, service.drop_session)
+        await server.start()
+        return server
+
+    async def scenario():
+        server = await start()
+        client = JsonApiClient(f"ws://127.0.0.1:{port}", retries=6, backoff_s=0.1)
+        await client.connect()
+        first = await client.infer({"base_0_rgb": _image(0)}, "go", generate_subtask=False, seed=3)
+        await server.close()  # drops the connection
+        restart = asyncio.create_task(asyncio.sleep(0.5))
+        pending = asyncio.create_task(client.infer({"base_0_rgb": _image(0)}, "go", generate_subtask=False, seed=3))
+        await restart
+        server = await start()
+        second = await asyncio.wait_for(pending, 30)
+        await client.close()
+        await server.close()
+        return first, second, client.reconnects
+
+    first, second, reconnects = asyncio.run(scenario())
+    np.testing.assert_array_equal(first["actions"], second["actions"])
+    assert reconnects >= 1
+
+
+def test_images_load_from_arrays_npy_and_png(tmp_path):
+    from PIL import Image
+
+    from transport.ws_client import load_image
+
+    img = _image(4, (20, 30, 3))
+    np.save(tmp_path / "a.npy", img)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    for source in (img, tmp_path / "a.npy", str(tmp_path / "a.png")):
+        np.testing.assert_array_equal(load_image(source), img)
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match="H x W x 3 uint8"):
+        load_image(np.zeros((4, 4), np.uint8))

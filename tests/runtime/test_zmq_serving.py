@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from typing import Any
 
 import msgpack
@@ -14,16 +13,11 @@ import zmq
 import zmq.asyncio
 
 from runtime.service import PolicyService
+from tests.helpers import free_ports
 from transport import codec
 from transport.errors import RemoteError
 from transport.zmq_client import AsyncPolicyClient, RefreshListener
 from transport.zmq_server import ZmqServer, ZmqServerSettings
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.asynccontextmanager
@@ -199,7 +193,7 @@ def test_refresh_every_200ms_on_sub_until_cleared(engine):
 
 
 def test_client_rides_through_a_server_restart(engine):
-    port = _free_port()
+    (port,) = free_ports(1)
     endpoint = f"tcp://127.0.0.1:{port}"
 
     async def scenario():
