@@ -86,6 +86,7 @@ class AsyncPi05Inference:
         max_decoding_steps_limit: int = 32,
         num_steps: int | None = None,
         compile_cache_dir: str | Path | None = DEFAULT_COMPILE_CACHE,
+        compile_in_background: bool = True,
         preallocate_gpu_memory: bool = False,
         seed: int = 0,
     ):
@@ -116,6 +117,10 @@ class AsyncPi05Inference:
         self._thread: threading.Thread | None = None
         self._ready = concurrent.futures.Future()
         self._compiled: dict[tuple[str, int], Any] = {}
+        self._compile_in_background = compile_in_background
+        self._compiler: threading.Thread | None = None
+        self._all_compiled = threading.Event()
+        self._compile_started = 0.0
         self.device = None
         self.startup_s: dict[str, float] = {}
         # (phase, real rows) -> count of executed batches: how well requests are being batched.
@@ -124,18 +129,24 @@ class AsyncPi05Inference:
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Loads the weights and compiles every bucket on the worker thread, then serves."""
+        """Loads the weights and compiles the smallest bucket on the worker thread, then serves.
+
+        The other buckets compile on a background thread (`compile_in_background`, the default), so
+        a server answers within seconds; until a bucket is ready, larger batches are split."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="pi05-engine", daemon=True)
             self._thread.start()
         await asyncio.wrap_future(self._ready)
 
     async def close(self) -> None:
-        """Finishes the requests already queued, then stops the worker."""
+        """Finishes the requests already queued, then stops the worker (and waits for compiles)."""
         if self._thread is not None:
             self._queue.put(_STOP)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self._compiler is not None:
+            await asyncio.to_thread(self._compiler.join)
+            self._compiler = None
 
     async def __aenter__(self) -> AsyncPi05Inference:
         await self.start()
@@ -336,14 +347,42 @@ class AsyncPi05Inference:
                 self._params = params.init_params(self.cfg, seed=self._init_seed, dtype=dtype)
         self.startup_s["load"] = time.perf_counter() - start
         log.info("weights of %s on %s in %.1f s", self.cfg.name, self.device, self.startup_s["load"])
-        start = time.perf_counter()
+        self._compile_started = time.perf_counter()
+        first, rest = self.buckets[:1], self.buckets[1:]
+        self._compile_buckets(first)
+        if rest and self._compile_in_background:
+            # Serve at once with the smallest bucket; bigger batches split until theirs are compiled.
+            log.info("serving while batch buckets %s compile in the background", list(rest))
+            self._compiler = threading.Thread(target=self._compile_in_thread, args=(rest,), name="pi05-compile")
+            self._compiler.start()
+        else:
+            self._compile_buckets(rest)
+
+    def _compile_buckets(self, buckets: Sequence[int]) -> None:
         total = 2 * len(self.buckets)
-        for i, (phase, b) in enumerate(((p, b) for b in self.buckets for p in ("subtask", "action")), 1):
-            t0 = time.perf_counter()
-            self._compiled[(phase, b)] = self._lower(phase, b).compile()
-            log.info("compiled %s phase for batch %d (%d/%d) in %.2f s", phase, b, i, total, time.perf_counter() - t0)
-        self.startup_s["compile"] = time.perf_counter() - start
-        log.info("engine ready: %d executables in %.1f s", total, self.startup_s["compile"])
+        for b in buckets:
+            for phase in ("subtask", "action"):
+                t0 = time.perf_counter()
+                executable = self._lower(phase, b).compile()
+                self._compiled[(phase, b)] = executable
+                log.info(
+                    "compiled %s phase for batch %d (%d/%d) in %.2f s",
+                    phase, b, len(self._compiled), total, time.perf_counter() - t0,
+                )  # fmt: skip
+        if len(self._compiled) == total:
+            self.startup_s["compile"] = time.perf_counter() - self._compile_started
+            log.info("all %d executables compiled in %.1f s", total, self.startup_s["compile"])
+            self._all_compiled.set()
+
+    def _compile_in_thread(self, buckets: Sequence[int]) -> None:
+        try:
+            self._compile_buckets(buckets)
+        except Exception:  # the engine keeps serving with the buckets it has
+            log.exception("compiling batch buckets %s failed; serving with %s", list(buckets), sorted(self._compiled))
+
+    async def wait_until_compiled(self) -> None:
+        """Returns once every batch bucket is compiled (start() returns after the smallest)."""
+        await asyncio.to_thread(self._all_compiled.wait)
 
     def _specs(self, b: int):
         import jax
@@ -376,16 +415,17 @@ class AsyncPi05Inference:
             )  # fmt: skip
         return phases.action_phase.lower(self._params, obs, seeds, spec((), jnp.int32), cfg=self.cfg)
 
-    def _bucket(self, n: int) -> int:
-        return next(b for b in self.buckets if b >= n)
+    def _largest_ready_bucket(self) -> int:
+        return max(b for b in self.buckets if ("subtask", b) in self._compiled and ("action", b) in self._compiled)
 
     def _process(self, batch: list[_Pending]) -> None:
         batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        size = self._largest_ready_bucket()
         stage1 = [p for p in batch if p.request.generate_subtask]
-        for chunk in _chunks(stage1, self.max_batch):
+        for chunk in _chunks(stage1, size):
             self._run_chunk(chunk, self._prepare_subtask, self._run_subtask)
         stage2 = [p for p in batch if p.request.kind == "infer" and not p.future.done()]
-        for chunk in _chunks(stage2, self.max_batch):
+        for chunk in _chunks(stage2, size):
             self._run_chunk(chunk, self._prepare_action, self._run_action)
         for p in batch:
             if not p.future.done():
@@ -461,7 +501,7 @@ class AsyncPi05Inference:
         from policy import pi05
 
         n = len(rows)
-        b = self._bucket(n)
+        b = next(b for b in self.buckets if b >= n and (phase, b) in self._compiled)
         cols = list(zip(*(row for _, row in rows), strict=True))
         stacked = [np.stack(list(c) + [c[0]] * (b - n)) for c in cols]  # pad with copies of row 0
         put = lambda x: jax.device_put(x, self.device)  # noqa: E731

@@ -74,6 +74,7 @@ def engine(tmp_path_factory):
         batch_window_ms=20.0,
         max_decoding_steps_limit=12,
         compile_cache_dir=tmp_path_factory.mktemp("jax_cache"),
+        compile_in_background=False,  # every bucket ready: batching in the tests is deterministic
     )
     asyncio.run(eng.start())
     yield eng
