@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 
 from bench.report import write_section
 from robots.sim import SimArm
 from runtime.chunk_buffer import BufferSettings
 from runtime.control_loop import ControlLoop, LoopSettings
-from runtime.server_thread import ServerThread
+from runtime.server_thread import ServerThread, free_local_ports
 from transport.zmq_client import PolicyClient
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def run(config: str, duration_s: float, hz: float, request_when_left: int) -> str:
-    router, pub = _free_ports(2)
+    router, pub = free_local_ports(2)
     argv = ["--config", config, "--router-port", str(router), "--pub-port", str(pub), "--ws-port", "0",
             "--openpi-port", "0", "--log-level", "WARNING"]  # fmt: skip
     cases = [

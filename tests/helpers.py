@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 from runtime.server_thread import ServerThread
+from runtime.server_thread import free_local_ports as free_ports
 
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+__all__ = ["DelayedBackend", "free_ports", "zmq_server_thread"]
 
 
 def zmq_server_thread(backend) -> ServerThread:

@@ -15,13 +15,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from transport import openpi_msgpack
 from transport.errors import TransportError
-from transport.ws_common import WsSettings, health_check
+from transport.ws_common import WsSettings, start_server
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +37,7 @@ class OpenpiServer:
         self.port: int | None = None
 
     async def start(self) -> None:
-        s = self.settings
-        self._server = await serve(
-            self._connection,
-            s.host,
-            s.port,
-            process_request=health_check,
-            max_size=s.max_message_bytes,
-            max_queue=s.max_queue,
-            ping_interval=s.ping_interval_s,
-            ping_timeout=s.ping_timeout_s,
-            compression=None,
-        )
+        self._server = await start_server(self.settings, self._connection)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+
+from websockets.asyncio.server import Server, ServerConnection, serve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,3 +26,18 @@ def health_check(connection, request):
     if request.path == "/healthz":
         return connection.respond(HTTPStatus.OK, "OK\n")
     return None
+
+
+async def start_server(settings: WsSettings, handler: Callable[[ServerConnection], Awaitable[None]]) -> Server:
+    """Binds a WebSocket server with the shared settings; `/healthz` is answered before the handshake."""
+    return await serve(
+        handler,
+        settings.host,
+        settings.port,
+        process_request=health_check,
+        max_size=settings.max_message_bytes,
+        max_queue=settings.max_queue,
+        ping_interval=settings.ping_interval_s,
+        ping_timeout=settings.ping_timeout_s,
+        compression=None,
+    )
