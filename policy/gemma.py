@@ -57,6 +57,19 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: Gemm
     return out.reshape(b, t, n, h)
 
 
+def _qkv(p: dict, h: jax.Array, positions: jax.Array, cfg: GemmaConfig) -> tuple[jax.Array, ...]:
+    """Queries (scaled, RoPE'd), keys (RoPE'd) and values of one expert's tokens."""
+    dt = h.dtype
+    q = jnp.einsum("BTD,NDH->BTNH", h, p["q"].astype(dt))
+    k, v = jnp.einsum("BSD,CKDH->CBSKH", h, p["kv"].astype(dt))
+    return rope(q, positions) * jnp.asarray(cfg.head_dim**-0.5, dt), rope(k, positions), v
+
+
+def _ffw(p: dict, x: jax.Array, cond: jax.Array | None) -> jax.Array:
+    h, gate = _norm(p["pre_ffw_norm"], x, cond)
+    return _residual(x, _mlp(p["mlp"], h), gate)
+
+
 def _layer_params(layers: dict, suffix: str) -> dict:
     attn = layers["attn"]
     return {
@@ -97,10 +110,7 @@ def forward(
     def layer(x, xs):
         p, ck, cv = xs
         h, gate = _norm(p["pre_attention_norm"], x, cond)
-        q = jnp.einsum("BTD,NDH->BTNH", h, p["q"].astype(dt))
-        k, v = jnp.einsum("BSD,CKDH->CBSKH", h, p["kv"].astype(dt))
-        q = rope(q, positions) * jnp.asarray(cfg.head_dim**-0.5, dt)
-        k = rope(k, positions)
+        q, k, v = _qkv(p, h, positions, cfg)
         if ck is None:
             keys, values, new_k, new_v = k, v, k, v
         elif write_index is None:
@@ -112,15 +122,50 @@ def forward(
             keys, values = new_k, new_v
         attn = _attend(q, keys.astype(dt), values.astype(dt), mask, cfg)
         x = _residual(x, jnp.einsum("BTNH,NHD->BTD", attn, p["o"].astype(dt)), gate)
-        h, gate = _norm(p["pre_ffw_norm"], x, cond)
-        x = _residual(x, _mlp(p["mlp"], h), gate)
-        return x, (new_k, new_v)
+        return _ffw(p, x, cond), (new_k, new_v)
 
     params = _layer_params(llm["layers"], suffix)
     xs = (params, None, None) if cache is None else (params, cache.k, cache.v)
     x, (k, v) = jax.lax.scan(layer, x, xs)
     x, _ = _norm(llm[f"final_norm{suffix}"], x, cond)
     return x, (cache if k is None else KVCache(k, v))
+
+
+def forward_joint(
+    llm: dict,
+    xs: tuple[jax.Array, jax.Array],
+    positions: jax.Array,
+    mask: jax.Array,
+    cfgs: tuple[GemmaConfig, GemmaConfig],
+    conds: tuple[jax.Array | None, jax.Array | None],
+) -> tuple[jax.Array, jax.Array]:
+    """Both towers in one pass, as openpi trains: each token uses its own expert's weights, and the
+    two experts' queries, keys and values meet in one attention in every layer.
+
+    xs: (VLM tokens (B, S, D0), expert tokens (B, T, D1)); positions: (B, S + T); mask:
+    (B, S + T, S + T). Returns both towers' final-normed outputs.
+    """
+    sizes = [x.shape[1] for x in xs]
+    pos = (positions[:, : sizes[0]], positions[:, sizes[0] :])
+    params = (_layer_params(llm["layers"], ""), _layer_params(llm["layers"], "_1"))
+
+    def layer(carry, p):
+        qkv, gates = [], []
+        for x, pe, cfg, cond, ps in zip(carry, p, cfgs, conds, pos, strict=True):
+            h, gate = _norm(pe["pre_attention_norm"], x, cond)
+            qkv.append(_qkv(pe, h, ps, cfg))
+            gates.append(gate)
+        q, k, v = (jnp.concatenate(parts, axis=1) for parts in zip(*qkv, strict=True))
+        attn = _attend(q, k, v, mask, cfgs[0])
+        outs = []
+        for x, pe, gate, cond, a in zip(carry, p, gates, conds, jnp.split(attn, [sizes[0]], axis=1), strict=True):
+            x = _residual(x, jnp.einsum("BTNH,NHD->BTD", a.astype(x.dtype), pe["o"].astype(x.dtype)), gate)
+            outs.append(_ffw(pe, x, cond))
+        return tuple(outs), None
+
+    outs, _ = jax.lax.scan(layer, tuple(xs), params)
+    finals = (_norm(llm["final_norm"], outs[0], conds[0])[0], _norm(llm["final_norm_1"], outs[1], conds[1])[0])
+    return finals
 
 
 def embed_tokens(llm: dict, tokens: jax.Array, dtype) -> jax.Array:

@@ -119,6 +119,28 @@ def velocity(params: dict, prefix: Prefix, x_t: jax.Array, t: jax.Array, cfg: Mo
     return dense(params["action_out_proj"], out)
 
 
+def velocity_joint(params: dict, obs: Observation, x_t: jax.Array, t: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """v(x_t, t) from one joint pass over [prefix, action tokens] with the combined mask: openpi's
+    training path (`compute_loss`), equal to `velocity` against the cached prefix."""
+    dt = compute_dtype(cfg)
+    prefix_tokens, prefix_mask = embed_prefix(params, obs, cfg)
+    b, a, _ = x_t.shape
+    suffix = dense(params["action_in_proj"], x_t.astype(jnp.float32)).astype(dt)
+    cond = time_conditioning(params, jnp.broadcast_to(t, (b,)), cfg).astype(dt)
+    mask = jnp.concatenate([prefix_mask, jnp.ones((b, a), bool)], axis=1)
+    ar = jnp.zeros(mask.shape[1], bool).at[prefix_mask.shape[1]].set(True)
+    positions = jnp.cumsum(mask, axis=1) - 1
+    _, out = gemma.forward_joint(
+        params["PaliGemma"]["llm"],
+        (prefix_tokens, suffix),
+        positions,
+        make_attn_mask(mask, ar),
+        (cfg.vlm, cfg.expert),
+        (None, cond),
+    )
+    return dense(params["action_out_proj"], out)
+
+
 def denoise(params: dict, prefix: Prefix, noise: jax.Array, num_steps: int | jax.Array, cfg: ModelConfig) -> jax.Array:
     """Euler integration from t = 1 (noise) to t = 0, exactly openpi's loop and time arithmetic."""
     dt = jnp.float32(-1.0) / jnp.asarray(num_steps, jnp.float32)

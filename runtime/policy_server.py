@@ -108,6 +108,10 @@ async def serve(
         if on_ready is not None:
             on_ready(endpoints)
         if args.demo:
+            if backend is None:
+                # Compiles running beside the robot's loop would starve it on a small CPU.
+                log.info("the demo starts once every batch bucket is compiled")
+                await engine.wait_until_compiled()
             await _run_demo(args, endpoints, stop, closers)
         await stop.wait()
         log.info("shutting down")

@@ -111,3 +111,16 @@ def test_make_attn_mask_prefix_lm():
 def test_tied_lm_head_matches_decode_logits(tiny_params, expected):
     logits = gemma.logits(tiny_params["PaliGemma"]["llm"], jnp.asarray(expected["decode_hidden0"]))
     np.testing.assert_allclose(logits, expected["decode_logits0"], atol=1e-5)
+
+
+def test_joint_two_expert_pass_equals_the_cached_path(tiny_params, fixture_obs, tiny_cfg, expected):
+    """openpi's training path (both towers in one pass, attention shared in every layer) gives the
+    velocity the inference path computes against the KV cache, and openpi's own."""
+    obs, _, _ = fixture_obs
+    prefix = pi05.prefill_jit(tiny_params, obs, tiny_cfg)
+    for step in (0, 6):
+        x, t = expected["euler_x"][step], jnp.float32(expected["euler_times"][step])
+        joint = jax.jit(pi05.velocity_joint, static_argnames="cfg")(tiny_params, obs, x, t, tiny_cfg)
+        cached = pi05.velocity(tiny_params, prefix, x, t, tiny_cfg)
+        np.testing.assert_allclose(joint, cached, atol=5e-5)
+        np.testing.assert_allclose(joint, expected["euler_v"][step], atol=5e-5)
