@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import zmq
+
 from configs import DEFAULT_MODEL, model_config_names
 from robots.adapters import ADAPTERS, get_adapter
 from runtime.service import InferenceBackend, PolicyService
@@ -224,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(args))
     except (ValueError, FileNotFoundError) as e:
         log.error("%s", e)
+        return 2
+    except OSError as e:  # an address in use, or one this host does not have
+        log.error("cannot bind an endpoint on %s: %s", args.host, e)
+        return 2
+    except zmq.ZMQError as e:
+        log.error("cannot bind a ZMQ endpoint on %s: %s", args.host, e)
         return 2
     return 0
 

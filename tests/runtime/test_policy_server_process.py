@@ -71,3 +71,21 @@ def test_unknown_config_is_a_clear_error(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert "unknown model config 'pi05_tiyn'. Did you mean 'pi05_tiny'?" in result.stderr
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "runtime.policy_server", "--max-batch", "1", "--router-port", str(port),
+             "--pub-port", "0", "--ws-port", "0", "--openpi-port", "0"],
+            capture_output=True, text=True, timeout=240, env={**os.environ, "HOME": str(tmp_path)},
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert f"cannot bind a ZMQ endpoint on 127.0.0.1: Address already in use (addr='tcp://127.0.0.1:{port}')" in (
+        result.stderr
+    )
