@@ -21,7 +21,7 @@ from websockets.frames import CloseCode
 
 from transport import openpi_msgpack
 from transport.errors import TransportError
-from transport.ws_common import WsSettings, start_server
+from transport.ws_common import WsSettings, check_size, start_server
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class OpenpiServer:
                         raise TransportError(
                             "openpi observations are binary msgpack frames, got a text frame", "bad_request"
                         )
+                    check_size(message, self.settings)
                     obs = openpi_msgpack.unpackb(message)
                     if not isinstance(obs, dict):
                         raise TransportError(f"an observation must be a map, got {type(obs).__name__}", "bad_request")

@@ -8,6 +8,8 @@ from http import HTTPStatus
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 
+from transport.errors import TransportError
+
 
 @dataclasses.dataclass(frozen=True)
 class WsSettings:
@@ -35,9 +37,19 @@ async def start_server(settings: WsSettings, handler: Callable[[ServerConnection
         settings.host,
         settings.port,
         process_request=health_check,
-        max_size=settings.max_message_bytes,
+        # Up to twice the limit is read so that an oversize message gets a typed error reply; past
+        # that websockets closes the connection (1009) without reading it.
+        max_size=2 * settings.max_message_bytes,
         max_queue=settings.max_queue,
         ping_interval=settings.ping_interval_s,
         ping_timeout=settings.ping_timeout_s,
         compression=None,
     )
+
+
+def check_size(message: str | bytes, settings: WsSettings) -> None:
+    if len(message) > settings.max_message_bytes:
+        raise TransportError(
+            f"message is {len(message)} bytes, more than the server's limit of {settings.max_message_bytes}",
+            "oversize",
+        )

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 
 from transport.errors import BadRequest, TransportError
 from transport.messages import ACTIONS, INFER, Observation, Request, parse_options
-from transport.ws_common import WsSettings, start_server
+from transport.ws_common import WsSettings, check_size, start_server
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,10 @@ class JsonApiServer:
     async def _serve(self, key: str, message: str | bytes, received: float) -> dict[str, Any]:
         if isinstance(message, bytes):
             return error("bad_request", "the JSON API takes text frames; got a binary frame")
+        try:
+            check_size(message, self.settings)
+        except TransportError as e:
+            return error(e.code, e.message)
         try:
             if len(message) > _OFFLOAD_BYTES:
                 payload = await asyncio.to_thread(json.loads, message)

@@ -264,3 +264,26 @@ def test_images_load_from_arrays_npy_and_png(tmp_path):
         load_image(tmp_path / "missing.png")
     with pytest.raises(ValueError, match="H x W x 3 uint8"):
         load_image(np.zeros((4, 4), np.uint8))
+
+
+def test_oversize_json_message_gets_a_typed_error_and_the_connection_stays(engine):
+    async def scenario():
+        service = PolicyService(engine, lambda key, message: asyncio.sleep(0))
+        server = JsonApiServer(WsSettings(port=0, max_message_bytes=100_000), service.handle, service.drop_session)
+        await server.start()
+        try:
+            async with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as raw:
+                await raw.send(json.dumps(build_request({"base_0_rgb": _image(0, (100, 100, 3))}, "x")))
+                too_big = json.loads(await raw.recv())
+                small = build_request({"base_0_rgb": _image(0, (20, 20, 3))}, "x", generate_subtask=False)
+                await raw.send(json.dumps(small))
+                after = json.loads(await raw.recv())
+        finally:
+            await server.close()
+            await service.close()
+        return too_big, after
+
+    too_big, after = asyncio.run(scenario())
+    assert too_big["status"] == "error" and too_big["error"]["code"] == "oversize"
+    assert "more than the server's limit of 100000" in too_big["error"]["message"]
+    assert after["status"] == "success"
