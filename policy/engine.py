@@ -23,9 +23,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import DEFAULT_MODEL, get_model_config
+from policy import checkpoint, params, phases, pi05
+from policy.images import check_image, resize_with_pad, to_model_range
 from policy.normalize import IDENTITY, Normalizer, load_norm_stats
 from policy.prompts import Prompts
 from policy.tokenizer import load_tokenizer
@@ -66,9 +70,10 @@ class _Pending:
 class AsyncPi05Inference:
     """Pi0.5 subtask generation and action prediction for many robots at once.
 
-    `checkpoint_dir` is an openpi checkpoint (its `params/`, and `assets/<id>/norm_stats.json` when
-    `norm_stats` names an asset id); without one the model gets random weights (the embedded
-    default). `gpu_id` picks the device. Call `await start()` (or use `async with`) before serving.
+    `checkpoint_dir` is an openpi checkpoint directory (or its `params/`); without one the model gets
+    random weights (the embedded default). `norm_stats` is openpi's `norm_stats.json` or a
+    checkpoint's `assets/<asset_id>/` folder; without it state and actions pass unnormalized.
+    `gpu_id` picks the device. Call `await start()` (or use `async with`) before serving.
     """
 
     def __init__(
@@ -223,8 +228,6 @@ class AsyncPi05Inference:
     def _validate(
         self, kind, images, task, low_level_prompt, state, generate_subtask, max_decoding_steps, temperature, seed
     ) -> _Request:
-        from policy.images import check_image
-
         if not isinstance(images, Mapping) or not images:
             raise ValueError(
                 f"images must be a non-empty mapping of camera name to image; cameras: {list(self.cfg.image_keys)}"
@@ -320,11 +323,6 @@ class AsyncPi05Inference:
                 return
 
     def _load_and_compile(self) -> None:
-        import jax
-        import jax.numpy as jnp
-
-        from policy import checkpoint, params
-
         if self._compile_cache_dir is not None:
             current = jax.config.jax_compilation_cache_dir
             if current and current != str(self._compile_cache_dir):
@@ -385,11 +383,6 @@ class AsyncPi05Inference:
         await asyncio.to_thread(self._all_compiled.wait)
 
     def _specs(self, b: int):
-        import jax
-        import jax.numpy as jnp
-
-        from policy import pi05
-
         sharding = jax.sharding.SingleDeviceSharding(self.device)
         spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
         c, size, n = len(self.cfg.image_keys), self.cfg.siglip.image_size, self.cfg.max_token_len
@@ -402,10 +395,6 @@ class AsyncPi05Inference:
         return spec, obs
 
     def _lower(self, phase: str, b: int):
-        import jax.numpy as jnp
-
-        from policy import phases
-
         spec, obs = self._specs(b)
         seeds = spec((b,), jnp.uint32)
         if phase == "subtask":
@@ -450,8 +439,6 @@ class AsyncPi05Inference:
                     p.future.set_exception(RuntimeError(f"inference failed inside the model: {e}"))
 
     def _observation(self, p: _Pending, text: str) -> tuple[np.ndarray, ...]:
-        from policy.images import resize_with_pad, to_model_range
-
         size = self.cfg.siglip.image_size
         c = len(self.cfg.image_keys)
         images = np.full((c, size, size, 3), -1.0, np.float32)  # a masked camera is black; nothing sees it
@@ -496,10 +483,6 @@ class AsyncPi05Inference:
             p.actions, p.action_ms = robot[:, : self.robot_action_dim], ms
 
     def _execute(self, phase: str, rows) -> Any:
-        import jax
-
-        from policy import pi05
-
         n = len(rows)
         b = next(b for b in self.buckets if b >= n and (phase, b) in self._compiled)
         cols = list(zip(*(row for _, row in rows), strict=True))

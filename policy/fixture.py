@@ -48,7 +48,6 @@ def config_from_json(path: str | Path) -> ModelConfig:
             image_keys=tuple(d["image_keys"]),
             dtype=d.get("compute_dtype", "float32"),
             num_steps=d.get("num_steps", 10),
-            tokenizer="tiny" if d["vlm"]["vocab_size"] == 1024 else "paligemma",
         )
     except FileNotFoundError:
         raise FileNotFoundError(f"fixture config not found: {path}") from None
