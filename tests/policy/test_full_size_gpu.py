@@ -31,7 +31,5 @@ def test_full_pi05_two_phases_on_the_gpu():
     seeds = jnp.arange(b, dtype=jnp.uint32)
     actions = phases.action_phase(params, obs, seeds, jnp.int32(10), cfg)
     assert actions.shape == (b, 50, 32) and bool(jnp.isfinite(actions).all())
-    tokens, lengths = phases.subtask_phase(
-        params, obs, seeds, jnp.full((b,), 8, jnp.int32), jnp.zeros(b), cfg, 8
-    )
+    tokens, lengths = phases.subtask_phase(params, obs, seeds, jnp.full((b,), 8, jnp.int32), jnp.zeros(b), cfg, 8)
     assert tokens.shape == (b, 8) and int(lengths.min()) >= 1
