@@ -29,7 +29,7 @@ import numpy as np
 
 from configs import DEFAULT_MODEL, get_model_config
 from policy import checkpoint, params, phases, pi05
-from policy.images import check_image, resize_with_pad, to_model_range
+from policy.images import check_image, resize_with_pad
 from policy.normalize import IDENTITY, Normalizer, load_norm_stats
 from policy.prompts import Prompts
 from policy.tokenizer import load_tokenizer
@@ -387,7 +387,7 @@ class AsyncPi05Inference:
         spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
         c, size, n = len(self.cfg.image_keys), self.cfg.siglip.image_size, self.cfg.max_token_len
         obs = pi05.Observation(
-            images=spec((b, c, size, size, 3), jnp.float32),
+            images=spec((b, c, size, size, 3), jnp.uint8),  # scaled to [-1, 1] on the device
             image_mask=spec((b, c), jnp.bool_),
             tokens=spec((b, n), jnp.int32),
             token_mask=spec((b, n), jnp.bool_),
@@ -441,11 +441,12 @@ class AsyncPi05Inference:
     def _observation(self, p: _Pending, text: str) -> tuple[np.ndarray, ...]:
         size = self.cfg.siglip.image_size
         c = len(self.cfg.image_keys)
-        images = np.full((c, size, size, 3), -1.0, np.float32)  # a masked camera is black; nothing sees it
+        # uint8 to the device (a quarter of float32's bytes); a masked camera is black, nothing sees it.
+        images = np.zeros((c, size, size, 3), np.uint8)
         mask = np.zeros(c, bool)
         for i, key in enumerate(self.cfg.image_keys):
             if key in p.request.images:
-                images[i] = to_model_range(resize_with_pad(p.request.images[key], size))
+                images[i] = resize_with_pad(p.request.images[key], size)
                 mask[i] = True
         tokens, token_mask = self.prompts.tokenize(text)
         return images, mask, tokens, token_mask

@@ -43,6 +43,16 @@ def resize_with_pad(image: np.ndarray, size: int = 224) -> np.ndarray:
         return np.asarray(_resize_with_pad(image, size))
 
 
-def to_model_range(image: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [-1, 1], exactly openpi's `x / 255 * 2 - 1`."""
-    return image.astype(np.float32) / 255.0 * 2.0 - 1.0
+# openpi's `x / 255 * 2 - 1` for every uint8 value, computed once on the host.
+_UINT8_TO_MODEL = np.arange(256, dtype=np.float32) / 255.0 * 2.0 - 1.0
+
+
+def to_model_range(image):
+    """uint8 -> float32 in [-1, 1], bit for bit openpi's conversion, for numpy or JAX arrays.
+
+    A table lookup rather than arithmetic: compiled code would turn the division into a
+    multiplication by 1/255 and be off by an ulp.
+    """
+    if isinstance(image, np.ndarray):
+        return _UINT8_TO_MODEL[image]
+    return jnp.asarray(_UINT8_TO_MODEL)[image]

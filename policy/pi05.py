@@ -19,15 +19,17 @@ import jax.numpy as jnp
 from configs.model_config import ModelConfig
 from policy import gemma, siglip
 from policy.gemma import KVCache
+from policy.images import to_model_range
 from policy.layers import dense, make_attn_mask, posemb_sincos
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Observation:
-    """Model inputs, already preprocessed: images in [-1, 1] at the SigLIP resolution.
+    """Model inputs at the SigLIP resolution.
 
-    images: (B, C, 224, 224, 3) float, cameras in `cfg.image_keys` order; image_mask: (B, C) bool;
+    images: (B, C, 224, 224, 3), float in [-1, 1] or uint8 (scaled on the device, as openpi does),
+    cameras in `cfg.image_keys` order; image_mask: (B, C) bool;
     tokens: (B, L) int32, valid ids left-aligned; token_mask: (B, L) bool.
     """
 
@@ -65,7 +67,10 @@ def embed_prefix(params: dict, obs: Observation, cfg: ModelConfig) -> tuple[jax.
             f"images of shape {obs.images.shape} do not match image_mask {obs.image_mask.shape} "
             f"and the config's {len(cfg.image_keys)} cameras"
         )
-    img = obs.images.reshape(b * c, *obs.images.shape[2:])
+    images = obs.images
+    if images.dtype == jnp.uint8:
+        images = to_model_range(images)
+    img = images.reshape(b * c, *images.shape[2:])
     img_tokens = siglip.encode(params["PaliGemma"]["img"], img, cfg.siglip, dt)
     p = img_tokens.shape[1]
     img_tokens = img_tokens.reshape(b, c * p, -1)

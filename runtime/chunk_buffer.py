@@ -48,8 +48,20 @@ class Leftover:
     model_actions: np.ndarray | None
 
 
+HISTORY = 30_000  # samples kept per metric: 10 minutes at 50 Hz, so a robot can run for days
+
+
+def append_bounded(values: list, value, limit: int = HISTORY) -> None:
+    """Appends, keeping between `limit` and `2 * limit` of the newest values (amortized O(1))."""
+    values.append(value)
+    if len(values) > 2 * limit:
+        del values[:-limit]
+
+
 @dataclasses.dataclass
 class BufferMetrics:
+    """Counters over the whole run; the sample lists hold the newest `HISTORY` or so."""
+
     underruns: int = 0
     chunks_received: int = 0
     stale_chunks: int = 0
@@ -89,7 +101,7 @@ class ActionChunkBuffer:
     def next_action(self, step: int) -> np.ndarray:
         """The action for control step `step`; never blocks. On underrun: the last or the safe action."""
         left = self.actions_left(step)
-        self.metrics.depths.append(left)
+        append_bounded(self.metrics.depths, left)
         index = step - self._first_step
         if left > 0 and index >= 0:
             self._last_action = self._plan[index]
@@ -120,9 +132,9 @@ class ActionChunkBuffer:
         delay = now_step - obs_step
         self._horizon = max(self._horizon, len(actions))
         self.metrics.chunks_received += 1
-        self.metrics.delays_steps.append(delay)
+        append_bounded(self.metrics.delays_steps, delay)
         if delay_ms is not None:
-            self.metrics.delays_ms.append(delay_ms)
+            append_bounded(self.metrics.delays_ms, delay_ms)
         if delay >= len(actions) or (self._chunk_obs_step is not None and obs_step < self._chunk_obs_step):
             # All of it has passed, or a newer observation's chunk is already in the plan.
             self.metrics.stale_chunks += 1

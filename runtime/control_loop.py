@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from robots.base import Robot
-from runtime.chunk_buffer import ActionChunkBuffer, BufferSettings
+from runtime.chunk_buffer import ActionChunkBuffer, BufferSettings, append_bounded
 from transport.zmq_client import PolicyClient
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,10 @@ class ControlLoop:
         self.settings = settings or LoopSettings()
         self.buffer = ActionChunkBuffer(robot.action_dim, self.settings.buffer)
         self.status = LoopStatus()
+        # The newest actions handed to the robot and tick delays (bounded: see `append_bounded`).
         self.executed: list[np.ndarray] = []
         self.jitter_ms: list[float] = []
+        self.ticks = 0
         self.subtasks_seen = 0
         self._on_tick = on_tick
         self._pub = pub_endpoint
@@ -163,11 +165,12 @@ class ControlLoop:
                 scheduled = start + step * period
                 _sleep_until(scheduled)
                 now = time.monotonic()
-                self.jitter_ms.append((now - scheduled) * 1e3)
+                append_bounded(self.jitter_ms, (now - scheduled) * 1e3)
                 self._integrate(step)
                 action = self.buffer.next_action(step)
                 self.robot.act(action)
-                self.executed.append(action)
+                append_bounded(self.executed, action)
+                self.ticks += 1
                 pending = [f.obs_step for f in self._in_flight]
                 if len(pending) < s.max_in_flight and self.buffer.needs_chunk(step + 1, pending):
                     self._in_flight.append(self._request(step + 1))
@@ -190,7 +193,7 @@ class ControlLoop:
 
     def summary(self) -> dict[str, Any]:
         m = self.buffer.metrics
-        ticks = len(self.jitter_ms)
+        ticks = self.ticks
 
         def pct(values: list[float], q: float) -> float | None:
             return float(np.percentile(values, q)) if values else None

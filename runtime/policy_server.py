@@ -149,36 +149,27 @@ def _cancel_on_close(task: asyncio.Task):
 
 
 async def _start_zmq(args: argparse.Namespace, engine: InferenceBackend, closers: list) -> ZmqServer:
-    server_ref: list[ZmqServer] = []
-
-    async def publish(key: str, message: dict[str, Any]) -> None:
-        publisher = server_ref[0].publisher
-        if publisher is not None:
-            await publisher.publish(key, message)
-
-    service = PolicyService(engine, publish)
     settings = ZmqServerSettings(
         router_endpoint=_endpoint(args.host, args.router_port),
         pub_endpoint=_endpoint(args.host, args.pub_port) if args.pub_port else None,
     )
+    # The handler is looked up when a request comes, by then `service` exists.
     server = ZmqServer(settings, lambda request: service.handle(request.robot, request))
-    server_ref.append(server)
     await server.start()
+    service = PolicyService(engine, server.publish)
     closers.append(server.close)
     closers.append(service.close)
     return server
 
 
 async def _start_json(args: argparse.Namespace, engine: InferenceBackend, closers: list) -> JsonApiServer:
-    server_ref: list[JsonApiServer] = []
-
-    async def push(key: str, message: dict[str, Any]) -> None:
-        await server_ref[0].push(key, message)
-
-    service = PolicyService(engine, push)
-    server = JsonApiServer(WsSettings(args.host, args.ws_port), service.handle, service.drop_session)
-    server_ref.append(server)
+    server = JsonApiServer(
+        WsSettings(args.host, args.ws_port),
+        lambda key, r: service.handle(key, r),
+        lambda key: service.drop_session(key),
+    )
     await server.start()
+    service = PolicyService(engine, server.push)
     closers.append(server.close)
     closers.append(service.close)
     return server

@@ -146,14 +146,7 @@ class PolicyService:
     async def _subtask(self, session: Session, options: Options) -> dict[str, Any]:
         obs = self._require(session, options)
         self._apply_refresh(session, options)
-        out = await self.backend.generate_subtask(
-            images=obs.images,
-            high_level_prompt=options.high_level_prompt,
-            state=obs.state,
-            max_decoding_steps=options.max_decoding_steps,
-            temperature=options.temperature,
-            seed=options.seed,
-        )
+        out = await self._generate(obs, options, options.seed)
         return {
             "subtask": out["subtask"],
             "subtask_tokens": [int(t) for t in out["subtask_tokens"]],
@@ -181,13 +174,17 @@ class PolicyService:
         session = self.sessions.get(key)
         if session is None or session.observation is None or session.options is None:
             return None
-        obs, options = session.observation, session.options
+        # A fresh seed each time: a refresh may change its mind as the scene changes.
+        return await self._generate(session.observation, session.options, seed=None)
+
+    async def _generate(self, obs: Observation, options: Options, seed: int | None) -> dict[str, Any]:
         return await self.backend.generate_subtask(
             images=obs.images,
             high_level_prompt=options.high_level_prompt,
             state=obs.state,
             max_decoding_steps=options.max_decoding_steps,
             temperature=options.temperature,
+            seed=seed,
         )
 
     def ping(self) -> dict[str, Any]:

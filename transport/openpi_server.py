@@ -21,29 +21,18 @@ from websockets.frames import CloseCode
 
 from transport import openpi_msgpack
 from transport.errors import TransportError
-from transport.ws_common import WsSettings, check_size, start_server
+from transport.ws_common import WsServer, WsSettings
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-class OpenpiServer:
+class OpenpiServer(WsServer):
     def __init__(self, settings: WsSettings, handler: Handler, metadata: dict[str, Any]):
-        self.settings = settings
+        super().__init__(settings)
         self._handler = handler
         self._metadata = metadata
-        self._server = None
-        self.port: int | None = None
-
-    async def start(self) -> None:
-        self._server = await start_server(self.settings, self._connection)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
     async def _connection(self, connection: ServerConnection) -> None:
         await connection.send(openpi_msgpack.packb(self._metadata))
@@ -56,7 +45,7 @@ class OpenpiServer:
                         raise TransportError(
                             "openpi observations are binary msgpack frames, got a text frame", "bad_request"
                         )
-                    check_size(message, self.settings)
+                    self.check_size(message)
                     obs = openpi_msgpack.unpackb(message)
                     if not isinstance(obs, dict):
                         raise TransportError(f"an observation must be a map, got {type(obs).__name__}", "bad_request")

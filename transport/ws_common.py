@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -30,26 +29,42 @@ def health_check(connection, request):
     return None
 
 
-async def start_server(settings: WsSettings, handler: Callable[[ServerConnection], Awaitable[None]]) -> Server:
-    """Binds a WebSocket server with the shared settings; `/healthz` is answered before the handshake."""
-    return await serve(
-        handler,
-        settings.host,
-        settings.port,
-        process_request=health_check,
-        # Up to twice the limit is read so that an oversize message gets a typed error reply; past
-        # that websockets closes the connection (1009) without reading it.
-        max_size=2 * settings.max_message_bytes,
-        max_queue=settings.max_queue,
-        ping_interval=settings.ping_interval_s,
-        ping_timeout=settings.ping_timeout_s,
-        compression=None,
-    )
+class WsServer:
+    """A WebSocket server with the shared settings; subclasses handle one connection in `_connection`."""
 
+    def __init__(self, settings: WsSettings):
+        self.settings = settings
+        self._server: Server | None = None
+        self.port: int | None = None
 
-def check_size(message: str | bytes, settings: WsSettings) -> None:
-    if len(message) > settings.max_message_bytes:
-        raise TransportError(
-            f"message is {len(message)} bytes, more than the server's limit of {settings.max_message_bytes}",
-            "oversize",
+    async def _connection(self, connection: ServerConnection) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        s = self.settings
+        self._server = await serve(
+            self._connection,
+            s.host,
+            s.port,
+            process_request=health_check,
+            # Up to twice the limit is read so that an oversize message gets a typed error reply;
+            # past that websockets closes the connection (1009) without reading it.
+            max_size=2 * s.max_message_bytes,
+            max_queue=s.max_queue,
+            ping_interval=s.ping_interval_s,
+            ping_timeout=s.ping_timeout_s,
+            compression=None,
         )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def check_size(self, message: str | bytes) -> None:
+        if len(message) > self.settings.max_message_bytes:
+            raise TransportError(
+                f"message is {len(message)} bytes, more than the server's limit of {self.settings.max_message_bytes}",
+                "oversize",
+            )

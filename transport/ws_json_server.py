@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 
 from transport.errors import BadRequest, TransportError
 from transport.messages import ACTIONS, INFER, Observation, Request, parse_options
-from transport.ws_common import WsSettings, check_size, start_server
+from transport.ws_common import WsServer, WsSettings
 
 log = logging.getLogger(__name__)
 
@@ -87,26 +87,15 @@ def error(code: str, message: str) -> dict[str, Any]:
     return {"status": "error", "error": {"code": code, "message": message}}
 
 
-class JsonApiServer:
+class JsonApiServer(WsServer):
     """`handler(session_key, request)` serves one request; `on_disconnect(key)` ends a session."""
 
     def __init__(self, settings: WsSettings, handler: Handler, on_disconnect: Callable[[str], None]):
-        self.settings = settings
+        super().__init__(settings)
         self._handler = handler
         self._on_disconnect = on_disconnect
         self._connections: dict[str, ServerConnection] = {}
         self._ids = itertools.count(1)
-        self._server = None
-        self.port: int | None = None
-
-    async def start(self) -> None:
-        self._server = await start_server(self.settings, self._connection)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
     async def push(self, key: str, message: dict[str, Any]) -> None:
         """Sends a refresh message to the session's connection (the scheduler's publish)."""
@@ -137,7 +126,7 @@ class JsonApiServer:
         if isinstance(message, bytes):
             return error("bad_request", "the JSON API takes text frames; got a binary frame")
         try:
-            check_size(message, self.settings)
+            self.check_size(message)
         except TransportError as e:
             return error(e.code, e.message)
         try:

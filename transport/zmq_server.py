@@ -123,6 +123,11 @@ class ZmqServer:
             self.publisher = Publisher(xpub)
             self._loops.append(asyncio.create_task(self.publisher.serve_subscriptions(), name="zmq-xpub"))
 
+    async def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        """Publishes on the XPUB (a refresh scheduler's `publish`); nothing without a pub endpoint."""
+        if self.publisher is not None:
+            await self.publisher.publish(topic, payload)
+
     async def close(self) -> None:
         for task in [*self._loops, *self._tasks]:
             task.cancel()

@@ -124,3 +124,14 @@ def test_joint_two_expert_pass_equals_the_cached_path(tiny_params, fixture_obs, 
         cached = pi05.velocity(tiny_params, prefix, x, t, tiny_cfg)
         np.testing.assert_allclose(joint, cached, atol=5e-5)
         np.testing.assert_allclose(joint, expected["euler_v"][step], atol=5e-5)
+
+
+def test_uint8_images_are_scaled_on_the_device_bit_for_bit(tiny_params, fixture_inputs, fixture_obs, tiny_cfg):
+    """The engine sends uint8 (a quarter of the bytes); the device scaling equals openpi's."""
+    obs, noise, num_steps = fixture_obs
+    uint8 = np.stack([fixture_inputs[f"image_uint8_{k}"] for k in tiny_cfg.image_keys], axis=1)
+    obs_u8 = pi05.Observation(uint8, obs.image_mask, obs.tokens, obs.token_mask)
+    steps = jnp.int32(num_steps)
+    from_float = pi05.sample_actions_jit(tiny_params, obs, noise, steps, tiny_cfg)
+    from_uint8 = pi05.sample_actions_jit(tiny_params, obs_u8, noise, steps, tiny_cfg)
+    np.testing.assert_array_equal(np.asarray(from_uint8), np.asarray(from_float))

@@ -22,15 +22,9 @@ from transport.ws_json_server import JsonApiServer
 
 @contextlib.asynccontextmanager
 async def json_api(engine):
-    holder: list[JsonApiServer] = []
-
-    async def push(key, message):
-        await holder[0].push(key, message)
-
-    service = PolicyService(engine, push)
-    server = JsonApiServer(WsSettings(port=0), service.handle, service.drop_session)
-    holder.append(server)
+    server = JsonApiServer(WsSettings(port=0), lambda k, r: service.handle(k, r), lambda k: service.drop_session(k))
     await server.start()
+    service = PolicyService(engine, server.push)
     try:
         yield server, service
     finally:

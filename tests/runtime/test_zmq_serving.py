@@ -22,18 +22,12 @@ from transport.zmq_server import ZmqServer, ZmqServerSettings
 
 @contextlib.asynccontextmanager
 async def serving(engine, router: str = "tcp://127.0.0.1:*", pub: str = "tcp://127.0.0.1:*", **settings: Any):
-    holder: list[ZmqServer] = []
-
-    async def publish(key: str, message: dict) -> None:
-        await holder[0].publisher.publish(key, message)
-
-    service = PolicyService(engine, publish)
     server = ZmqServer(
         ZmqServerSettings(router_endpoint=router, pub_endpoint=pub, **settings),
         lambda request: service.handle(request.robot, request),
     )
-    holder.append(server)
     await server.start()
+    service = PolicyService(engine, server.publish)
     try:
         yield server, service
     finally:
