@@ -5,9 +5,16 @@ layer can resolve a configuration by name without pulling in JAX.
 """
 
 from configs.model_config import GemmaConfig, ModelConfig, SiglipConfig
-from configs.models import DEFAULT_MODEL, SHIPPED_TOKENIZERS, get_model_config, model_config_names
+from configs.models import (
+    DEFAULT_IMAGE_RESOLUTIONS,
+    DEFAULT_MODEL,
+    SHIPPED_TOKENIZERS,
+    get_model_config,
+    model_config_names,
+)
 
 __all__ = [
+    "DEFAULT_IMAGE_RESOLUTIONS",
     "DEFAULT_MODEL",
     "SHIPPED_TOKENIZERS",
     "GemmaConfig",

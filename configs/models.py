@@ -70,6 +70,8 @@ _MODELS = _build_registry(
     ]
 )
 
+# Camera resolutions (height, width) a server prepares ahead of time: common robot cameras.
+DEFAULT_IMAGE_RESOLUTIONS: tuple[tuple[int, int], ...] = ((480, 640), (240, 320), (720, 1280), (256, 256))
 DEFAULT_MODEL = "pi05_tiny"
 
 # Tokenizers small enough to ship (built by `python -m configs.build_tiny_tokenizer`). The PaliGemma

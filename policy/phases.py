@@ -1,7 +1,12 @@
-"""The two compiled phases the engine runs, each one jitted function over a padded batch.
+"""The compiled phases the engine runs, each one jitted function over a padded batch.
 
 Randomness is per row: a row's key is `key(seed)`, so its subtask draw and its flow noise are
 the same whether it runs alone or inside a batch of strangers.
+
+The engine serves a subtask in pieces: `subtask_start` (SigLIP, the prefix pass, the first token;
+it also returns the image tokens), then `subtask_segment` a few tokens at a time with the decoding
+state donated from one call to the next, then `action_from_image_tokens`, which reuses those image
+tokens instead of running SigLIP again. `subtask_phase` is the same decoding in one call.
 """
 
 from __future__ import annotations
@@ -35,6 +40,32 @@ def subtask_phase(
     return decoding.generate(params, prefix, limits, temperature, _row_keys(seeds, _SUBTASK_STREAM), cfg, max_steps)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "max_steps"))
+def subtask_start(
+    params: dict,
+    obs: pi05.Observation,
+    seeds: jax.Array,
+    limits: jax.Array,
+    temperature: jax.Array,
+    cfg: ModelConfig,
+    max_steps: int,
+) -> tuple[decoding.DecodeState, jax.Array]:
+    """SigLIP, the subtask prompt's prefill and its first token: the decoding state and the image
+    tokens (B, C * P, D) for the action phase."""
+    image_tokens = pi05.encode_images(params, obs, cfg)
+    prefix = pi05.prefill(params, obs, cfg, image_tokens)
+    keys = _row_keys(seeds, _SUBTASK_STREAM)
+    return decoding.start(params, prefix, limits, temperature, keys, max_steps), image_tokens
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_steps", "segment"), donate_argnums=(1,))
+def subtask_segment(
+    params: dict, state: decoding.DecodeState, cfg: ModelConfig, max_steps: int, segment: int
+) -> decoding.DecodeState:
+    """Up to `segment` more tokens; the state's buffers (the KV cache above all) are donated."""
+    return decoding.advance(params, state, cfg, max_steps, segment)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def action_phase(
     params: dict, obs: pi05.Observation, seeds: jax.Array, num_steps: jax.Array, cfg: ModelConfig
@@ -42,3 +73,17 @@ def action_phase(
     """Prefill of the action prompt, per-row noise, Euler steps: actions (B, A, E) in model space."""
     noise = pi05.noise_from_keys(_row_keys(seeds, _NOISE_STREAM), cfg)
     return pi05.sample_actions(params, obs, noise, cfg, num_steps)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def action_from_image_tokens(
+    params: dict,
+    image_tokens: jax.Array,
+    obs: pi05.Observation,
+    seeds: jax.Array,
+    num_steps: jax.Array,
+    cfg: ModelConfig,
+) -> jax.Array:
+    """`action_phase` on image tokens from `subtask_start`: no SigLIP (`obs.images` is not read)."""
+    noise = pi05.noise_from_keys(_row_keys(seeds, _NOISE_STREAM), cfg)
+    return pi05.sample_actions(params, obs, noise, cfg, num_steps, image_tokens)

@@ -58,8 +58,12 @@ def compute_dtype(cfg: ModelConfig):
     return jnp.dtype(cfg.dtype)
 
 
-def embed_prefix(params: dict, obs: Observation, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """[SigLIP(camera 0), ..., SigLIP(camera C-1), embed(prompt)]: (B, S, D) and its mask (B, S)."""
+def encode_images(params: dict, obs: Observation, cfg: ModelConfig) -> jax.Array:
+    """SigLIP over every camera: (B, C * P, D) image tokens in the compute dtype.
+
+    Separate from `embed_prefix` so that a two-stage request encodes its images once: the subtask
+    phase returns these and the action phase takes them back (SigLIP sees no prompt, so its output
+    is the same for both prompts)."""
     dt = compute_dtype(cfg)
     b, c = obs.image_mask.shape
     if obs.images.shape[:2] != (b, c) or c != len(cfg.image_keys):
@@ -72,18 +76,29 @@ def embed_prefix(params: dict, obs: Observation, cfg: ModelConfig) -> tuple[jax.
         images = to_model_range(images)
     img = images.reshape(b * c, *images.shape[2:])
     img_tokens = siglip.encode(params["PaliGemma"]["img"], img, cfg.siglip, dt)
-    p = img_tokens.shape[1]
-    img_tokens = img_tokens.reshape(b, c * p, -1)
+    return img_tokens.reshape(b, c * img_tokens.shape[1], -1)
+
+
+def embed_prefix(
+    params: dict, obs: Observation, cfg: ModelConfig, image_tokens: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """[SigLIP(camera 0), ..., SigLIP(camera C-1), embed(prompt)]: (B, S, D) and its mask (B, S).
+
+    `image_tokens` (from `encode_images`) skips SigLIP; `obs.images` is then not read."""
+    dt = compute_dtype(cfg)
+    if image_tokens is None:
+        image_tokens = encode_images(params, obs, cfg)
+    p = image_tokens.shape[1] // obs.image_mask.shape[1]
     img_mask = jnp.repeat(obs.image_mask, p, axis=1)
     txt_tokens = gemma.embed_tokens(params["PaliGemma"]["llm"], obs.tokens, dt)
-    tokens = jnp.concatenate([img_tokens.astype(dt), txt_tokens], axis=1)
+    tokens = jnp.concatenate([image_tokens.astype(dt), txt_tokens], axis=1)
     mask = jnp.concatenate([img_mask, obs.token_mask], axis=1)
     return tokens, mask
 
 
-def prefill(params: dict, obs: Observation, cfg: ModelConfig) -> Prefix:
+def prefill(params: dict, obs: Observation, cfg: ModelConfig, image_tokens: jax.Array | None = None) -> Prefix:
     """The prefix through the VLM: bidirectional attention among valid tokens, K/V kept."""
-    tokens, mask = embed_prefix(params, obs, cfg)
+    tokens, mask = embed_prefix(params, obs, cfg, image_tokens)
     attn_mask = make_attn_mask(mask, jnp.zeros(mask.shape[1], dtype=bool))
     positions = jnp.cumsum(mask, axis=1) - 1
     hidden, cache = gemma.forward(params["PaliGemma"]["llm"], tokens, positions, attn_mask, cfg.vlm, suffix="")
@@ -165,9 +180,10 @@ def sample_actions(
     noise: jax.Array,
     cfg: ModelConfig,
     num_steps: int | jax.Array | None = None,
+    image_tokens: jax.Array | None = None,
 ) -> jax.Array:
     """Actions (B, A, E) in model space (normalized, padded to action_dim) from the given noise."""
-    prefix = prefill(params, obs, cfg)
+    prefix = prefill(params, obs, cfg, image_tokens)
     return denoise(params, prefix, noise, cfg.num_steps if num_steps is None else num_steps, cfg)
 
 

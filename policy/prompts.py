@@ -8,6 +8,7 @@ then carries the generated subtask. All layouts come from the config's `PromptFo
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -34,10 +35,17 @@ def state_text(state: np.ndarray) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Prompts:
-    """Builds and tokenizes the prompts of one model configuration."""
+    """Builds and tokenizes the prompts of one model configuration.
+
+    `tokenize` remembers its recent texts: the engine's validation tokenizes a prompt to check its
+    token budget and the host preparation then gets the same arrays without tokenizing again."""
 
     cfg: ModelConfig
     tokenizer: Tokenizer
+    _cache: dict = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_cache", functools.lru_cache(maxsize=512)(self._tokenize))
 
     def _fill(self, with_state: str, without_state: str, task: str, state, subtask: str | None = None) -> str:
         task = clean_text(task)
@@ -60,7 +68,10 @@ class Prompts:
         return self._fill(f.subtask, f.subtask_no_state, task, state)
 
     def tokenize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, mask), each (max_token_len,): BOS + text, no EOS, right-padded with 0."""
+        """(ids, mask), each (max_token_len,), read-only: BOS + text, no EOS, right-padded with 0."""
+        return self._cache(text)
+
+    def _tokenize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         ids = self.tokenizer.encode(text, add_bos=True)
         limit = self.cfg.max_token_len
         if len(ids) > limit:
@@ -70,4 +81,6 @@ class Prompts:
             )
         tokens = np.zeros(limit, np.int32)
         tokens[: len(ids)] = ids
-        return tokens, np.arange(limit) < len(ids)
+        mask = np.arange(limit) < len(ids)
+        tokens.flags.writeable = mask.flags.writeable = False
+        return tokens, mask

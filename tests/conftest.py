@@ -57,10 +57,21 @@ def fixture_obs(tiny_cfg):
 
 
 @pytest.fixture(scope="session")
-def engine(tmp_path_factory):
-    """One started tiny engine for the whole run (compiling its buckets takes seconds).
+def jax_cache(tmp_path_factory):
+    """The process-wide compilation cache, as the server's `main` sets it: engines of the same
+    configuration after the first compile from it."""
+    from policy import jax_setup
 
-    Its worker thread is independent of event loops, so each test may drive it from its own
+    path = tmp_path_factory.mktemp("jax_cache")
+    jax_setup.configure(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def engine(jax_cache):
+    """One started tiny engine for the whole run (every bucket compiled: batching is deterministic).
+
+    Its device thread is independent of event loops, so each test may drive it from its own
     `asyncio.run`.
     """
     import asyncio
@@ -69,12 +80,12 @@ def engine(tmp_path_factory):
 
     eng = AsyncPi05Inference(
         "pi05_tiny",
-        max_batch=8,
-        batch_buckets=(1, 2, 4, 8),
-        batch_window_ms=20.0,
+        max_batch=4,
+        batch_buckets=(1, 2, 4),
+        batch_window_ms=30.0,
         max_decoding_steps_limit=12,
-        compile_cache_dir=tmp_path_factory.mktemp("jax_cache"),
-        compile_in_background=False,  # every bucket ready: batching in the tests is deterministic
+        image_resolutions=((480, 640),),
+        compile_in_background=False,
     )
     asyncio.run(eng.start())
     yield eng

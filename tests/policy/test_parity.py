@@ -78,25 +78,35 @@ def test_flow_step_intermediates(tiny_params, fixture_obs, tiny_cfg, expected):
         np.testing.assert_allclose(v, expected["euler_v"][step], atol=5e-5, err_msg=f"velocity at step {step}")
 
 
-def test_euler_times_accumulate_in_float32(expected):
-    dt = np.float32(-1.0) / np.float32(10)
-    t, times = np.float32(1.0), []
-    while t >= -dt / 2:
-        times.append(t)
-        t = np.float32(t + dt)
-    np.testing.assert_array_equal(np.array(times, np.float32), expected["euler_times"])
+def test_euler_times_accumulate_in_float32(monkeypatch, expected):
+    """The times `denoise` evaluates the velocity at are openpi's: t += dt in float32 (so 0.79999995,
+    not 0.8) and the loop runs while t >= -dt / 2."""
+    seen: list[float] = []
+
+    def record_time(params, prefix, x_t, t, cfg):
+        jax.debug.callback(lambda t: seen.append(np.float32(t)), t)
+        return jnp.zeros_like(x_t)
+
+    monkeypatch.setattr(pi05, "velocity", record_time)
+    jax.block_until_ready(pi05.denoise({}, None, jnp.zeros((1, 2, 3)), 10, None))
+    jax.effects_barrier()
+    np.testing.assert_array_equal(np.array(seen, np.float32), expected["euler_times"])
 
 
 @pytest.mark.parametrize("num_steps", [1, 3])
 def test_num_steps_changes_the_integration(tiny_params, fixture_obs, tiny_cfg, num_steps):
+    """`num_steps` Euler steps from the noise, each x += dt * v(x, t) with dt = -1 / num_steps."""
     obs, noise, _ = fixture_obs
     prefix = pi05.prefill_jit(tiny_params, obs, tiny_cfg)
-    x = pi05.denoise_jit(tiny_params, prefix, noise, jnp.int32(num_steps), tiny_cfg)
-    # One Euler step from t=1 lands exactly at x - v(x, 1).
-    if num_steps == 1:
-        v = pi05.velocity(tiny_params, prefix, noise, jnp.float32(1.0), tiny_cfg)
-        np.testing.assert_allclose(x, noise - np.asarray(v), atol=1e-5)
-    assert np.isfinite(np.asarray(x)).all()
+    x = np.asarray(pi05.denoise_jit(tiny_params, prefix, noise, jnp.int32(num_steps), tiny_cfg))
+    dt = np.float32(-1.0) / np.float32(num_steps)
+    expected_x, t = np.asarray(noise, np.float32), np.float32(1.0)
+    for _ in range(num_steps):
+        v = np.asarray(pi05.velocity(tiny_params, prefix, expected_x, jnp.float32(t), tiny_cfg))
+        expected_x, t = expected_x + dt * v, np.float32(t + dt)
+    np.testing.assert_allclose(x, expected_x, atol=1e-5)
+    ten = np.asarray(pi05.denoise_jit(tiny_params, prefix, noise, jnp.int32(10), tiny_cfg))
+    assert np.abs(x - ten).max() > 1e-3  # the step count is not ignored
 
 
 def test_make_attn_mask_prefix_lm():

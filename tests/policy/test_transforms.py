@@ -136,10 +136,33 @@ def test_resize_with_pad_keeps_aspect_and_pads_black():
 
 
 def test_resize_downsamples_smoothly():
+    """Bilinear with antialiasing: the columns at a hard edge get values in between (nearest
+    neighbour would give only 0 and 255)."""
     img = np.zeros((448, 448, 3), np.uint8)
     img[:, 224:] = 255
     out = images.resize_with_pad(img, 224)
     assert (out[:, :100] == 0).all() and (out[:, 124:] == 255).all()
+    edge = out[0, 108:116, 0]
+    assert ((edge > 0) & (edge < 255)).any(), edge
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (720, 1280), (100, 200), (300, 224), (150, 150)])
+def test_resize_matches_openpi_client_within_one(shape):
+    from openpi_client import image_tools
+
+    rng = np.random.default_rng(shape[0])
+    smooth = np.stack(np.meshgrid(np.linspace(0, 255, shape[1]), np.linspace(0, 255, shape[0])), -1)
+    for img in (
+        rng.integers(0, 256, (*shape, 3), dtype=np.uint8),
+        np.concatenate([smooth, smooth[..., :1]], -1).astype(np.uint8),
+    ):
+        ours = images.resize_with_pad(img, 224)
+        theirs = image_tools.resize_with_pad(img, 224, 224)
+        assert ours.shape == theirs.shape == (224, 224, 3)
+        assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+        resizer = images.Resizer(224, declared=[shape])
+        resizer.warm()
+        np.testing.assert_array_equal(resizer(img), ours)  # the engine's compiled resize, same numbers
 
 
 def test_to_model_range_is_openpis_conversion():

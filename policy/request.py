@@ -1,0 +1,94 @@
+"""The one typed request that every transport builds and the service and the engine consume.
+
+Plain dataclasses over numpy, no JAX: the robot side and the transports import this module (and
+only this one from `policy`) without pulling in the model. Options are spelled out here once; a
+new model input (real-time chunking's previous chunk, a guidance weight) is a field here and a
+column in the engine's batch rows, nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Literal
+
+import numpy as np
+
+# What a request asks the engine for: a subtask then actions ("infer"), or the subtask alone.
+Kind = Literal["infer", "subtask"]
+# Who is waiting: a robot's control loop ("action") or a periodic refresh nobody blocks on.
+Priority = Literal["action", "refresh"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Per-request model options, with the JSON API's defaults."""
+
+    generate_subtask: bool = True
+    low_level_prompt: str | None = None
+    max_decoding_steps: int = 25
+    temperature: float = 0.1
+    seed: int | None = None
+
+
+OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Options))
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """What a robot saw: camera name -> HxWx3 uint8, its un-normalized state, when it saw it."""
+
+    images: Mapping[str, np.ndarray]
+    state: np.ndarray | None = None
+    timestamp: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceRequest:
+    """One robot's request to the engine.
+
+    `deadline` is on `time.monotonic()`: past it the engine answers `DeadlineExceeded` instead of
+    running the request (None: the engine's default deadline from submission).
+    """
+
+    observation: Observation
+    prompt: str
+    options: Options = Options()
+    kind: Kind = "infer"
+    priority: Priority = "action"
+    deadline: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceResult:
+    """What the engine answers. `actions` is (horizon, robot action dim), None for a subtask-only
+    request; `timing` holds `total_ms`, `subtask_ms`, `action_ms` and `queue_ms`."""
+
+    actions: np.ndarray | None
+    subtask: str | None
+    subtask_tokens: tuple[int, ...]
+    state: np.ndarray | None
+    timing: Mapping[str, float]
+
+
+class EngineError(Exception):
+    """An engine failure with a wire code (`busy`, `timeout`, `internal`, `unavailable`)."""
+
+    code = "internal"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class EngineBusy(EngineError):
+    """The engine's queue is full: retry later."""
+
+    code = "busy"
+
+
+class DeadlineExceeded(EngineError):
+    """The request's deadline passed before the engine ran it."""
+
+    code = "timeout"

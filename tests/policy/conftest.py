@@ -1,0 +1,21 @@
+"""A small engine per test that needs to break or close its engine (the shared one and the
+compilation cache are the root conftest's)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+
+@pytest.fixture
+def small_engine(jax_cache):
+    """A batch-1 engine a test may break or close (compiles come from the cache after the first)."""
+    from policy.engine import AsyncPi05Inference
+
+    eng = AsyncPi05Inference(
+        "pi05_tiny", max_batch=1, max_decoding_steps_limit=4, image_resolutions=(), compile_in_background=False
+    )
+    asyncio.run(eng.start())
+    yield eng
+    asyncio.run(eng.close())

@@ -1,0 +1,111 @@
+"""The scheduler's order of work, with an injected clock and no device: actions first, refreshes
+behind robots' requests and batched together, deadlines answered, windows respected."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import numpy as np
+import pytest
+
+from policy.request import DeadlineExceeded, EngineError, InferenceRequest, Observation
+from policy.scheduler import ActionBatch, DecodeJob, FollowUp, Scheduler, Segment, StartDecode, Ticket
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _ticket(clock, decodes=False, priority="action", deadline_s=5.0) -> Ticket:
+    request = InferenceRequest(Observation({"base_0_rgb": np.zeros((1, 1, 3), np.uint8)}), "go", priority=priority)
+    return Ticket(request, 0, clock() + deadline_s, clock(), concurrent.futures.Future(), decodes)
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+def _scheduler(clock, capacity=4, window_s=0.0) -> Scheduler:
+    return Scheduler(lambda: capacity, window_s, clock)
+
+
+def test_actions_go_before_the_segments_of_a_refresh_in_flight(clock):
+    s = _scheduler(clock)
+    refresh = [_ticket(clock, decodes=True, priority="refresh") for _ in range(2)]
+    for t in refresh:
+        s.put(t)
+    start = s.next()
+    assert isinstance(start, StartDecode) and start.tickets == refresh and start.priority == "refresh"
+    job = DecodeJob("refresh", refresh, 2, rows=None)
+    s.decoding(job, "refresh")
+    assert isinstance(s.next(), Segment)
+    action = _ticket(clock)
+    s.put(action)
+    assert s.next() == ActionBatch([action])  # between two segments
+    assert s.next() == Segment(job)
+
+
+def test_refreshes_batch_together_behind_robots_subtasks(clock):
+    s = _scheduler(clock)
+    refreshes = [_ticket(clock, decodes=True, priority="refresh") for _ in range(3)]
+    robot = _ticket(clock, decodes=True)
+    for t in [*refreshes[:2], robot, refreshes[2]]:
+        s.put(t)
+    first = s.next()
+    assert first == StartDecode([robot], "action")  # the robot's subtask first, alone
+    robot_job = DecodeJob("action", [robot], 1, rows=None)
+    s.decoding(robot_job, "action")
+    assert s.next() == Segment(robot_job)  # robots' decoding continues before any refresh starts
+    s.follow_up(robot_job)  # decoded: its actions come next, before refreshes
+    assert s.next() == FollowUp(robot_job)
+    assert s.next() == StartDecode(refreshes, "refresh")  # the three refreshes in one batch
+
+
+def test_a_batch_waits_its_window_unless_full(clock):
+    s = _scheduler(clock, capacity=2, window_s=0.01)
+    a = _ticket(clock)
+    s.put(a)
+    assert s._choose() == (None, pytest.approx(0.01))  # waits for company
+    refresh = _ticket(clock, decodes=True, priority="refresh")
+    s.put(refresh)
+    assert s._choose()[0] is None  # and the refresh does not take the device meanwhile
+    clock.now += 0.01
+    assert s.next() == ActionBatch([a])
+    b, c = _ticket(clock), _ticket(clock)
+    s.put(b)
+    s.put(c)
+    assert s.next() == ActionBatch([b, c])  # full: no wait
+
+
+def test_expired_requests_are_answered_not_run(clock):
+    s = _scheduler(clock)
+    late, fine = _ticket(clock, deadline_s=1.0), _ticket(clock, deadline_s=10.0)
+    s.put(late)
+    s.put(fine)
+    clock.now += 2.0
+    assert s.next() == ActionBatch([fine])
+    with pytest.raises(DeadlineExceeded):
+        late.future.result(timeout=0)
+
+
+def test_close_answers_every_queued_and_decoding_ticket(clock):
+    s = _scheduler(clock)
+    queued = [_ticket(clock), _ticket(clock, decodes=True), _ticket(clock, decodes=True, priority="refresh")]
+    for t in queued:
+        s.put(t)
+    decoding = _ticket(clock, decodes=True)
+    s.decoding(DecodeJob("action", [decoding], 1, rows=None), "action")
+    s.close(EngineError("closed", code="unavailable"))
+    assert s.next() is None
+    for t in [*queued, decoding]:
+        with pytest.raises(EngineError) as err:
+            t.future.result(timeout=0)
+        assert err.value.code == "unavailable"
+    late = _ticket(clock)
+    s.put(late)  # prepared after the close
+    assert late.future.exception(timeout=0).code == "unavailable"
