@@ -44,12 +44,21 @@ def to_hwc_uint8(name: str, image: Any) -> np.ndarray:
 
 def _get(obs: Mapping[str, Any], key: str, layout: str) -> Any:
     if key not in obs:
-        raise ValueError(f"{layout} observation is missing {key!r}; it has {sorted(obs)}")
+        # Name a few of the keys it has, not all: the observation may come from anyone.
+        keys = [k for k in obs if isinstance(k, str)][:8]
+        more = "" if len(obs) <= len(keys) else f" and {len(obs) - len(keys)} more"
+        raise ValueError(f"{layout} observation is missing {key!r}; it has {keys}{more}")
     return obs[key]
 
 
 def _vector(obs: Mapping[str, Any], key: str, layout: str, size: int | None = None) -> np.ndarray:
-    value = np.atleast_1d(np.asarray(_get(obs, key, layout), np.float64))
+    raw = _get(obs, key, layout)
+    if not isinstance(raw, np.ndarray | list | tuple | int | float | np.number) or isinstance(raw, bool):
+        raise ValueError(f"{layout} {key!r} must be numbers, got {type(raw).__name__}")
+    try:
+        value = np.atleast_1d(np.asarray(raw, np.float64))
+    except (TypeError, ValueError):
+        raise ValueError(f"{layout} {key!r} must be numbers") from None
     if value.ndim != 1 or (size is not None and value.size != size):
         want = f"{size} values" if size is not None else "a 1-D vector"
         raise ValueError(f"{layout} {key!r} must be {want}, got shape {value.shape}")

@@ -1,4 +1,5 @@
-"""Dependencies point one way: a robot installs `transport` and `robots` without JAX."""
+"""Dependencies point one way: a robot installs `transport` and `robots` without JAX (`policy.request`,
+the typed request, is plain numpy)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import importlib, sys
 
 class BlockHeavy:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("jax", "jaxlib", "flax", "orbax", "policy"):
+        # `policy.request` is the one model module the robot side shares: the typed request, no JAX.
+        if name.split(".")[0] in ("jax", "jaxlib", "orbax") or (
+            name.startswith("policy.") and name != "policy.request"
+        ):
             raise ImportError(f"{name} imported from the robot side")
 
 sys.meta_path.insert(0, BlockHeavy())

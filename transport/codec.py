@@ -4,10 +4,15 @@ Pure functions, no sockets. `encode` returns the frames to send (arrays as zero-
 `decode` takes received frames (bytes, memoryviews or `zmq.Frame`s) and rebuilds arrays as
 read-only `np.frombuffer` views over them. Only the dtypes in `DTYPES` travel; no pickle, no object
 arrays. The layout is documented byte for byte in docs/protocol.md.
+
+Decoding trusts nothing: every field is type-checked before it is used, so any input gives either
+the message or a `ProtocolError` with a code, and every size (header bytes, array count, rank,
+dimensions, bytes per array) is checked before anything is allocated.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,14 +20,21 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from transport.errors import ProtocolError
+from transport.errors import ProtocolError, describe
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAYS = 64
 MAX_NDIM = 8
+MAX_DIM = 2**31 - 1
+# Bytes of one array, counting zero-length dimensions as 1: numpy refuses to build even an empty
+# array whose other dimensions multiply past its index range (a shape like [0] + [2**31 - 1] * 7).
+MAX_ARRAY_BYTES = 2**32
+MAX_NAME_CHARS = 128
+MAX_ID_CHARS = 256
 
-# Little-endian (or byte-order-free) numeric dtypes, by their numpy `dtype.str`.
+# Little-endian (or byte-order-free) bool, integer and float dtypes, by their numpy `dtype.str`:
+# an allow-list of strings, so no wire value ever reaches `np.dtype`'s parser.
 DTYPES = frozenset(
     np.dtype(t).newbyteorder("<").str
     for t in (
@@ -40,6 +52,11 @@ DTYPES = frozenset(
         "float64",
     )
 )
+_ALLOWED = " ".join(sorted(DTYPES))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -47,17 +64,54 @@ def _buffer(frame: Any) -> memoryview:
     return memoryview(buf)
 
 
+def wire_array(value: Any, what: str) -> np.ndarray:
+    """`value` as it travels: an allowed dtype, little-endian, C-contiguous (0-D stays 0-D)."""
+    arr = np.asarray(value)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    if arr.dtype.str not in DTYPES:
+        raise ProtocolError(f"{what} has dtype {arr.dtype} which cannot travel; allowed: {_ALLOWED}", "bad_dtype")
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")  # ascontiguousarray would make 0-D 1-D
+
+
+def array_spec(dtype: Any, shape: Any, what: str, code: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, byte count) of an array described on the wire, all checked and bounded.
+
+    `dtype` must be one of `DTYPES` (`bad_dtype`); `shape` a list of at most `MAX_NDIM` sizes
+    0..`MAX_DIM` whose byte count is at most `MAX_ARRAY_BYTES` (`code`).
+    """
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ProtocolError(f"{what}: dtype {describe(dtype)} is not allowed; allowed: {_ALLOWED}", "bad_dtype")
+    if (
+        not isinstance(shape, list | tuple)
+        or len(shape) > MAX_NDIM
+        or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape)
+    ):
+        raise ProtocolError(
+            f"{what}: shape must be a list of at most {MAX_NDIM} sizes 0..{MAX_DIM}, got {describe(shape)}", code
+        )
+    dt = np.dtype(dtype)
+    if math.prod(d for d in shape if d) * dt.itemsize > MAX_ARRAY_BYTES:
+        raise ProtocolError(f"{what}: shape {list(shape)} is larger than {MAX_ARRAY_BYTES} bytes", code)
+    return dt, tuple(shape), math.prod(shape) * dt.itemsize
+
+
+def is_request_id(value: Any) -> bool:
+    """A request id the server echoes: nil, an integer msgpack can carry, or a string of at most
+    `MAX_ID_CHARS` characters."""
+    if value is None:
+        return True
+    if _is_int(value):
+        return -(2**63) <= value < 2**64
+    return isinstance(value, str) and len(value) <= MAX_ID_CHARS
+
+
 def encode(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> list[bytes | memoryview]:
     """Frames for `header` (a dict without `arrays`) and `arrays` (name -> ndarray, in order)."""
     arrays = arrays or {}
     descriptors, buffers = [], []
     for name, value in arrays.items():
-        arr = np.asarray(value)
-        if arr.dtype.byteorder == ">":
-            arr = arr.astype(arr.dtype.newbyteorder("<"))
-        if arr.dtype.str not in DTYPES:
-            raise ProtocolError(f"array {name!r} has dtype {arr.dtype} which cannot travel; allowed: {sorted(DTYPES)}")
-        arr = arr if arr.flags.c_contiguous else arr.copy(order="C")  # ascontiguousarray would make 0-D 1-D
+        arr = wire_array(value, f"array {name!r}")
         descriptors.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape)})
         buffers.append(memoryview(arr).cast("B") if arr.size else b"")
     head = dict(header)
@@ -66,61 +120,92 @@ def encode(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = 
     return [msgpack.packb(head, use_bin_type=True), *buffers]
 
 
-def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(header, arrays) from received frames; raises `ProtocolError` saying exactly what is wrong."""
+def _unpack_header(frames: Sequence[Any]) -> Any:
+    """Frame 0 unpacked, its size checked first; any failure is a `ProtocolError`."""
     if not frames:
         raise ProtocolError("empty message: expected a msgpack header frame")
     raw = _buffer(frames[0])
     if raw.nbytes > MAX_HEADER_BYTES:
         raise ProtocolError(f"header frame is {raw.nbytes} bytes, more than {MAX_HEADER_BYTES}", "oversize")
     try:
-        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as e:
+        # Every length inside is bounded by the frame's (msgpack's default), nesting by its stack.
+        return msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
         raise ProtocolError(f"header frame is not valid msgpack: {e}", "bad_header") from None
+
+
+MAX_SCANNED_KEYS = 16
+
+
+def request_id(frames: Sequence[Any]) -> int | str | None:
+    """The id of a message that failed to decode, so that its error reply can name it (a client
+    matches replies by id); None when the header cannot be read or its id is not a valid one.
+
+    Never raises. An oversize header frame is not unpacked: its top-level keys are scanned in a
+    stream, every other value skipped unread, at most `MAX_SCANNED_KEYS` of them."""
+    if not frames:
+        return None
+    if _buffer(frames[0]).nbytes <= MAX_HEADER_BYTES:
+        try:
+            header = _unpack_header(frames)
+        except ProtocolError:
+            return None
+        value = header.get("id") if isinstance(header, dict) else None
+        return value if is_request_id(value) else None
+    try:
+        unpacker = msgpack.Unpacker(io.BytesIO(_buffer(frames[0])), raw=False, max_bin_len=0, max_ext_len=0)
+        for _ in range(min(unpacker.read_map_header(), MAX_SCANNED_KEYS)):
+            if unpacker.unpack() == "id":
+                value = unpacker.unpack()
+                return value if is_request_id(value) else None
+            unpacker.skip()
+    except Exception:  # any garbage: the error reply then carries no id
+        return None
+    return None
+
+
+def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(header without `arrays`, arrays) from received frames; raises `ProtocolError` saying
+    exactly what is wrong. The header's other fields are left to the caller to check."""
+    header = _unpack_header(frames)
     if not isinstance(header, dict):
-        raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}", "bad_header")
-    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"header must be a msgpack map, got {describe(header)}", "bad_header")
+    version = header.get("v")
+    if not (_is_int(version) and version == PROTOCOL_VERSION):
         raise ProtocolError(
-            f"unsupported protocol version {header.get('v')!r}; this server speaks {PROTOCOL_VERSION}", "bad_version"
+            f"unsupported protocol version {describe(version)}; this server speaks {PROTOCOL_VERSION}", "bad_version"
         )
-    descriptors = header.get("arrays", [])
+    descriptors = header.pop("arrays", [])
     if not isinstance(descriptors, list) or len(descriptors) > MAX_ARRAYS:
         raise ProtocolError(f"header 'arrays' must be a list of at most {MAX_ARRAYS} descriptors", "bad_header")
     if len(frames) != 1 + len(descriptors):
         raise ProtocolError(
             f"header describes {len(descriptors)} arrays but {len(frames) - 1} array frames followed", "bad_frames"
         )
-    arrays: dict[str, np.ndarray] = {}
-    for i, (desc, frame) in enumerate(zip(descriptors, frames[1:], strict=True)):
-        name, dtype, shape = _descriptor(desc, i)
-        if name in arrays:
+    specs = [_descriptor(desc, i) for i, desc in enumerate(descriptors)]
+    seen: set[str] = set()
+    for name, *_ in specs:
+        if name in seen:
             raise ProtocolError(f"array {name!r} appears twice", "bad_header")
-        buf = _buffer(frame)
-        expected = math.prod(shape) * dtype.itemsize
-        if buf.nbytes != expected:
+        seen.add(name)
+    buffers = [_buffer(frame) for frame in frames[1:]]
+    for (name, dtype, shape, nbytes), buf in zip(specs, buffers, strict=True):
+        if buf.nbytes != nbytes:
             raise ProtocolError(
-                f"array {name!r} ({dtype.str} {tuple(shape)}) needs {expected} bytes, its frame has {buf.nbytes}",
-                "bad_frames",
+                f"array {name!r} ({dtype.str} {shape}) needs {nbytes} bytes, its frame has {buf.nbytes}", "bad_frames"
             )
-        arr = np.frombuffer(buf, dtype=dtype).reshape(tuple(shape)) if expected else np.zeros(shape, dtype)
+    arrays: dict[str, np.ndarray] = {}
+    for (name, dtype, shape, _), buf in zip(specs, buffers, strict=True):
+        arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
         arr.flags.writeable = False
         arrays[name] = arr
-    del header["arrays"]
     return header, arrays
 
 
-def _descriptor(desc: Any, i: int) -> tuple[str, np.dtype, list[int]]:
+def _descriptor(desc: Any, i: int) -> tuple[str, np.dtype, tuple[int, ...], int]:
     if not isinstance(desc, dict):
         raise ProtocolError(f"array descriptor {i} must be a map with name, dtype, shape", "bad_header")
-    name, dtype, shape = desc.get("name"), desc.get("dtype"), desc.get("shape")
-    if not isinstance(name, str) or not name:
-        raise ProtocolError(f"array descriptor {i} has no name", "bad_header")
-    if dtype not in DTYPES:
-        raise ProtocolError(f"array {name!r}: dtype {dtype!r} is not allowed; allowed: {sorted(DTYPES)}", "bad_dtype")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_NDIM
-        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
-    ):
-        raise ProtocolError(f"array {name!r}: shape {shape!r} must be a list of at most {MAX_NDIM} sizes", "bad_header")
-    return name, np.dtype(dtype), shape
+    name = desc.get("name")
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
+        raise ProtocolError(f"array descriptor {i}: name must be a string of 1..{MAX_NAME_CHARS} chars", "bad_header")
+    return name, *array_spec(desc.get("dtype"), desc.get("shape"), f"array {name!r}", "bad_header")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+_SHOWN_CHARS = 40
+
 
 class TransportError(Exception):
     """An error with a machine-readable code that travels to the peer."""
@@ -38,3 +42,25 @@ class RequestTimeout(TransportError):
     """No reply within the timeout, after every retry."""
 
     code = "timeout"
+
+
+def describe(value: Any) -> str:
+    """A short, safe rendering of a value from the wire for an error message.
+
+    `repr` is neither: a 60 KB string would travel back whole, a list nested a thousand deep raises
+    `RecursionError`, and an integer of more than 4300 digits raises `ValueError`. Scalars are shown
+    (strings cut, lone surrogates escaped by `repr`), containers only by their type.
+    """
+    if value is None or isinstance(value, bool | float):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() <= 64 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= _SHOWN_CHARS else f"{value[:_SHOWN_CHARS]!r}... ({len(value)} chars)"
+    if isinstance(value, bytes):
+        return f"{len(value)} bytes"
+    if isinstance(value, dict):
+        return "a map"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return f"a {type(value).__name__}"

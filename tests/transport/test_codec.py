@@ -75,3 +75,109 @@ def test_malformed_messages_raise_typed_errors(frames, code, message):
     with pytest.raises(ProtocolError, match=message) as info:
         codec.decode(frames)
     assert info.value.code == code
+
+
+def _frames(header: dict, *arrays: bytes) -> list[bytes]:
+    return [msgpack.packb({"v": 1, **header}, use_bin_type=True), *arrays]
+
+
+def _code(frames) -> str:
+    with pytest.raises(ProtocolError) as info:
+        codec.decode(frames)
+    return info.value.code
+
+
+def test_a_header_without_arrays_decodes_to_no_arrays():
+    # Issue 9: `del header["arrays"]` raised KeyError and killed the ROUTER's receive task.
+    header, arrays = codec.decode(_frames({"type": "ping", "id": 3}))
+    assert header == {"v": 1, "type": "ping", "id": 3} and arrays == {}
+    assert _code(_frames({"type": "ping"}, b"\x00")) == "bad_frames"
+
+
+@pytest.mark.parametrize("dtype", [["<f4"], {"a": 1}, 4, None, True, b"", "T", "|O", "<U4", ">f4", "(2,)<f4", "f4"])
+def test_a_dtype_outside_the_allow_list_is_bad_dtype(dtype):
+    # A list or map as dtype raised TypeError (unhashable) at `dtype not in DTYPES`.
+    frames = [msgpack.packb({"v": 1, "arrays": [{"name": "a", "dtype": dtype, "shape": [1]}]}), b"\x00" * 4]
+    assert _code(frames) == "bad_dtype"
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        [0] + [2**31 - 1] * 7,  # zero bytes, but numpy refuses to build it ("array is too big")
+        [2**31 - 1] * 8,
+        [2**31],
+        [-1],
+        [True],
+        [1.0],
+        [[2]],
+        {"0": 1},
+        "3",
+        [1] * (codec.MAX_NDIM + 1),
+    ],
+)
+def test_shapes_that_are_not_small_sizes_are_bad_header(shape):
+    frames = [msgpack.packb({"v": 1, "arrays": [{"name": "a", "dtype": "|u1", "shape": shape}]}), b""]
+    assert _code(frames) == "bad_header"
+
+
+def test_a_frame_of_the_wrong_size_names_its_array():
+    good = {"name": "a", "dtype": "<f4", "shape": [2]}
+    bad = {"name": "b", "dtype": "<f4", "shape": [3]}
+    with pytest.raises(ProtocolError, match=r"'b'.*needs 12 bytes, its frame has 8"):
+        codec.decode([msgpack.packb({"v": 1, "arrays": [good, bad]}), b"\x00" * 8, b"\x00" * 8])
+
+
+def _with_array(name) -> list[bytes]:
+    return [msgpack.packb({"v": 1, "arrays": [{"name": name, "dtype": "|u1", "shape": [0]}]}), b""]
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        ([msgpack.packb({"v": True})], "bad_version"),  # True == 1 in Python
+        ([msgpack.packb({"v": 1.0})], "bad_version"),
+        ([msgpack.packb({"v": [1]})], "bad_version"),
+        ([msgpack.packb({"v": 1, "arrays": {"a": 1}})], "bad_header"),
+        (_with_array(["a"]), "bad_header"),
+        (_with_array(""), "bad_header"),
+        (_with_array("x" * (codec.MAX_NAME_CHARS + 1)), "bad_header"),
+    ],
+)
+def test_header_fields_of_the_wrong_type(frames, code):
+    assert _code(frames) == code
+
+
+def test_map_keys_that_are_not_strings_are_bad_header():
+    assert _code([msgpack.packb({"v": 1, "options": {1: 2}})]) == "bad_header"
+    assert _code([msgpack.packb({"v": 1, 2.5: 0})]) == "bad_header"
+
+
+def test_duplicate_array_names():
+    desc = {"name": "a", "dtype": "|u1", "shape": [1]}
+    with pytest.raises(ProtocolError, match="'a' appears twice"):
+        codec.decode([msgpack.packb({"v": 1, "arrays": [desc, desc]}), b"\x00", b"\x00"])
+
+
+@pytest.mark.parametrize(
+    ("frames", "expected"),
+    [
+        (_frames({"id": 5}), 5),
+        (_frames({"id": "req-1"}), "req-1"),
+        (_frames({"id": [5]}), None),
+        (_frames({"id": "x" * (codec.MAX_ID_CHARS + 1)}), None),
+        ([msgpack.packb([1])], None),
+        ([b"\xc1"], None),
+        ([], None),
+    ],
+)
+def test_request_id_reads_what_it_safely_can(frames, expected):
+    assert codec.request_id(frames) == expected
+
+
+def test_request_id_refuses_an_oversize_header_unread():
+    # Issue 9: `_header_id` unpacked a 60 MB header frame on the oversize path.
+    frame = msgpack.packb({"id": 5, "pad": "x" * codec.MAX_HEADER_BYTES})
+    assert len(frame) > codec.MAX_HEADER_BYTES
+    assert codec.request_id([frame]) is None
+    assert codec.request_id([msgpack.packb({"id": 5, "pad": "x" * 100})]) == 5

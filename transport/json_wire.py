@@ -1,0 +1,211 @@
+"""The JSON API's wire side: parsing a text frame into `Request`s, and the reply maps.
+
+Pure functions, no sockets, so the JSON gateway can run them wherever its CPU work belongs. Any
+input gives either requests or a `TransportError` with a code: `oversize` (checked first, before
+parsing), `invalid_json` (not JSON, `NaN`/`Infinity`, a number of more digits than Python converts,
+nesting deeper than the parser's recursion limit) or `bad_request` (a field missing, of the wrong
+type or out of range, named in the message). Cheap checks come first: every field's type and
+size, every image's dimensions and every batch item's, before any image is converted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from policy.request import Observation, Options
+from transport.errors import BadRequest, ProtocolError, describe
+from transport.messages import (
+    ACTIONS,
+    INFER,
+    MAX_CAMERAS,
+    MAX_IMAGE_SIDE,
+    MAX_STATE_DIM,
+    RefreshInterval,
+    Request,
+    check_camera,
+    check_state,
+    finite_number,
+    parse_options,
+)
+
+REFRESH_FIELDS = ("type", "subtask", "subtask_tokens", "refresh_count", "timestamp")
+_RESPONSE_FIELDS = ("subtask", "subtask_tokens", "state")
+_TIMING_FIELDS = ("total_ms", "action_ms", "subtask_ms")  # the JSON API's; ZMQ replies carry queue_ms too
+
+
+class _Constant(ValueError):
+    """`NaN`, `Infinity` or `-Infinity`: Python's json reads them, JSON has no such literals."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Constant(name)
+
+
+def loads(message: str | bytes, max_bytes: int | None = None) -> Any:
+    """The JSON value of a text frame; its length is checked against `max_bytes` before parsing."""
+    if not isinstance(message, str):
+        raise BadRequest("the JSON API takes text frames; got a binary frame")
+    if max_bytes is not None and len(message) > max_bytes:
+        raise ProtocolError(
+            f"message is {len(message)} characters, more than the server's limit of {max_bytes}", "oversize"
+        )
+    try:
+        return json.loads(message, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ProtocolError(
+            "the message is not valid JSON: arrays and objects nest too deeply", "invalid_json"
+        ) from None
+    except _Constant as e:
+        raise ProtocolError(f"the message is not valid JSON: {e} is not a JSON number", "invalid_json") from None
+    except json.JSONDecodeError as e:
+        raise ProtocolError(f"the message is not valid JSON: {e}", "invalid_json") from None
+    except ValueError:  # the only other one: an integer beyond Python's digit limit
+        raise ProtocolError(
+            f"the message holds a number of more than {sys.get_int_max_str_digits()} digits", "invalid_json"
+        ) from None
+
+
+def _image_dims(name: str, value: Any) -> tuple[int, int]:
+    """(H, W) from the outer lists alone, so a huge or malformed image is refused unconverted."""
+    row = value[0] if isinstance(value, list) and value else None
+    pixel = row[0] if isinstance(row, list) and row else None
+    if not (
+        isinstance(value, list)
+        and len(value) <= MAX_IMAGE_SIDE
+        and isinstance(row, list)
+        and len(row) <= MAX_IMAGE_SIDE
+        and isinstance(pixel, list)
+        and len(pixel) == 3
+    ):
+        raise BadRequest(f"image {name!r} must be H x W x 3 nested lists with 1 <= H, W <= {MAX_IMAGE_SIDE}")
+    return len(value), len(row)
+
+
+def parse_image(name: str, value: Any) -> np.ndarray:
+    """An H x W x 3 nested list of integers 0..255 as a uint8 array, or a precise error.
+
+    numpy converts the lists in C and infers their type; anything but integers (floats, strings,
+    maps, nulls, integers beyond 64 bits) gives a non-integer dtype and is refused, as is a
+    ragged or deeper list. (numpy reads a `true` among integers as 1.)
+    """
+    height, width = _image_dims(name, value)
+    try:
+        arr = np.array(value)
+    except (ValueError, TypeError, OverflowError):
+        raise BadRequest(f"image {name!r} is a ragged list; expected {height} x {width} x 3") from None
+    if arr.shape != (height, width, 3):
+        raise BadRequest(f"image {name!r} must be H x W x 3 nested lists, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise BadRequest(f"image {name!r} must hold integers 0..255, got {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > 255:
+        raise BadRequest(f"image {name!r} has values outside 0..255 ({lo}..{hi})")
+    return arr.astype(np.uint8)
+
+
+def parse_state(value: Any) -> np.ndarray | None:
+    """A list of 1..`MAX_STATE_DIM` finite numbers as float32 (null: no state)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_STATE_DIM:
+        raise BadRequest(f"state must be a list of 1..{MAX_STATE_DIM} numbers, got {describe(value)}")
+    numbers = [finite_number(v) for v in value]
+    for i, x in enumerate(numbers):
+        if x is None:
+            raise BadRequest(f"state[{i}] must be a finite number, got {describe(value[i])}")
+    return check_state(np.array(numbers, np.float64)).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    """A request whose fields passed every cheap check; its images are not yet converted."""
+
+    prompt: str
+    options: Options
+    interval: RefreshInterval
+    images: dict[str, Any]
+    state: np.ndarray | None
+
+
+@contextlib.contextmanager
+def _item(where: str | None) -> Iterator[None]:
+    """Prefixes a `BadRequest` with the batch item it is about (`batch[2]: ...`)."""
+    try:
+        yield
+    except BadRequest as e:
+        if where is None:
+            raise
+        raise BadRequest(f"{where}: {e.message}") from None
+
+
+def _check(item: Any, where: str | None) -> _Checked:
+    with _item(where):
+        if not isinstance(item, dict):
+            raise BadRequest(f"a request must be a JSON object, got {describe(item)}")
+        fields = dict(item)
+        images = fields.pop("images", None)
+        state = fields.pop("state", None)
+        prompt, options, interval = parse_options(fields)
+        if not prompt:
+            raise BadRequest("high_level_prompt is required (a non-empty string)")
+        if not isinstance(images, dict) or not images:
+            raise BadRequest("images is required: an object of camera name -> H x W x 3 lists")
+        if len(images) > MAX_CAMERAS:
+            raise BadRequest(f"images has {len(images)} cameras, more than {MAX_CAMERAS}")
+        for name, value in images.items():
+            _image_dims(check_camera(name), value)
+        return _Checked(prompt, options, interval, images, parse_state(state))
+
+
+def _build(checked: _Checked, key: str, where: str | None) -> Request:
+    with _item(where):
+        images = {name: parse_image(name, value) for name, value in checked.images.items()}
+    observation = Observation(images=images, state=checked.state)
+    return Request(INFER, None, key, checked.prompt, checked.options, checked.interval, observation)
+
+
+def parse_request(item: Any, key: str) -> Request:
+    """One request of session `key` from its JSON value."""
+    return _build(_check(item, None), key, None)
+
+
+def parse_batch(payload: Any, key: str, max_batch: int) -> list[Request]:
+    """The requests of `{"batch": [...]}` (1..`max_batch` items); an error names the item
+    (`batch[2]: ...`). Every item passes its cheap checks before any image is converted."""
+    if not isinstance(payload, dict) or set(payload) != {"batch"}:
+        raise BadRequest('a batch request is an object holding only "batch"')
+    items = payload["batch"]
+    if not isinstance(items, list) or not items:
+        raise BadRequest("batch must be a non-empty list of requests")
+    if len(items) > max_batch:
+        raise BadRequest(f"batch has {len(items)} requests, more than {max_batch}")
+    checked = [_check(item, f"batch[{i}]") for i, item in enumerate(items)]
+    return [_build(c, key, f"batch[{i}]") for i, c in enumerate(checked)]
+
+
+def response(data: dict[str, Any], arrays: dict[str, np.ndarray], total_ms: float) -> dict[str, Any]:
+    """The JSON API's success reply to one request, from the service's reply."""
+    out: dict[str, Any] = {"status": "success", ACTIONS: np.asarray(arrays[ACTIONS])[None].tolist()}
+    out.update({k: data.get(k) for k in _RESPONSE_FIELDS})
+    timing = data.get("timing") or {}
+    out["timing"] = {k: timing[k] for k in _TIMING_FIELDS if k in timing}
+    out["server_timing"] = {"total_ms": total_ms}
+    out["subtask_refresh_enabled"] = data.get("subtask_refresh_enabled", False)
+    out["subtask_refresh_interval"] = data.get("subtask_refresh_interval")
+    return out
+
+
+def refresh_message(message: dict[str, Any]) -> dict[str, Any]:
+    """The JSON API's refresh push from a published refresh (which carries more fields)."""
+    return {k: message.get(k) for k in REFRESH_FIELDS}
+
+
+def error(code: str, message: str) -> dict[str, Any]:
+    return {"status": "error", "error": {"code": code, "message": message}}
