@@ -1,8 +1,11 @@
 """`python -m runtime.policy_server`: one process serving Pi0.5 to many robots.
 
-The engine runs the model; the ZMQ ROUTER and XPUB, the JSON WebSocket API and openpi's
-WebSocket protocol are its endpoints. A port of 0 disables that endpoint. It logs each endpoint
-when bound and `ready` once it serves; SIGINT or SIGTERM shut it down cleanly.
+Start-up binds every endpoint first (a port problem is reported in under a second), then loads the
+weights, then starts serving and logs `ready`. The ZMQ ROUTER and XPUB live in this process beside
+the engine; each WebSocket protocol (the JSON API, openpi's) runs in a gateway process of its own
+(`runtime.ws_gateway`) that reaches the engine through an internal ROUTER, so parsing a client's
+JSON never stalls a robot. A port of 0 disables that endpoint. SIGINT or SIGTERM stop the server
+within about a second, even while it compiles; a second one exits at once.
 """
 
 from __future__ import annotations
@@ -11,22 +14,52 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import signal
+import socket
 import sys
-from collections.abc import Callable
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import zmq
 
-from configs import DEFAULT_MODEL, model_config_names
-from robots.adapters import ADAPTERS, get_adapter
-from runtime.service import InferenceBackend, PolicyService
-from transport.openpi_server import OpenpiServer
-from transport.ws_common import WsSettings
-from transport.ws_json_server import JsonApiServer
+from configs import DEFAULT_IMAGE_RESOLUTIONS, DEFAULT_MODEL, model_config_names
+from robots.adapters import ADAPTERS
+from runtime.gateways import GatewayProcess
+from runtime.service import InferenceBackend, PolicyService, ServiceLimits
+from transport.supervise import supervise
 from transport.zmq_server import ZmqServer, ZmqServerSettings
 
 log = logging.getLogger("runtime.policy_server")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def port(text: str) -> int:
+    """A TCP port, 1..65535, or 0 for "this endpoint is off"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port: use 1..65535, or 0 to turn the endpoint off")
+    return value
+
+
+def positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be > 0")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,23 +69,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece file (full-size configs)")
     p.add_argument("--norm-stats", default=None, help="openpi norm_stats.json or checkpoint assets/<id>/ folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind every endpoint to")
-    p.add_argument("--router-port", type=int, default=5555, help="ZMQ ROUTER for requests (0: off)")
-    p.add_argument("--pub-port", type=int, default=5556, help="ZMQ PUB for subtask refreshes (0: off)")
-    p.add_argument("--ws-port", type=int, default=8765, help="JSON WebSocket API (0: off)")
-    p.add_argument("--openpi-port", type=int, default=8000, help="openpi msgpack WebSocket protocol (0: off)")
+    p.add_argument("--router-port", type=port, default=5555, help="ZMQ ROUTER for requests (0: off)")
+    p.add_argument("--pub-port", type=port, default=5556, help="ZMQ PUB for subtask refreshes (0: off)")
+    p.add_argument("--ws-port", type=port, default=8765, help="JSON WebSocket API (0: off)")
+    p.add_argument("--openpi-port", type=port, default=8000, help="openpi msgpack WebSocket protocol (0: off)")
     p.add_argument(
         "--openpi-layout", choices=sorted(ADAPTERS), default="droid", help="robot layout of openpi observations"
     )
     p.add_argument("--default-prompt", default=None, help="prompt for openpi observations that carry none")
     p.add_argument("--gpu-id", type=int, default=None, help="index into jax.devices()")
-    p.add_argument("--max-batch", type=int, default=8, help="most requests batched into one model call")
+    p.add_argument("--max-batch", type=positive(int), default=8, help="most requests batched into one model call")
     p.add_argument("--batch-window-ms", type=float, default=3.0, help="how long to wait for a batch to fill")
+    p.add_argument(
+        "--image-resolutions",
+        type=resolutions,
+        default=DEFAULT_IMAGE_RESOLUTIONS,
+        help="camera resolutions HxW,... prepared ahead of time; the largest bounds WebSocket messages",
+    )
+    p.add_argument("--deadline", type=positive(float), default=5.0, help="seconds a request may wait for the model")
+    p.add_argument("--max-queue", type=positive(int), default=256, help="requests queued for the model (more: busy)")
+    p.add_argument("--max-sessions", type=positive(int), default=1024, help="robot sessions held in all")
+    p.add_argument("--max-sessions-per-peer", type=positive(int), default=16, help="robot sessions per client")
+    p.add_argument(
+        "--min-refresh-interval", type=positive(float), default=0.1, help="shortest subtask refresh interval, seconds"
+    )
+    p.add_argument("--session-ttl", type=positive(float), default=600.0, help="seconds of silence that end a session")
+    p.add_argument("--max-ws-connections", type=positive(int), default=64, help="connections per WebSocket port")
+    p.add_argument(
+        "--fixed-reply",
+        action="store_true",
+        help="no model: check each request and answer a fixed chunk of zeros (wiring and transport tests)",
+    )
     p.add_argument("--demo", action="store_true", help="also drive the simulated arm through the ZMQ endpoints")
     p.add_argument(
         "--demo-duration", type=float, default=None, help="seconds of demo, then exit (default: until Ctrl-C)"
     )
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo and not (args.router_port and args.pub_port):
+        parser.error("--demo drives the robot through the ZMQ endpoints: --router-port and --pub-port must not be 0")
+    return args
+
+
+def resolutions(text: str) -> tuple[tuple[int, int], ...]:
+    """`480x640,720x1280`: camera resolutions (height x width) to prepare ahead of time."""
+    out = []
+    for part in text.split(","):
+        try:
+            h, w = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not HEIGHTxWIDTH") from None
+        if not (0 < h <= 4096 and 0 < w <= 4096):
+            raise argparse.ArgumentTypeError(f"{part!r}: each side must be 1..4096 pixels")
+        out.append((h, w))
+    return tuple(out)
 
 
 def make_engine(args: argparse.Namespace) -> Any:
@@ -67,11 +142,34 @@ def make_engine(args: argparse.Namespace) -> Any:
         max_batch=args.max_batch,
         batch_buckets=(1, 2, 4, 8, 16, 32),  # the engine keeps those up to max_batch, and max_batch
         batch_window_ms=args.batch_window_ms,
+        deadline_s=args.deadline,
+        max_queue=args.max_queue,
+        image_resolutions=args.image_resolutions,
     )
 
 
 def _endpoint(host: str, port: int) -> str:
     return f"tcp://{host}:{port}"
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket, bound now; a gateway process inherits it."""
+    sock = socket.create_server((host, port), backlog=128)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _until_stopped(work: Awaitable[Any], stop: asyncio.Event) -> bool:
+    """Awaits `work` unless `stop` comes first; True when the work finished."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    return False
 
 
 async def serve(
@@ -83,29 +181,71 @@ async def serve(
     """Runs until `stop` is set (or a signal arrives). `backend` replaces the engine (benchmarks)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():  # the second Ctrl-C: no more waiting
+            os._exit(130)
+        log.info("stopping (again to exit at once)")
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
-    engine = backend or make_engine(args)
-    closers: list[Callable[[], Any]] = []
-    endpoints: dict[str, str] = {}
+            loop.add_signal_handler(sig, on_signal)
+    ipc_dir = tempfile.mkdtemp(prefix="pi05-")
+    closers: list[Callable[[], Awaitable[Any]]] = []
+    sockets: dict[str, socket.socket] = {}
     try:
-        if backend is None:
-            await engine.start()
-            closers.append(engine.close)
-        if args.router_port:
-            zmq_server = await _start_zmq(args, engine, closers)
-            endpoints["router"] = zmq_server.router_endpoint
-            if zmq_server.pub_endpoint:
-                endpoints["pub"] = zmq_server.pub_endpoint
-        if args.ws_port:
-            json_server = await _start_json(args, engine, closers)
-            endpoints["json websocket"] = f"ws://{args.host}:{json_server.port}"
-        if args.openpi_port:
-            openpi_server = await _start_openpi(args, engine, closers)
-            endpoints["openpi websocket"] = f"ws://{args.host}:{openpi_server.port} (layout {args.openpi_layout})"
+        gateways = {name: p for name, p in (("json", args.ws_port), ("openpi", args.openpi_port)) if p}
+        pub_endpoints = [f"ipc://{ipc_dir}/pub"] + ([_endpoint(args.host, args.pub_port)] if args.pub_port else [])
+        zmq_server = ZmqServer(
+            ZmqServerSettings(
+                router_endpoint=_endpoint(args.host, args.router_port) if args.router_port else None,
+                internal_endpoint=f"ipc://{ipc_dir}/router",
+                pub_endpoints=tuple(pub_endpoints),
+            ),
+            lambda peer, request: service.handle(peer.identity, request),
+        )
+        zmq_server.bind()
+        closers.append(zmq_server.close)
+        for name, ws_port in gateways.items():
+            sockets[name] = _listen(args.host, ws_port)
+        endpoints = _endpoints(args, zmq_server, sockets)
         for name, endpoint in endpoints.items():
             log.info("%s endpoint: %s", name, endpoint)
+
+        if backend is None and args.fixed_reply:
+            from runtime.fixed_backend import FixedBackend
+
+            backend = FixedBackend(args.config, args.image_resolutions)
+        if backend is None:
+            from policy import jax_setup
+
+            jax_setup.configure()  # process-wide, before the engine starts JAX (and after binding: fast errors)
+        engine = backend or make_engine(args)
+        if backend is None:
+            closers.append(engine.close)
+            if not await _until_stopped(engine.start(), stop):
+                return
+        service = PolicyService(
+            engine,
+            zmq_server.publish,
+            zmq_server.subscribers,
+            zmq_server.forget,
+            ServiceLimits(
+                max_sessions=args.max_sessions,
+                max_sessions_per_peer=args.max_sessions_per_peer,
+                min_refresh_interval_s=args.min_refresh_interval,
+                session_ttl_s=args.session_ttl,
+            ),
+        )
+        closers.append(service.close)
+        await zmq_server.start()
+        closers.append(_cancel_on_close(asyncio.create_task(supervise("session-expiry", service.run_expiry))))
+        for name, sock in sockets.items():
+            gateway = GatewayProcess(name, sock, _gateway_argv(args, name, zmq_server, ipc_dir))
+            closers.append(gateway.close)
+            if not await _until_stopped(gateway.start(), stop):
+                return
         log.info("ready")
         if on_ready is not None:
             on_ready(endpoints)
@@ -113,23 +253,59 @@ async def serve(
             if backend is None:
                 # Compiles running beside the robot's loop would starve it on a small CPU.
                 log.info("the demo starts once every batch bucket is compiled")
-                await engine.wait_until_compiled()
+                if not await _until_stopped(engine.wait_until_compiled(), stop):
+                    return
             await _run_demo(args, endpoints, stop, closers)
         await stop.wait()
         log.info("shutting down")
     finally:
         for close in reversed(closers):
-            await close()
+            try:
+                await close()
+            except Exception:
+                log.exception("error while shutting down")
+        for sock in sockets.values():
+            sock.close()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
 
 
+def _endpoints(args: argparse.Namespace, zmq_server: ZmqServer, sockets: dict[str, socket.socket]) -> dict[str, str]:
+    endpoints: dict[str, str] = {}
+    if zmq_server.router_endpoint:
+        endpoints["router"] = zmq_server.router_endpoint
+    public_pub = [e for e in zmq_server.pub_endpoints if e.startswith("tcp://")]
+    if public_pub:
+        endpoints["pub"] = public_pub[0]
+    if "json" in sockets:
+        endpoints["json websocket"] = f"ws://{args.host}:{sockets['json'].getsockname()[1]}"
+    if "openpi" in sockets:
+        port_ = sockets["openpi"].getsockname()[1]
+        endpoints["openpi websocket"] = f"ws://{args.host}:{port_} (layout {args.openpi_layout})"
+    return endpoints
+
+
+def _gateway_argv(args: argparse.Namespace, name: str, zmq_server: ZmqServer, ipc_dir: str) -> list[str]:
+    argv = [
+        name,
+        "--router", zmq_server.internal_endpoint or "",
+        "--pub", f"ipc://{ipc_dir}/pub",
+        "--max-batch", str(args.max_batch),
+        "--max-connections", str(args.max_ws_connections),
+        "--log-level", args.log_level,
+    ]  # fmt: skip
+    if name == "openpi":
+        argv += ["--openpi-layout", args.openpi_layout]
+        if args.default_prompt:
+            argv += ["--default-prompt", args.default_prompt]
+    return argv
+
+
 async def _run_demo(args: argparse.Namespace, endpoints: dict[str, str], stop: asyncio.Event, closers: list) -> None:
     from runtime.demo import Demo
 
-    if "router" not in endpoints or "pub" not in endpoints:
-        raise ValueError("--demo needs the ZMQ endpoints: --router-port and --pub-port must not be 0")
     demo = Demo(endpoints["router"], endpoints["pub"], args.demo_duration)
     closers.append(lambda: asyncio.to_thread(demo.stop))
 
@@ -141,91 +317,54 @@ async def _run_demo(args: argparse.Namespace, endpoints: dict[str, str], stop: a
     closers.append(_cancel_on_close(asyncio.create_task(end_with_demo())))
 
 
-def _cancel_on_close(task: asyncio.Task):
+def _cancel_on_close(task: asyncio.Task) -> Callable[[], Awaitable[None]]:
     async def close() -> None:
         task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
     return close
 
 
-async def _start_zmq(args: argparse.Namespace, engine: InferenceBackend, closers: list) -> ZmqServer:
-    settings = ZmqServerSettings(
-        router_endpoint=_endpoint(args.host, args.router_port),
-        pub_endpoint=_endpoint(args.host, args.pub_port) if args.pub_port else None,
-    )
-    # The handler is looked up when a request comes, by then `service` exists.
-    server = ZmqServer(settings, lambda request: service.handle(request.robot, request))
-    await server.start()
-    service = PolicyService(engine, server.publish)
-    closers.append(server.close)
-    closers.append(service.close)
-    return server
-
-
-async def _start_json(args: argparse.Namespace, engine: InferenceBackend, closers: list) -> JsonApiServer:
-    server = JsonApiServer(
-        WsSettings(args.host, args.ws_port),
-        lambda key, r: service.handle(key, r),
-        lambda key: service.drop_session(key),
-    )
-    await server.start()
-    service = PolicyService(engine, server.push)
-    closers.append(server.close)
-    closers.append(service.close)
-    return server
-
-
-def openpi_handler(engine: InferenceBackend, layout: str, default_prompt: str | None):
-    """openpi observation dict -> robot adapter -> engine (no subtask stage, as openpi) -> actions."""
-    adapter = get_adapter(layout)
-
-    async def handle(obs: dict[str, Any]) -> dict[str, Any]:
-        inputs = adapter.to_model(obs)
-        prompt = inputs.prompt or default_prompt
-        if not prompt:
-            raise ValueError("the observation has no 'prompt' and the server has no --default-prompt")
-        out = await engine.infer(
-            images=inputs.images, high_level_prompt=prompt, state=inputs.state, generate_subtask=False
-        )
-        return {"actions": adapter.from_model(out["actions"]), "policy_timing": {"infer_ms": out["timing"]["total_ms"]}}
-
-    return handle
-
-
-async def _start_openpi(args: argparse.Namespace, engine: InferenceBackend, closers: list) -> OpenpiServer:
-    info = engine.info()
-    adapter = get_adapter(args.openpi_layout)
-    metadata = {
-        "server": "pi05-runtime",
-        "config": info.get("config"),
-        "layout": adapter.name,
-        "action_horizon": info.get("action_horizon"),
-        "action_dim": adapter.action_dim,
-    }
-    handler = openpi_handler(engine, args.openpi_layout, args.default_prompt)
-    server = OpenpiServer(WsSettings(args.host, args.openpi_port), handler, metadata)
-    await server.start()
-    closers.append(server.close)
-    return server
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         asyncio.run(serve(args))
-    except (ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
-        return 2
-    except OSError as e:  # an address in use, or one this host does not have
-        log.error("cannot bind an endpoint on %s: %s", args.host, e)
-        return 2
     except zmq.ZMQError as e:
         log.error("cannot bind a ZMQ endpoint on %s: %s", args.host, e)
+        log.debug("traceback", exc_info=True)
         return 2
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            log.error("%s", e)
+        else:  # an address in use, or one this host does not have
+            log.error("cannot bind an endpoint on %s: %s", args.host, e)
+        log.debug("traceback", exc_info=True)
+        return 2
+    except (ValueError, KeyError) as e:
+        log.error("%s", e)
+        log.debug("traceback", exc_info=True)
+        return 2
+    except Exception as e:
+        log.error("the server failed: %s: %s", type(e).__name__, e)
+        log.debug("traceback", exc_info=True)
+        return 1
     return 0
 
 
+def _exit(code: int) -> None:
+    """Exits; stopped while loading or compiling, without waiting for the compile to finish (its
+    threads are daemons, and interpreter teardown under a running XLA compile can hang)."""
+    busy = [t.name for t in threading.enumerate() if t.daemon and t.name.startswith("pi05-")]
+    if busy:
+        log.info("exiting without waiting for %s", ", ".join(busy))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -11,13 +11,13 @@ import asyncio
 import socket
 import threading
 
-from runtime.policy_server import build_parser, serve
+from runtime.policy_server import parse_args, serve
 from runtime.service import InferenceBackend
 
 
 class ServerThread:
     def __init__(self, argv: list[str], backend: InferenceBackend | None = None, start_timeout_s: float = 600.0):
-        self.args: argparse.Namespace = build_parser().parse_args(argv)
+        self.args: argparse.Namespace = parse_args(argv)
         self.endpoints: dict[str, str] = {}
         self._backend = backend
         self._ready = threading.Event()
@@ -30,6 +30,12 @@ class ServerThread:
             raise TimeoutError(f"the policy server did not get ready in {start_timeout_s} s")
         if self._error is not None:
             raise self._error
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """The port of each endpoint, as given (0: off)."""
+        a = self.args
+        return {"router": a.router_port, "pub": a.pub_port, "ws": a.ws_port, "openpi": a.openpi_port}
 
     def _run(self) -> None:
         async def main() -> None:

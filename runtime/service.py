@@ -1,60 +1,73 @@
 """What the server does with a request, whatever transport brought it.
 
-Sessions (one per robot on ZMQ, one per connection on WebSocket) keep the latest observation and
-the prompt and decoding options that refreshes reuse. The backend is the engine
-(`policy.engine.AsyncPi05Inference`) or anything with the same three calls.
+A session per robot (each WebSocket connection is one, through its gateway) keeps the latest
+observation, prompt and options that refreshes reuse. Every request is validated in full before it
+changes anything: a rejected request leaves the session as it was. What a client can make the
+server hold is bounded: a stored observation is reduced to the model's input resolution, a peer
+holds a bounded number of sessions and the table as a whole too, and the refresh interval has a
+floor. Sessions end by `bye`, by disconnect (a refreshing robot whose refresh topic has lost its
+subscribers and that has gone quiet) and by silence.
+
+The backend is the engine (`policy.engine.AsyncPi05Inference`) or anything with its calls.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.metadata
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
 
+from policy.request import EngineError, InferenceRequest, InferenceResult, Observation, Options
 from runtime.refresh import Publish, RefreshScheduler
 from transport.codec import PROTOCOL_VERSION
-from transport.errors import BadRequest
-from transport.messages import ACTIONS, INFER, KEEP, PING, REFRESH, SUBTASK, Observation, Options, Request
+from transport.errors import BadRequest, TransportError
+from transport.messages import ACTIONS, BYE, INFER, KEEP, PING, REFRESH, SUBTASK, Request
+
+log = logging.getLogger(__name__)
 
 Reply = tuple[dict[str, Any], dict[str, np.ndarray]]
 
 
 class InferenceBackend(Protocol):
-    async def infer(
-        self,
-        images: Mapping[str, np.ndarray],
-        high_level_prompt: str,
-        low_level_prompt: str | None = None,
-        state: Any = None,
-        generate_subtask: bool = True,
-        max_decoding_steps: int = 25,
-        temperature: float = 0.1,
-        seed: int | None = None,
-    ) -> dict[str, Any]: ...
+    healthy: bool
 
-    async def generate_subtask(
-        self,
-        images: Mapping[str, np.ndarray],
-        high_level_prompt: str,
-        state: Any = None,
-        max_decoding_steps: int = 25,
-        temperature: float = 0.1,
-        seed: int | None = None,
-    ) -> dict[str, Any]: ...
+    def check(self, request: InferenceRequest) -> None: ...
+
+    async def prepare_images(self, images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    async def submit(self, request: InferenceRequest) -> InferenceResult: ...
 
     def info(self) -> dict[str, Any]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceLimits:
+    """What one client can make the server hold; each is a `policy_server` flag."""
+
+    max_sessions: int = 1024
+    max_sessions_per_peer: int = 16
+    min_refresh_interval_s: float = 0.1
+    # A refreshing robot with no subscriber on its topic expires after this many intervals of
+    # silence (at least `min_expiry_s`); any session expires after `session_ttl_s` of silence.
+    expiry_intervals: float = 3.0
+    min_expiry_s: float = 2.0
+    session_ttl_s: float = 600.0
 
 
 @dataclasses.dataclass
 class Session:
     key: str
+    peer: bytes
     observation: Observation | None = None
-    options: Options | None = None
-    last_seen: float = dataclasses.field(default_factory=time.monotonic)
+    prompt: str | None = None
+    options: Options = dataclasses.field(default_factory=Options)
+    last_seen: float = 0.0
 
 
 def _version() -> str:
@@ -65,104 +78,180 @@ def _version() -> str:
 
 
 class PolicyService:
-    def __init__(self, backend: InferenceBackend, publish: Publish, max_sessions: int = 4096):
+    """`publish(topic, message)` delivers refreshes; `subscribers(topic)` counts who listens (the
+    XPUB's view), `forget(topic)` drops a gone robot's last value."""
+
+    def __init__(
+        self,
+        backend: InferenceBackend,
+        publish: Publish,
+        subscribers: Callable[[str], int] = lambda topic: 0,
+        forget: Callable[[str], None] = lambda topic: None,
+        limits: ServiceLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.backend = backend
+        self.limits = limits or ServiceLimits()
         self.scheduler = RefreshScheduler(self._refresh_subtask, publish)
         self.sessions: dict[str, Session] = {}
-        self.max_sessions = max_sessions
-        self._started = time.monotonic()
+        self._subscribers = subscribers
+        self._forget = forget
+        self._clock = clock
+        self._started = clock()
+        self.expired = 0
+        # Requests being served per session: a session that ends takes its requests with it, so a
+        # client that leaves does not leave model work behind.
+        self._running: dict[str, set[asyncio.Task]] = {}
 
     async def close(self) -> None:
         await self.scheduler.close()
 
-    def session(self, key: str) -> Session:
-        session = self.sessions.get(key)
-        if session is None:
-            if len(self.sessions) >= self.max_sessions:
-                self._evict()
-            session = self.sessions[key] = Session(key)
-        session.last_seen = time.monotonic()
-        return session
+    # ------------------------------------------------------------------ sessions
 
-    def drop_session(self, key: str) -> None:
-        self.sessions.pop(key, None)
+    def drop_session(self, key: str) -> bool:
         self.scheduler.forget(key)
+        self._forget(key)
+        for task in self._running.pop(key, ()):
+            task.cancel()
+        return self.sessions.pop(key, None) is not None
 
-    def _evict(self) -> None:
+    def expire(self) -> list[str]:
+        """Ends the sessions of robots that are gone; returns their keys. Called periodically."""
+        now = self._clock()
+        gone = []
+        for key, session in self.sessions.items():
+            silent = now - session.last_seen
+            interval = self.scheduler.interval(key)
+            if silent > self.limits.session_ttl_s:
+                gone.append(key)
+            elif interval is not None and self._subscribers(key) == 0:
+                if silent > max(self.limits.expiry_intervals * interval, self.limits.min_expiry_s):
+                    gone.append(key)
+        for key in gone:
+            log.info("session %s expired (gone quiet%s)", key, "" if self._subscribers(key) else ", no subscriber")
+            self.drop_session(key)
+        self.expired += len(gone)
+        return gone
+
+    async def run_expiry(self, period_s: float = 0.5) -> None:
+        """The periodic `expire()`; the server runs it as a supervised task."""
+        while True:
+            await asyncio.sleep(period_s)
+            self.expire()
+
+    def _make_room(self, peer: bytes) -> None:
+        """Raises `busy` when a new session from `peer` would exceed a limit (idle ones are evicted)."""
+        owned = [s for s in self.sessions.values() if s.peer == peer]
+        if len(owned) >= self.limits.max_sessions_per_peer:
+            raise TransportError(
+                f"this client holds {len(owned)} robot sessions, the limit; send 'bye' for robots that are done",
+                "busy",
+            )
+        if len(self.sessions) < self.limits.max_sessions:
+            return
         idle = [s for s in self.sessions.values() if self.scheduler.interval(s.key) is None]
         if not idle:
-            raise BadRequest(f"the server holds {self.max_sessions} sessions with refreshes, its limit", "busy")
+            raise TransportError(
+                f"the server holds {self.limits.max_sessions} sessions with refreshes, its limit", "busy"
+            )
         self.drop_session(min(idle, key=lambda s: s.last_seen).key)
 
-    async def handle(self, key: str, request: Request) -> Reply:
+    # ------------------------------------------------------------------ requests
+
+    async def handle(self, peer: bytes, request: Request) -> Reply:
         if request.type == PING:
             return self.ping(), {}
-        session = self.session(key)
+        if request.type == BYE:
+            return {"dropped": self.drop_session(request.robot)}, {}
+        if request.type not in (INFER, SUBTASK, REFRESH):
+            raise BadRequest(f"unknown request type {request.type!r}")
+        session = self.sessions.get(request.robot)
+        prompt, options = self._validate(session, request)
+        # Validated: from here on the request changes the session.
+        if session is None:
+            self._make_room(peer)
+            session = self.sessions[request.robot] = Session(request.robot, peer)
+        session.peer, session.last_seen = peer, self._clock()
         if request.observation is not None:
-            if not request.observation.images:
-                raise BadRequest("an observation needs at least one image ('image/<camera>')")
-            session.observation = request.observation
-        if request.options.high_level_prompt is not None:
-            session.options = request.options
-        if request.type == INFER:
-            return await self._infer(session, request.options)
-        if request.type == SUBTASK:
-            return await self._subtask(session, request.options), {}
+            images = await self.backend.prepare_images(request.observation.images)
+            session.observation = dataclasses.replace(request.observation, images=images)
+        if request.prompt is not None:
+            session.prompt, session.options = request.prompt, request.options
+        if request.refresh_interval is not KEEP:
+            self.scheduler.set(session.key, request.refresh_interval)
         if request.type == REFRESH:
-            return self._set_refresh(session, request.options), {}
-        raise BadRequest(f"unknown request type {request.type!r}")
+            return self._refresh_ack(session), {}
+        assert session.observation is not None and prompt is not None
+        kind = "infer" if request.type == INFER else "subtask"
+        task = asyncio.current_task()
+        running = self._running.setdefault(session.key, set())
+        if task is not None:
+            running.add(task)
+        try:
+            result = await self._submit(InferenceRequest(session.observation, prompt, options, kind=kind))
+        finally:
+            running.discard(task)
+            if not running and self._running.get(session.key) is running:
+                del self._running[session.key]
+        data: dict[str, Any] = {
+            "subtask": result.subtask,
+            "subtask_tokens": [int(t) for t in result.subtask_tokens],
+            "timing": {k: float(v) for k, v in result.timing.items()},
+            **self._refresh_fields(session.key),
+        }
+        if request.type == SUBTASK:
+            return data, {}
+        data["state"] = None if result.state is None else [float(x) for x in np.asarray(result.state).ravel()]
+        data["obs_timestamp"] = session.observation.timestamp
+        return data, {ACTIONS: np.asarray(result.actions, np.float32)}
 
-    def _require(self, session: Session, options: Options) -> Observation:
-        if not options.high_level_prompt:
+    def _validate(self, session: Session | None, request: Request) -> tuple[str | None, Options]:
+        """The prompt and options the request will run with; raises before anything is stored."""
+        interval = request.refresh_interval
+        if interval is not KEEP and interval is not None and interval < self.limits.min_refresh_interval_s:
+            raise BadRequest(
+                f"subtask_refresh_interval must be at least {self.limits.min_refresh_interval_s} s "
+                f"(the server's minimum), got {interval}"
+            )
+        prompt = request.prompt if request.prompt is not None else (session.prompt if session else None)
+        options = request.options if request.prompt is not None else (session.options if session else Options())
+        if request.type in (INFER, SUBTASK) and request.prompt is None:
             raise BadRequest("high_level_prompt is required")
-        if session.observation is None:
+        if request.observation is not None and not request.observation.images:
+            raise BadRequest("an observation needs at least one image ('image/<camera>')")
+        if request.observation is not None and prompt is None:
+            raise BadRequest("an observation needs a high_level_prompt, in this request or an earlier one")
+        if (
+            request.type in (INFER, SUBTASK)
+            and request.observation is None
+            and (session is None or session.observation is None)
+        ):
             raise BadRequest("the request carries no observation: send at least one image")
-        return session.observation
-
-    async def _infer(self, session: Session, options: Options) -> Reply:
-        obs = self._require(session, options)
-        self._apply_refresh(session, options)
-        out = await self.backend.infer(
-            images=obs.images,
-            high_level_prompt=options.high_level_prompt,
-            low_level_prompt=options.low_level_prompt,
-            state=obs.state,
-            generate_subtask=options.generate_subtask,
-            max_decoding_steps=options.max_decoding_steps,
-            temperature=options.temperature,
-            seed=options.seed,
+        observation = request.observation or (session.observation if session else None)
+        if observation is None or prompt is None:
+            return prompt, options
+        # What the request runs, and what the session's refreshes will run, must be valid: a
+        # stored observation or prompt that a refresh cannot use would fail every tick.
+        refreshing = (interval is not KEEP and interval is not None) or (
+            interval is KEEP and session is not None and self.scheduler.interval(session.key) is not None
         )
-        state = out.get("state")
-        data = {
-            "subtask": out.get("subtask"),
-            "subtask_tokens": [int(t) for t in out.get("subtask_tokens", [])],
-            "state": None if state is None else [float(x) for x in np.asarray(state).ravel()],
-            "timing": {k: float(v) for k, v in out["timing"].items()},
-            "obs_timestamp": obs.timestamp,
-            **self._refresh_fields(session.key),
-        }
-        return data, {ACTIONS: np.asarray(out["actions"], np.float32)}
+        kinds = {"infer"} if request.type == INFER else {"subtask"} if request.type == SUBTASK else set()
+        if refreshing or (request.type == REFRESH and (request.observation is not None or request.prompt is not None)):
+            kinds.add("subtask")
+        for kind in sorted(kinds):
+            self.backend.check(InferenceRequest(observation, prompt, options, kind=kind))
+        return prompt, options
 
-    async def _subtask(self, session: Session, options: Options) -> dict[str, Any]:
-        obs = self._require(session, options)
-        self._apply_refresh(session, options)
-        out = await self._generate(obs, options, options.seed)
-        return {
-            "subtask": out["subtask"],
-            "subtask_tokens": [int(t) for t in out["subtask_tokens"]],
-            "timing": {k: float(v) for k, v in out["timing"].items()},
-            **self._refresh_fields(session.key),
-        }
+    async def _submit(self, request: InferenceRequest) -> InferenceResult:
+        try:
+            return await self.backend.submit(request)
+        except EngineError as e:
+            raise TransportError(str(e), e.code) from None
 
-    def _apply_refresh(self, session: Session, options: Options) -> None:
-        if options.subtask_refresh_interval is not KEEP:
-            self.scheduler.set(session.key, options.subtask_refresh_interval)
-
-    def _set_refresh(self, session: Session, options: Options) -> dict[str, Any]:
-        self._apply_refresh(session, options)
+    def _refresh_ack(self, session: Session) -> dict[str, Any]:
         return {
             **self._refresh_fields(session.key),
-            "waiting_for_observation": session.observation is None or session.options is None,
+            "waiting_for_observation": session.observation is None or session.prompt is None,
             "last": self.scheduler.last(session.key),
         }
 
@@ -170,21 +259,14 @@ class PolicyService:
         interval = self.scheduler.interval(key)
         return {"subtask_refresh_enabled": interval is not None, "subtask_refresh_interval": interval}
 
-    async def _refresh_subtask(self, key: str) -> dict[str, Any] | None:
+    async def _refresh_subtask(self, key: str) -> InferenceResult | None:
         session = self.sessions.get(key)
-        if session is None or session.observation is None or session.options is None:
+        if session is None or session.observation is None or session.prompt is None:
             return None
         # A fresh seed each time: a refresh may change its mind as the scene changes.
-        return await self._generate(session.observation, session.options, seed=None)
-
-    async def _generate(self, obs: Observation, options: Options, seed: int | None) -> dict[str, Any]:
-        return await self.backend.generate_subtask(
-            images=obs.images,
-            high_level_prompt=options.high_level_prompt,
-            state=obs.state,
-            max_decoding_steps=options.max_decoding_steps,
-            temperature=options.temperature,
-            seed=seed,
+        options = dataclasses.replace(session.options, seed=None)
+        return await self._submit(
+            InferenceRequest(session.observation, session.prompt, options, kind="subtask", priority="refresh")
         )
 
     def ping(self) -> dict[str, Any]:
@@ -193,9 +275,13 @@ class PolicyService:
                 "name": "pi05-runtime",
                 "version": _version(),
                 "protocol": PROTOCOL_VERSION,
-                "uptime_s": time.monotonic() - self._started,
+                "uptime_s": self._clock() - self._started,
+                "epoch": self.scheduler.epoch,
+                "healthy": bool(self.backend.healthy),
                 "sessions": len(self.sessions),
-                "refreshing": sum(1 for k in self.sessions if self.scheduler.interval(k) is not None),
+                "refreshing": self.scheduler.active(),
+                "expired_sessions": self.expired,
+                "min_refresh_interval_s": self.limits.min_refresh_interval_s,
             },
             "model": self.backend.info(),
         }

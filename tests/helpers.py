@@ -7,28 +7,45 @@ import asyncio
 from runtime.server_thread import ServerThread
 from runtime.server_thread import free_local_ports as free_ports
 
-__all__ = ["DelayedBackend", "free_ports", "zmq_server_thread"]
+__all__ = ["DelayedBackend", "free_ports", "server_thread", "zmq_server_thread"]
 
 
-def zmq_server_thread(backend) -> ServerThread:
-    """The policy server's ZMQ endpoints on free 127.0.0.1 ports, serving `backend`."""
-    router, pub = free_ports(2)
-    argv = ["--router-port", str(router), "--pub-port", str(pub), "--ws-port", "0", "--openpi-port", "0"]
-    return ServerThread(argv, backend=backend)
+def server_thread(backend, *extra: str, ports: list[int] | None = None, websockets: bool = True) -> ServerThread:
+    """The policy server (its WebSocket gateway processes too, unless `websockets` is false) on
+    free 127.0.0.1 ports or `ports` (router, pub, ws, openpi), serving `backend`; `extra` adds
+    flags."""
+    router, pub, ws, openpi = ports or free_ports(4)
+    if not websockets:
+        ws = openpi = 0
+    argv = ["--router-port", str(router), "--pub-port", str(pub), "--ws-port", str(ws), "--openpi-port", str(openpi)]
+    return ServerThread([*argv, *extra], backend=backend)
+
+
+def zmq_server_thread(backend, *extra: str) -> ServerThread:
+    """The policy server's ZMQ endpoints alone, serving `backend`."""
+    return server_thread(backend, *extra, websockets=False)
 
 
 class DelayedBackend:
-    """The real engine behind an extra, known latency (the injected engine delay)."""
+    """The real engine behind an extra, known latency on action requests (the injected delay)."""
 
     def __init__(self, engine, delay_s: float):
         self.engine, self.delay_s = engine, delay_s
 
-    async def infer(self, **kwargs):
-        await asyncio.sleep(self.delay_s)
-        return await self.engine.infer(**kwargs)
+    @property
+    def healthy(self) -> bool:
+        return self.engine.healthy
 
-    async def generate_subtask(self, **kwargs):
-        return await self.engine.generate_subtask(**kwargs)
+    def check(self, request):
+        self.engine.check(request)
+
+    async def prepare_images(self, images):
+        return await self.engine.prepare_images(images)
+
+    async def submit(self, request):
+        if request.kind == "infer":
+            await asyncio.sleep(self.delay_s)
+        return await self.engine.submit(request)
 
     def info(self):
         return self.engine.info()

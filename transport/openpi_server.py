@@ -11,6 +11,7 @@ inference never runs on the event loop, so many clients are served at once.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,23 +22,45 @@ from websockets.frames import CloseCode
 
 from transport import openpi_msgpack
 from transport.errors import TransportError
-from transport.ws_common import WsServer, WsSettings
+from transport.ws_common import Health, WsServer, WsSettings, always_healthy
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+Handler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class OpenpiServer(WsServer):
-    def __init__(self, settings: WsSettings, handler: Handler, metadata: dict[str, Any]):
-        super().__init__(settings)
+    """`open()` names a new connection's session, `handler(key, observation)` answers one
+    observation, `close(key)` ends the session."""
+
+    def __init__(
+        self,
+        settings: WsSettings,
+        handler: Handler,
+        metadata: dict[str, Any],
+        open: Callable[[], str],
+        close: Callable[[str], Awaitable[None]],
+        *,
+        health: Health = always_healthy,
+        sock: socket.socket | None = None,
+    ):
+        super().__init__(settings, health, sock)
         self._handler = handler
         self._metadata = metadata
+        self._open = open
+        self._close = close
 
     async def _connection(self, connection: ServerConnection) -> None:
-        await connection.send(openpi_msgpack.packb(self._metadata))
+        key = self._open()
+        try:
+            await self._serve(key, connection)
+        finally:
+            await self._close(key)
+
+    async def _serve(self, key: str, connection: ServerConnection) -> None:
         prev_total_ms: float | None = None
         try:
+            await connection.send(openpi_msgpack.packb(self._metadata))
             async for message in connection:
                 start = time.perf_counter()
                 try:
@@ -50,14 +73,17 @@ class OpenpiServer(WsServer):
                     if not isinstance(obs, dict):
                         raise TransportError(f"an observation must be a map, got {type(obs).__name__}", "bad_request")
                     infer_start = time.perf_counter()
-                    result = await self._handler(obs)
+                    result = await self._handler(key, obs)
                     infer_ms = (time.perf_counter() - infer_start) * 1e3
-                except (TransportError, ValueError) as e:
-                    await self._fail(connection, str(e))
+                except TransportError as e:
+                    await self._fail(connection, f"{e.code}: {e.message}")
+                    return
+                except ValueError as e:
+                    await self._fail(connection, f"bad_request: {e}")
                     return
                 except Exception as e:
                     log.exception("openpi request failed")
-                    await self._fail(connection, f"internal error: {type(e).__name__}: {e}")
+                    await self._fail(connection, f"internal: {type(e).__name__}")
                     return
                 result = dict(result)
                 result.setdefault("policy_timing", {"infer_ms": infer_ms})

@@ -1,18 +1,30 @@
-"""The policy server's ZMQ side: a ROUTER for requests and an XPUB for subtask refreshes.
+"""The policy server's ZMQ side: ROUTERs for requests and an XPUB for subtask refreshes.
 
-The ROUTER answers each DEALER by identity. Every request runs in its own task, so a slow
-request never holds up another client; replies are sent without blocking, so a peer that stops
-reading loses its own replies and stalls nobody. Every buffer has a bound: socket HWMs, a message
-size limit answered with a typed `oversize` error (ZMQ's own `MAXMSGSIZE` is a backstop at twice
-that, which drops the peer), and a cap on requests in flight, overall and per peer.
+Two ROUTERs serve the same handler: the public one (robots' DEALERs over TCP) and an internal one
+on an `ipc://` path that only the server's own WebSocket gateways reach. Robot names starting with
+"@" are the gateways' (one per WebSocket connection); the public ROUTER refuses them, so no robot
+can pose as a WebSocket client.
 
-The XPUB publishes refreshes with the robot id as topic and keeps the last message of each topic:
-a subscriber that joins late gets it at once (the ZeroMQ guide's last-value cache).
+Every message is decoded and bounded on arrival (size first, then the header, then the arrays);
+an unexpected exception while handling one message becomes a typed `internal` error reply to that
+peer, logged once, and the server goes on. Each request runs in its own task, so a slow request
+never holds up another client; replies are sent without blocking, so a peer that stops reading
+loses its own replies and stalls nobody. Requests in flight are capped overall and per peer.
+
+The sockets are plain (not `zmq.asyncio`) sockets of the server's own context (its own I/O
+thread), read by an event-loop reader on their file descriptor that drains every waiting message:
+pyzmq's asyncio futures cost more per message than the rest of the server's work together.
+
+The XPUB publishes refreshes with the robot id as topic and keeps the last message of each topic
+(the ZeroMQ guide's last-value cache, bounded): a subscriber that joins late gets it at once. It
+runs verbose for subscriptions and unsubscriptions, so the server knows how many subscribers each
+robot's topic has: a SUB that disconnects (its process exited or was killed) unsubscribes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -23,84 +35,172 @@ from typing import Any
 import msgpack
 import numpy as np
 import zmq
-import zmq.asyncio
 
 from transport import codec
-from transport.errors import BadRequest, ProtocolError, TransportError
-from transport.messages import ERROR, REPLY_TYPE, Request, parse_options, split_observation
+from transport.errors import ProtocolError, TransportError
+from transport.messages import ERROR, REPLY_TYPE, Request, build_request
 
 log = logging.getLogger(__name__)
 
 Reply = tuple[dict[str, Any], dict[str, np.ndarray]]
-Handler = Callable[[Request], Awaitable[Reply]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """Who sent a request: the ZMQ routing identity, and whether it came over the internal ROUTER."""
+
+    identity: bytes
+    internal: bool = False
+
+
+Handler = Callable[[Peer, Request], Awaitable[Reply]]
 
 
 @dataclasses.dataclass(frozen=True)
 class ZmqServerSettings:
-    router_endpoint: str = "tcp://127.0.0.1:5555"
-    pub_endpoint: str | None = "tcp://127.0.0.1:5556"
+    router_endpoint: str | None = "tcp://127.0.0.1:5555"
+    internal_endpoint: str | None = None  # ipc://... for the WebSocket gateways
+    pub_endpoints: tuple[str, ...] = ("tcp://127.0.0.1:5556",)
     max_message_bytes: int = 32 * 1024 * 1024
     hwm: int = 1000
     max_in_flight: int = 256
     max_in_flight_per_peer: int = 16
-
-
-def _header_id(frames: list) -> Any:
-    """Best effort: the request id of a message that failed to decode, so the error can name it."""
-    try:
-        header = msgpack.unpackb(frames[0].buffer, raw=False, max_bin_len=0)
-        return header.get("id") if isinstance(header, dict) else None
-    except Exception:  # any garbage: the error reply then carries no id
-        return None
+    # A gateway peer is one WebSocket connection; a JSON batch holds up to this many requests.
+    max_in_flight_per_internal_peer: int = 64
+    max_cached_topics: int = 4096  # last-value cache entries (one per robot with a refresh)
 
 
 class Publisher:
-    """XPUB with a last-value cache per topic."""
+    """XPUB with a bounded last-value cache per topic and a subscriber count per topic."""
 
-    def __init__(self, socket: zmq.asyncio.Socket):
+    def __init__(self, socket: zmq.Socket, max_topics: int):
         self._socket = socket
-        self._last: dict[bytes, list[bytes]] = {}
+        self._max_topics = max_topics
+        self._last: collections.OrderedDict[bytes, list[bytes]] = collections.OrderedDict()
+        self._subscribers: Counter[bytes] = Counter()
         self.published = 0
+        self.dropped = 0
+
+    def subscribers(self, topic: str) -> int:
+        """Subscriptions to exactly `topic`: a robot's own listener. A prefix subscription (a monitor
+        listening to every robot) says nothing about whether that robot is still there."""
+        return self._subscribers.get(topic.encode(), 0)
+
+    def forget(self, topic: str) -> None:
+        """Drops the topic's last value (its session is gone)."""
+        self._last.pop(topic.encode(), None)
 
     async def publish(self, topic: str, payload: dict[str, Any]) -> None:
         frames = [topic.encode(), msgpack.packb({"v": codec.PROTOCOL_VERSION, **payload}, use_bin_type=True)]
         self._last[frames[0]] = frames
-        await self._send(frames)
+        self._last.move_to_end(frames[0])
+        while len(self._last) > self._max_topics:
+            self._last.popitem(last=False)
+        self._send(frames)
         self.published += 1
 
-    async def _send(self, frames: list[bytes]) -> None:
+    def _send(self, frames: list[bytes]) -> None:
         try:
-            await self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
+            self.dropped += 1
             log.warning("refresh publisher is at its high-water mark; dropped a message")
 
-    async def serve_subscriptions(self) -> None:
-        """Replays the last value of every topic a new subscription covers."""
-        while True:
-            msg = await self._socket.recv()
-            if msg and msg[0] == 1:
-                prefix = msg[1:]
-                for topic, frames in list(self._last.items()):
-                    if topic.startswith(prefix):
-                        await self._send(frames)
+    def on_subscription(self, frames: list) -> None:
+        """Counts (un)subscriptions; replays the last value of every topic a new subscription covers."""
+        msg = frames[0].bytes
+        if not msg or msg[0] not in (0, 1):
+            return
+        prefix = msg[1:]
+        if msg[0] == 0:
+            self._subscribers[prefix] -= 1
+            if self._subscribers[prefix] <= 0:
+                del self._subscribers[prefix]
+            return
+        self._subscribers[prefix] += 1
+        for topic, frames_ in list(self._last.items()):
+            if topic.startswith(prefix):
+                self._send(frames_)
+
+
+class _Reader:
+    """Calls `on_message(frames)` for every message a socket receives, from the event loop.
+
+    A ZMQ socket's file descriptor is edge-triggered and also signals for sends: each wake-up
+    drains what is waiting (a bounded number at a time, so one busy peer cannot hold the loop),
+    and the owner calls `kick()` after sending, which may have consumed an edge."""
+
+    BURST = 64
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket, on_message: Callable[[list], None]):
+        self._loop, self._sock, self._on_message = loop, sock, on_message
+        self._fd = sock.getsockopt(zmq.FD)
+        loop.add_reader(self._fd, self.drain)
+
+    def drain(self) -> None:
+        for _ in range(self.BURST):
+            if not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_message(frames)
+        self._loop.call_soon(self.drain)  # more waiting: let other work run first
+
+    def kick(self) -> None:
+        if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._loop.call_soon(self.drain)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._fd)
 
 
 class ZmqServer:
-    def __init__(self, settings: ZmqServerSettings, handler: Handler, context: zmq.asyncio.Context | None = None):
+    """Bind first (`bind()`, before the model loads, so a port problem shows at once), then `start()`."""
+
+    def __init__(self, settings: ZmqServerSettings, handler: Handler):
         self.settings = settings
         self._handler = handler
-        self._ctx = context or zmq.asyncio.Context.instance()
-        self._router: zmq.asyncio.Socket | None = None
-        self._xpub: zmq.asyncio.Socket | None = None
+        self._ctx = zmq.Context()
+        self._routers: list[tuple[zmq.Socket, bool]] = []
+        self._xpub: zmq.Socket | None = None
         self.publisher: Publisher | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._loops: list[asyncio.Task] = []
+        self._readers: dict[zmq.Socket, _Reader] = {}
         self._in_flight: Counter[bytes] = Counter()
         self.router_endpoint: str | None = None
-        self.pub_endpoint: str | None = None
+        self.internal_endpoint: str | None = None
+        self.pub_endpoints: list[str] = []
         self.errors: Counter[str] = Counter()
 
-    async def start(self) -> None:
+    def bind(self) -> None:
+        """Binds every socket; raises `zmq.ZMQError` for an endpoint that cannot be bound."""
+        s = self.settings
+        try:
+            for endpoint, internal in ((s.router_endpoint, False), (s.internal_endpoint, True)):
+                if endpoint:
+                    router = self._router_socket(endpoint)
+                    self._routers.append((router, internal))
+                    bound = router.getsockopt_string(zmq.LAST_ENDPOINT)
+                    if internal:
+                        self.internal_endpoint = bound
+                    else:
+                        self.router_endpoint = bound
+            if s.pub_endpoints:
+                xpub = self._xpub = self._ctx.socket(zmq.XPUB)
+                xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+                xpub.setsockopt(zmq.SNDHWM, s.hwm)
+                xpub.setsockopt(zmq.LINGER, 0)
+                for endpoint in s.pub_endpoints:
+                    xpub.bind(endpoint)
+                    self.pub_endpoints.append(xpub.getsockopt_string(zmq.LAST_ENDPOINT))
+                self.publisher = Publisher(xpub, s.max_cached_topics)
+        except zmq.ZMQError:
+            self._close_sockets()
+            raise
+
+    def _router_socket(self, endpoint: str) -> zmq.Socket:
         s = self.settings
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -108,86 +208,111 @@ class ZmqServer:
         router.setsockopt(zmq.RCVHWM, s.hwm)
         router.setsockopt(zmq.MAXMSGSIZE, 2 * s.max_message_bytes)
         router.setsockopt(zmq.LINGER, 0)
-        router.bind(s.router_endpoint)
-        self._router = router
-        self.router_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._loops.append(asyncio.create_task(self._receive(), name="zmq-router"))
-        if s.pub_endpoint:
-            xpub = self._ctx.socket(zmq.XPUB)
-            xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
-            xpub.setsockopt(zmq.SNDHWM, s.hwm)
-            xpub.setsockopt(zmq.LINGER, 0)
-            xpub.bind(s.pub_endpoint)
-            self._xpub = xpub
-            self.pub_endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
-            self.publisher = Publisher(xpub)
-            self._loops.append(asyncio.create_task(self.publisher.serve_subscriptions(), name="zmq-xpub"))
+        try:
+            router.bind(endpoint)
+        except zmq.ZMQError:
+            router.close(linger=0)
+            raise
+        return router
+
+    async def start(self) -> None:
+        """Starts reading (binding first if `bind()` was not called)."""
+        if not self._routers and self._xpub is None:
+            self.bind()
+        loop = asyncio.get_running_loop()
+        for router, internal in self._routers:
+            self._readers[router] = _Reader(
+                loop, router, lambda frames, r=router, i=internal: self._receive(r, i, frames)
+            )
+        if self._xpub is not None and self.publisher is not None:
+            publisher = self.publisher
+            self._readers[self._xpub] = _Reader(
+                loop, self._xpub, lambda frames: self._guard(publisher.on_subscription, frames)
+            )
+
+    def _guard(self, handle: Callable[[list], None], frames: list) -> None:
+        try:
+            handle(frames)
+        except Exception:
+            log.exception("failed to handle a subscription message")
 
     async def publish(self, topic: str, payload: dict[str, Any]) -> None:
         """Publishes on the XPUB (a refresh scheduler's `publish`); nothing without a pub endpoint."""
-        if self.publisher is not None:
+        if self.publisher is not None and self._xpub is not None:
             await self.publisher.publish(topic, payload)
+            self._kick(self._xpub)
+
+    def _kick(self, sock: zmq.Socket) -> None:
+        reader = self._readers.get(sock)
+        if reader is not None:
+            reader.kick()
+
+    def subscribers(self, topic: str) -> int:
+        return 0 if self.publisher is None else self.publisher.subscribers(topic)
+
+    def forget(self, topic: str) -> None:
+        if self.publisher is not None:
+            self.publisher.forget(topic)
 
     async def close(self) -> None:
-        for task in [*self._loops, *self._tasks]:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
-        for sock in (self._router, self._xpub):
-            if sock is not None:
-                sock.close(linger=0)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._close_sockets()
 
-    async def _receive(self) -> None:
-        assert self._router is not None
-        while True:
-            frames = await self._router.recv_multipart(copy=False)
-            received = time.perf_counter()
-            identity, body = frames[0].bytes, frames[1:]
-            try:
-                size = sum(len(f) for f in body)
-                if size > self.settings.max_message_bytes:
-                    raise ProtocolError(
-                        f"message is {size} bytes, more than the server's limit of {self.settings.max_message_bytes}",
-                        "oversize",
-                    )
-                header, arrays = codec.decode(body)
-                request = self._request(header, arrays, identity)
-                if sum(self._in_flight.values()) >= self.settings.max_in_flight:
-                    raise TransportError("the server has too many requests in flight; retry later", "busy")
-                if self._in_flight[identity] >= self.settings.max_in_flight_per_peer:
-                    raise TransportError(
-                        f"this client has {self._in_flight[identity]} requests in flight, the limit", "busy"
-                    )
-            except TransportError as e:
-                self.errors[e.code] += 1
-                log.info("rejected a message from %s: %s", identity.hex(), e.message)
-                await self._send(identity, {"type": ERROR, "id": _header_id(body), "error": e.to_wire()})
-                continue
-            self._in_flight[identity] += 1
-            task = asyncio.create_task(self._serve(identity, request, received))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _close_sockets(self) -> None:
+        for sock, _ in self._routers:
+            sock.close(linger=0)
+        if self._xpub is not None:
+            self._xpub.close(linger=0)
+        self._routers, self._xpub = [], None
+        self._ctx.term()
 
-    def _request(self, header: dict[str, Any], arrays: dict[str, np.ndarray], identity: bytes) -> Request:
-        kind = header.get("type")
-        if kind not in REPLY_TYPE:
-            raise ProtocolError(f"unknown message type {kind!r}; known: {sorted(REPLY_TYPE)}", "unknown_type")
-        robot = header.get("robot") or identity.hex()
-        if not isinstance(robot, str) or len(robot) > 256:
-            raise BadRequest(f"robot must be a string of at most 256 characters, got {robot!r}")
-        request_id = header.get("id")
-        if request_id is not None and not isinstance(request_id, int | str):
-            raise BadRequest(f"id must be an integer or a string, got {request_id!r}")
-        return Request(
-            type=kind,
-            id=request_id,
-            robot=robot,
-            options=parse_options(header.get("options")),
-            observation=split_observation(arrays, header.get("ts")),
-        )
-
-    async def _serve(self, identity: bytes, request: Request, received: float) -> None:
+    def _receive(self, router: zmq.Socket, internal: bool, frames: list) -> None:
+        received = time.perf_counter()
+        peer = Peer(frames[0].bytes, internal)
         try:
-            data, arrays = await self._handler(request)
+            request = self._admit(peer, frames[1:])
+        except TransportError as e:
+            self._reject(router, peer, frames[1:], e)
+            return
+        except Exception as e:  # a decoder bug must not stop the server for every robot
+            log.exception("unexpected failure decoding a message from %s", peer.identity.hex())
+            self._reject(router, peer, frames[1:], TransportError(f"internal error: {type(e).__name__}"))
+            return
+        self._in_flight[peer.identity] += 1
+        task = asyncio.create_task(self._serve(router, peer, request, received))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _admit(self, peer: Peer, body: list) -> Request:
+        """Cheap bounds first (size, in-flight caps), then decoding."""
+        s = self.settings
+        size = sum(len(f) for f in body)
+        if size > s.max_message_bytes:
+            raise ProtocolError(
+                f"message is {size} bytes, more than the server's limit of {s.max_message_bytes}", "oversize"
+            )
+        if sum(self._in_flight.values()) >= s.max_in_flight:
+            raise TransportError("the server has too many requests in flight; retry later", "busy")
+        per_peer = s.max_in_flight_per_internal_peer if peer.internal else s.max_in_flight_per_peer
+        if self._in_flight[peer.identity] >= per_peer:
+            raise TransportError(f"this client has {per_peer} requests in flight, the limit", "busy")
+        header, arrays = codec.decode(body)
+        return build_request(header, arrays, peer.identity.hex(), peer.internal)
+
+    def _reject(self, router: zmq.Socket, peer: Peer, body: list, e: TransportError) -> None:
+        self.errors[e.code] += 1
+        log.info("rejected a message from %s: %s", peer.identity.hex(), e.message)
+        reply = {"type": ERROR, "id": codec.request_id(body), "error": e.to_wire()}
+        self._send(router, peer.identity, reply)
+
+    async def _serve(self, router: zmq.Socket, peer: Peer, request: Request, received: float) -> None:
+        try:
+            data, arrays = await self._handler(peer, request)
             header = {"type": REPLY_TYPE[request.type], "id": request.id, "robot": request.robot, "data": data}
         except TransportError as e:
             header, arrays = self._error(request, e.code, e.message), {}
@@ -197,21 +322,21 @@ class ZmqServer:
             log.exception("request %r of robot %s failed", request.id, request.robot)
             header, arrays = self._error(request, "internal", f"internal error: {type(e).__name__}: {e}"), {}
         finally:
-            self._in_flight[identity] -= 1
-            if self._in_flight[identity] <= 0:
-                del self._in_flight[identity]
+            self._in_flight[peer.identity] -= 1
+            if self._in_flight[peer.identity] <= 0:
+                del self._in_flight[peer.identity]
         if "data" in header:
             header["data"]["server_timing"] = {"total_ms": (time.perf_counter() - received) * 1e3}
-        await self._send(identity, header, arrays)
+        self._send(router, peer.identity, header, arrays)
+        self._kick(router)
 
     def _error(self, request: Request, code: str, message: str) -> dict[str, Any]:
         self.errors[code] += 1
         return {"type": ERROR, "id": request.id, "robot": request.robot, "error": {"code": code, "message": message}}
 
-    async def _send(self, identity: bytes, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
-        assert self._router is not None
+    def _send(self, router: zmq.Socket, identity: bytes, header: dict[str, Any], arrays: dict | None = None) -> None:
         try:
-            await self._router.send_multipart([identity, *codec.encode(header, arrays)], flags=zmq.NOBLOCK, copy=False)
+            router.send_multipart([identity, *codec.encode(header, arrays)], flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             log.warning("peer %s is not reading (high-water mark); dropped its reply", identity.hex())
         except zmq.ZMQError as e:

@@ -1,0 +1,219 @@
+"""A WebSocket gateway process: the JSON API or openpi's protocol, in front of the ZMQ ROUTER.
+
+`python -m runtime.ws_gateway {json,openpi} --fd N --router ipc://... --pub ipc://...` is started by
+the policy server, never by hand. Parsing JSON (which holds the GIL even on a thread), converting
+nested-list images and encoding replies are CPU work that would stall every robot if it ran beside
+the ROUTER; here it runs in its own process. Each WebSocket connection becomes one DEALER on the
+server's internal ROUTER, as robot `@json/<n>` or `@openpi/<n>`: the server keeps its session, bounds
+its requests in flight and publishes its refreshes, which this process subscribes to and pushes on
+the connection. When the connection closes the gateway says `bye`, so the session ends with it.
+
+The listening socket was bound by the parent (before the model loaded) and is inherited as `--fd`.
+The process prints `ready` on stdout once it serves, and exits when its parent goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from robots.adapters import ADAPTERS, get_adapter
+from transport.errors import RemoteError, TransportError
+from transport.messages import ACTIONS, BYE, INFER, Request
+from transport.openpi_server import OpenpiServer
+from transport.ws_common import WsServer, WsSettings
+from transport.ws_json_server import JsonApiServer
+from transport.zmq_client import AsyncPolicyClient, RefreshListener
+
+log = logging.getLogger("runtime.ws_gateway")
+
+# A JSON image value is at most 4 bytes ("255,"); the envelope and state need little beside.
+JSON_BYTES_PER_PIXEL = 3 * 4
+ENVELOPE_BYTES = 64 * 1024
+# The internal hop has no Lazy Pirate retries (the server is the parent); the engine's own
+# deadline answers long before this.
+INTERNAL_TIMEOUT_S = 60.0
+PR_SET_PDEATHSIG = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtime.ws_gateway", description=__doc__.splitlines()[0])
+    p.add_argument("protocol", choices=("json", "openpi"))
+    p.add_argument("--fd", type=int, required=True, help="listening socket inherited from the policy server")
+    p.add_argument("--router", required=True, help="the server's internal ROUTER (ipc://...)")
+    p.add_argument("--pub", required=True, help="the server's XPUB, internal endpoint (ipc://...)")
+    p.add_argument("--openpi-layout", choices=sorted(ADAPTERS), default="droid")
+    p.add_argument("--default-prompt", default=None)
+    p.add_argument("--max-batch", type=int, default=8, help="most requests in one JSON batch")
+    p.add_argument("--max-connections", type=int, default=64)
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+class Gateway:
+    """The connections of one WebSocket server, each bridged to the ROUTER by its own DEALER."""
+
+    def __init__(self, args: argparse.Namespace, model: dict[str, Any]):
+        self.args = args
+        self.model = model
+        self._clients: dict[str, AsyncPolicyClient] = {}
+        self._listeners: dict[str, asyncio.Task] = {}
+        self._ids = itertools.count(1)
+        self._prefix = f"@{args.protocol}/{os.getpid()}-"
+        self.server: WsServer = self._json_server() if args.protocol == "json" else self._openpi_server()
+
+    def _settings(self) -> WsSettings:
+        return WsSettings(max_message_bytes=self.max_message_bytes(), max_connections=self.args.max_connections)
+
+    def max_message_bytes(self) -> int:
+        """Sized from the model's cameras and the largest declared camera resolution, each way."""
+        resolutions = self.model["image_resolutions"]
+        h, w = max(r[0] for r in resolutions), max(r[1] for r in resolutions)
+        per_request = (
+            len(self.model["image_keys"]) * h * w * (JSON_BYTES_PER_PIXEL if self.args.protocol == "json" else 3)
+        )
+        return ENVELOPE_BYTES + per_request * (self.args.max_batch if self.args.protocol == "json" else 1)
+
+    def _sock(self) -> socket.socket:
+        return socket.socket(fileno=self.args.fd)
+
+    def _json_server(self) -> JsonApiServer:
+        return JsonApiServer(
+            self._settings(), self._json_request, self._open, self._close,
+            max_batch=self.args.max_batch, health=self.healthy, sock=self._sock(),
+        )  # fmt: skip
+
+    def _openpi_server(self) -> OpenpiServer:
+        adapter = get_adapter(self.args.openpi_layout)
+        metadata = {
+            "server": "pi05-runtime",
+            "config": self.model.get("config"),
+            "layout": adapter.name,
+            "action_horizon": self.model.get("action_horizon"),
+            "action_dim": adapter.action_dim,
+        }
+        return OpenpiServer(
+            self._settings(), self._openpi_request, metadata, self._open, self._close,
+            health=self.healthy, sock=self._sock(),
+        )  # fmt: skip
+
+    async def healthy(self) -> bool:
+        """`/healthz`: the policy server answers a ping and its engine is healthy."""
+        client = AsyncPolicyClient(self.args.router, "@health", timeout_s=1.0, retries=0)
+        try:
+            pong = await client.ping()
+            return bool(pong["server"]["healthy"])
+        except (TransportError, KeyError, TypeError):
+            return False
+        finally:
+            await client.close()
+
+    def _open(self) -> str:
+        """A new connection: its robot name, DEALER and refresh subscription."""
+        key = f"{self._prefix}{next(self._ids)}"
+        self._clients[key] = AsyncPolicyClient(self.args.router, key, timeout_s=INTERNAL_TIMEOUT_S, retries=0)
+        listener = RefreshListener(self.args.pub, key, lambda message: self._push(key, message))
+        self._listeners[key] = asyncio.create_task(listener.run(), name=f"refresh-listener-{key}")
+        return key
+
+    def _push(self, key: str, message: dict[str, Any]) -> None:
+        if isinstance(self.server, JsonApiServer):
+            task = asyncio.create_task(self.server.push(key, message))
+            task.add_done_callback(_log_failure)
+
+    async def _close(self, key: str) -> None:
+        listener = self._listeners.pop(key, None)
+        if listener is not None:
+            listener.cancel()
+        client = self._clients.pop(key, None)
+        if client is None:
+            return
+        with contextlib.suppress(TransportError):
+            await asyncio.wait_for(client.request(BYE), 5.0)
+        await client.close()
+
+    async def _json_request(self, key: str, request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
+        client = self._clients[key]
+        return await client.request(
+            INFER, request.prompt, request.options, request.observation, request.refresh_interval
+        )
+
+    async def _openpi_request(self, key: str, obs: dict[str, Any]) -> dict[str, Any]:
+        adapter = get_adapter(self.args.openpi_layout)
+        try:
+            inputs = adapter.to_model(obs)
+        except ValueError:
+            raise
+        except Exception as e:  # whatever the wire held, the client gets bad_request, not internal
+            raise ValueError(f"the observation does not fit the {adapter.name} layout ({type(e).__name__})") from None
+        prompt = inputs.prompt or self.args.default_prompt
+        if not prompt:
+            raise ValueError("the observation has no 'prompt' and the server has no --default-prompt")
+        out = await self._clients[key].infer(inputs.images, prompt, inputs.state, generate_subtask=False)
+        return {"actions": adapter.from_model(out[ACTIONS]), "policy_timing": {"infer_ms": out["timing"]["total_ms"]}}
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("push failed: %s", task.exception())
+
+
+def _die_with_parent(parent: int) -> None:
+    """The gateway holds the server's listening socket: if the server is killed, the gateway must
+    go at once (Linux's parent-death signal), or the port stays taken and a restart fails."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the signal was armed
+        sys.exit(0)
+
+
+async def _watch_parent(parent: int) -> None:
+    """Elsewhere than Linux, the parent is polled: the gateway ends when it is gone."""
+    while os.getppid() == parent:
+        await asyncio.sleep(0.5)
+    log.warning("the policy server is gone; the gateway exits")
+
+
+async def run(args: argparse.Namespace, parent: int) -> None:
+    probe = AsyncPolicyClient(args.router, "@gateway", timeout_s=30.0, retries=0)
+    try:
+        model = (await probe.ping())["model"]
+    finally:
+        await probe.close()
+    gateway = Gateway(args, model)
+    await gateway.server.start()
+    print("ready", flush=True)
+    await _watch_parent(parent)
+    await gateway.server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+    )
+    parent = os.getppid()
+    _die_with_parent(parent)
+    try:
+        asyncio.run(run(args, parent))
+    except KeyboardInterrupt:
+        return 0
+    except RemoteError as e:
+        log.error("the policy server refused the gateway: %s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""PolicyService rules, without sockets: validate then commit, bounded sessions, expiry of robots
+that are gone (on an injected clock), `bye`, and what `ping` reports."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from policy.request import Observation, Options
+from runtime.fixed_backend import FixedBackend
+from runtime.service import PolicyService, ServiceLimits
+from transport.errors import BadRequest, TransportError
+from transport.messages import BYE, INFER, KEEP, PING, REFRESH, Request
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _obs(camera: str = "base_0_rgb") -> Observation:
+    return Observation({camera: np.zeros((224, 224, 3), np.uint8)})
+
+
+def _infer(robot: str, obs: Observation | None = None, interval=KEEP) -> Request:
+    return Request(INFER, 1, robot, "go", Options(generate_subtask=False), interval, obs or _obs())
+
+
+def _service(limits: ServiceLimits | None = None, subscribers=lambda topic: 0):
+    clock = _Clock()
+    published: list[tuple[str, dict]] = []
+
+    async def publish(topic: str, message: dict) -> None:
+        published.append((topic, message))
+
+    forgotten: list[str] = []
+    service = PolicyService(FixedBackend(), publish, subscribers, forgotten.append, limits, clock)
+    return service, clock, published, forgotten
+
+
+def test_a_rejected_request_changes_nothing():
+    async def scenario():
+        service, _, _, _ = _service(ServiceLimits(min_refresh_interval_s=0.5))
+        await service.handle(b"p", _infer("arm"))
+        before = service.sessions["arm"].observation
+        with pytest.raises(BadRequest, match="subtask_refresh_interval"):
+            await service.handle(b"p", _infer("arm", interval=0.1))  # below the server's minimum
+        with pytest.raises(ValueError, match="unknown camera"):
+            await service.handle(b"p", _infer("arm", _obs("nose_cam"), interval=1.0))
+        with pytest.raises(BadRequest, match="subtask_refresh_interval"):
+            await service.handle(b"p", _infer("new-robot", interval=0.2))
+        session = service.sessions["arm"]
+        assert session.observation is before
+        assert service.scheduler.active() == 0
+        assert "new-robot" not in service.sessions
+        await service.close()
+
+    asyncio.run(scenario())
+
+
+def test_sessions_are_bounded_per_peer_and_in_all():
+    async def scenario():
+        service, clock, _, _ = _service(ServiceLimits(max_sessions=3, max_sessions_per_peer=2))
+        await service.handle(b"a", _infer("r1"))
+        await service.handle(b"a", _infer("r2"))
+        with pytest.raises(TransportError) as e:
+            await service.handle(b"a", _infer("r3"))
+        assert e.value.code == "busy"
+        await service.handle(b"b", _infer("r3", interval=1.0))
+        clock.now += 1
+        await service.handle(b"b", _infer("r4"))  # the table is full: the idle session seen last longest ago goes
+        assert set(service.sessions) == {"r2", "r3", "r4"}
+        await service.handle(b"a", Request(REFRESH, 2, "r2", None, Options(), 1.0, None))
+        await service.handle(b"b", Request(REFRESH, 3, "r4", None, Options(), 1.0, None))
+        with pytest.raises(TransportError) as e:  # every session refreshes: none may be evicted
+            await service.handle(b"c", _infer("r5"))
+        assert e.value.code == "busy"
+        await service.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_refreshing_robot_without_subscriber_expires_after_a_few_intervals():
+    listening = {"stays": 1}
+
+    async def scenario():
+        limits = ServiceLimits(expiry_intervals=3.0, min_expiry_s=2.0, session_ttl_s=600.0)
+        service, clock, _, forgotten = _service(limits, subscribers=lambda topic: listening.get(topic, 0))
+        for robot in ("gone", "stays", "idle"):
+            await service.handle(b"p", _infer(robot, interval=1.0 if robot != "idle" else KEEP))
+        clock.now += 2.9
+        assert service.expire() == []
+        clock.now += 0.2  # 3.1 s quiet: more than 3 intervals
+        assert service.expire() == ["gone"]
+        assert forgotten == ["gone"]
+        assert service.ping()["server"]["refreshing"] == 1 and service.scheduler.interval("gone") is None
+        clock.now += 600
+        assert sorted(service.expire()) == ["idle", "stays"]  # silence past the session TTL ends any session
+        assert service.sessions == {} and service.expired == 3
+        await service.close()
+
+    asyncio.run(scenario())
+
+
+def test_bye_ends_the_session_and_its_refresh():
+    async def scenario():
+        service, _, _, forgotten = _service()
+        await service.handle(b"p", _infer("arm", interval=1.0))
+        assert service.ping()["server"]["refreshing"] == 1
+        data, _ = await service.handle(b"p", Request(BYE, 2, "arm"))
+        assert data == {"dropped": True}
+        pong, _ = await service.handle(b"p", Request(PING, 3, "arm"))
+        assert pong["server"]["refreshing"] == 0 and pong["server"]["sessions"] == 0
+        assert forgotten == ["arm"]
+        await service.close()
+
+    asyncio.run(scenario())
+
+
+def test_infer_without_observation_uses_the_stored_one_and_without_prompt_is_refused():
+    async def scenario():
+        service, _, _, _ = _service()
+        with pytest.raises(BadRequest, match="no observation"):
+            await service.handle(b"p", Request(INFER, 1, "arm", "go", Options(generate_subtask=False)))
+        await service.handle(b"p", _infer("arm"))
+        _, arrays = await service.handle(b"p", Request(INFER, 2, "arm", "go", Options(generate_subtask=False)))
+        assert arrays["actions"].shape == (50, 32)
+        with pytest.raises(BadRequest, match="high_level_prompt"):
+            await service.handle(b"p", Request(INFER, 3, "arm", None, Options()))
+        await service.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_session_that_ends_takes_its_running_requests_with_it():
+    class Stuck(FixedBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.started = asyncio.Event()
+            self.cancelled = 0
+
+        async def submit(self, request):
+            self.started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+
+    async def scenario():
+        backend = Stuck()
+        service = PolicyService(backend, lambda topic, message: asyncio.sleep(0))
+        running = asyncio.create_task(service.handle(b"p", _infer("arm")))
+        await backend.started.wait()
+        await service.handle(b"p", Request(BYE, 2, "arm"))  # e.g. the gateway's connection closed
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        await service.close()
+        return backend.cancelled
+
+    assert asyncio.run(scenario()) == 1
+
+
+def test_a_refresh_the_engine_could_not_run_is_refused_up_front():
+    class Limited(FixedBackend):
+        def check(self, request):
+            super().check(request)
+            if request.kind == "subtask" and request.options.max_decoding_steps > 12:
+                raise ValueError("max_decoding_steps must be in 1..12")
+
+    async def scenario():
+        service = PolicyService(Limited(), lambda topic, message: asyncio.sleep(0))
+        await service.handle(b"p", _infer("arm"))  # action-only: the decoding budget does not matter
+        with pytest.raises(ValueError, match="max_decoding_steps"):  # but every refresh would fail
+            await service.handle(b"p", _infer("arm", interval=1.0))
+        assert service.scheduler.active() == 0
+        await service.close()
+
+    asyncio.run(scenario())
