@@ -96,6 +96,9 @@ class ModelConfig:
     num_steps: int = 10
     prompt_format: PromptFormat = PromptFormat()
     tokenizer: str = "paligemma"
+    # openpi's asset id: the checkpoint's `assets/<asset_id>/norm_stats.json` holds this robot's
+    # norm stats. None where a checkpoint serves several robots (pi05_base) or has no stats.
+    asset_id: str | None = None
 
     def __post_init__(self) -> None:
         for field in ("depth", "num_heads", "num_kv_heads", "head_dim"):

@@ -61,9 +61,9 @@ _MODELS = _build_registry(
     [
         # openpi's pi05 defaults: 3 cameras, 50-step chunks of 32 dims, 200-token prompts.
         _pi05("pi05"),
-        _pi05("pi05_droid", action_horizon=15),
-        _pi05("pi05_aloha"),
-        _pi05("pi05_libero", action_horizon=10, discrete_state_input=False),
+        _pi05("pi05_droid", action_horizon=15, asset_id="droid"),
+        _pi05("pi05_aloha", asset_id="trossen"),
+        _pi05("pi05_libero", action_horizon=10, discrete_state_input=False, asset_id="physical-intelligence/libero"),
         # The CPU default and the test model: the layout of openpi's parity fixture.
         _tiny("pi05_tiny"),
         _tiny("pi05_tiny_bf16", dtype="bfloat16"),

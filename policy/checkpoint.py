@@ -67,6 +67,11 @@ def params_dir(path: str | Path) -> Path:
     )
 
 
+def assets_dir(path: str | Path) -> Path:
+    """The checkpoint's `assets/` folder (norm stats by asset id), beside its `params/`."""
+    return params_dir(path).parent / "assets"
+
+
 def _stored_shapes(directory: Path) -> tuple[dict[str, tuple[int, ...]], bool]:
     """Path -> shape from the checkpoint metadata; also whether leaves carry a trailing `value`."""
     meta = ocp.PyTreeCheckpointer().metadata(directory)

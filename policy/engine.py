@@ -30,11 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import DEFAULT_MODEL, get_model_config
-from policy import checkpoint, params
+from policy import checkpoint, download, params
 from policy.executables import Executables
 from policy.host_prep import HostPrep
 from policy.images import DEFAULT_RESOLUTIONS, Resizer
-from policy.normalize import IDENTITY, Normalizer, load_norm_stats
+from policy.normalize import IDENTITY, Normalizer, checkpoint_normalizer, load_norm_stats
 from policy.prompts import Prompts
 from policy.request import DeadlineExceeded, EngineBusy, EngineError, InferenceRequest, InferenceResult
 from policy.scheduler import Scheduler, Ticket, fail
@@ -48,9 +48,13 @@ log = logging.getLogger(__name__)
 class AsyncPi05Inference:
     """Pi0.5 subtask generation and action prediction for many robots at once, on one device.
 
-    `checkpoint_dir` is an openpi checkpoint directory (or its `params/`); without one the model gets
-    random weights (the embedded default). `norm_stats` is openpi's `norm_stats.json` or a
-    checkpoint's `assets/<asset_id>/` folder; without it state and actions pass unnormalized.
+    `checkpoint_dir` is an openpi checkpoint directory (or its `params/`), local or an fsspec URL such
+    as `gs://openpi-assets/checkpoints/pi05_droid` (fetched into the download cache at start); without
+    one the model gets random weights (the embedded default). `norm_stats` is openpi's
+    `norm_stats.json` or a checkpoint's `assets/<asset_id>/` folder (path or URL); without it they come
+    from the checkpoint's `assets/<config asset id>/`, and state and actions pass unnormalized only
+    for a config without an asset id or without a checkpoint. `tokenizer_path` (path or URL) defaults
+    to the shipped tokenizer, or PaliGemma's, fetched. Nothing is read before `start()`.
     `gpu_id` picks the device. `deadline_s` is the deadline of a request that carries none;
     `max_queue` bounds the requests in flight; `decode_segment_tokens` is how many subtask tokens
     run between two chances for an action batch; `image_resolutions` are the camera resolutions
@@ -99,22 +103,24 @@ class AsyncPi05Inference:
         self.deadline_s = deadline_s
         self.max_queue = max_queue
         self._gpu_id = gpu_id
-        self._checkpoint_dir = Path(checkpoint_dir).expanduser() if checkpoint_dir else None
+        self._checkpoint = checkpoint_dir  # a path or a URL: fetched and read on the device thread
+        self._tokenizer_path = tokenizer_path
+        self._norm_stats = norm_stats
         self._param_dtype = param_dtype or self.cfg.dtype
         self._compile_in_background = compile_in_background
         self._init_seed = seed
         self._seed_rng = np.random.default_rng(seed)
         self._clock = clock
-        self.tokenizer = load_tokenizer(self.cfg, tokenizer_path)
-        self.prompts = Prompts(self.cfg, self.tokenizer)
-        self.normalizer: Normalizer = IDENTITY if norm_stats is None else load_norm_stats(norm_stats)
-        self.robot_action_dim = self.normalizer.actions.dim if self.normalizer.actions else self.cfg.action_dim
-        self.state_dim = self.normalizer.state.dim if self.normalizer.state else None
         self.resizer = Resizer(self.cfg.siglip.image_size, image_resolutions, max_image_resolutions)
-        self._validator = RequestValidator(
-            self.cfg, self.prompts, self.normalizer, self.resizer, max_decoding_steps_limit, max_image_side
-        )
-        self._prep = HostPrep(self.cfg, self.prompts, self.normalizer, self.resizer)
+        self._max_image_side = max_image_side
+        # Set by `_load_host` at start (the tokenizer, norm stats and checkpoint may need a download).
+        self.tokenizer = None
+        self.prompts: Prompts | None = None
+        self.normalizer: Normalizer | None = None
+        self.robot_action_dim: int | None = None
+        self.state_dim: int | None = None
+        self._validator: RequestValidator | None = None
+        self._prep: HostPrep | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(host_workers, thread_name_prefix="pi05-host")
         self._scheduler = Scheduler(self._capacity, batch_window_ms / 1e3, clock)
         self._executables: Executables | None = None
@@ -185,7 +191,7 @@ class AsyncPi05Inference:
             "config": self.cfg.name,
             "dtype": self._param_dtype,
             "device": str(self.device) if self.device is not None else None,
-            "checkpoint": str(self._checkpoint_dir) if self._checkpoint_dir else None,
+            "checkpoint": str(self._checkpoint) if self._checkpoint else None,
             "image_keys": list(self.cfg.image_keys),
             "image_resolutions": [list(r) for r in self.resizer.declared],
             "action_horizon": self.cfg.action_horizon,
@@ -219,12 +225,12 @@ class AsyncPi05Inference:
 
     def check(self, request: InferenceRequest) -> None:
         """Cheap, synchronous validation; raises `ValueError` naming the field. No device work."""
-        self._validator.check(request)
+        self._started().check(request)
 
     async def prepare_images(self, images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Each camera resized to the model's input (uint8) on the host pool: a stored observation
         stays small, and preparing it again (or submitting it) leaves the same numbers."""
-        self._validator.check_images(images)
+        self._started().check_images(images)
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._prep.images, images)
 
     async def submit(self, request: InferenceRequest) -> InferenceResult:
@@ -236,6 +242,7 @@ class AsyncPi05Inference:
         if not self.healthy:
             raise EngineError("the engine is not serving", code="unavailable")
         ticket = self._admit(request)
+        self._scheduler.expect(ticket)
         self._pool.submit(self._prepare, ticket)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(ticket.future), max(0.0, ticket.deadline - self._clock()))
@@ -244,6 +251,11 @@ class AsyncPi05Inference:
             raise DeadlineExceeded(
                 f"no result within the request's deadline ({(self._clock() - ticket.submitted) * 1e3:.0f} ms)"
             ) from None
+
+    def _started(self) -> RequestValidator:
+        if self._validator is None:
+            raise EngineError("the engine is not started", code="unavailable")
+        return self._validator
 
     def _admit(self, request: InferenceRequest) -> Ticket:
         with self._lock:
@@ -266,15 +278,18 @@ class AsyncPi05Inference:
     def _prepare(self, ticket: Ticket) -> None:
         """On the host pool: the ticket's `Row`, then into the scheduler's queues."""
         if not ticket.live(self._clock()):
+            self._scheduler.unexpect(ticket)
             return
         try:
             self._prep.prepare(ticket)
         except ValueError as e:
             fail(ticket, e)
+            self._scheduler.unexpect(ticket)
             return
         except Exception as e:
             log.exception("preparing a request failed")
             fail(ticket, EngineError(f"preparing the request failed: {type(e).__name__}: {e}"))
+            self._scheduler.unexpect(ticket)
             return
         self._scheduler.put(ticket)
 
@@ -298,15 +313,40 @@ class AsyncPi05Inference:
             self._fatal = e
             self._scheduler.close(EngineError(f"the engine's device thread died: {e}", code="internal"))
 
+    def _load_host(self) -> Path | None:
+        """Tokenizer, norm stats and the host-side stages built on them; the local checkpoint path.
+        Remote locations are downloaded here, on the device thread, never in the constructor."""
+        start = time.perf_counter()
+        ckpt = download.maybe_download(self._checkpoint) if self._checkpoint else None
+        self.tokenizer = load_tokenizer(self.cfg, self._tokenizer_path, fetch=True)
+        self.prompts = Prompts(self.cfg, self.tokenizer)
+        if self._norm_stats is not None:
+            self.normalizer = load_norm_stats(self._norm_stats)
+        elif ckpt is not None:
+            self.normalizer = checkpoint_normalizer(self.cfg, checkpoint.assets_dir(ckpt))
+        else:
+            self.normalizer = IDENTITY
+        if ckpt is not None and self.normalizer is IDENTITY:
+            log.warning("no norm stats for %s: state and actions pass unnormalized (--norm-stats)", self.cfg.name)
+        self.robot_action_dim = self.normalizer.actions.dim if self.normalizer.actions else self.cfg.action_dim
+        self.state_dim = self.normalizer.state.dim if self.normalizer.state else None
+        self._prep = HostPrep(self.cfg, self.prompts, self.normalizer, self.resizer)
+        self._validator = RequestValidator(
+            self.cfg, self.prompts, self.normalizer, self.resizer, self.max_decoding_steps_limit, self._max_image_side
+        )
+        self.startup_s["fetch"] = time.perf_counter() - start
+        return ckpt
+
     def _load_and_compile(self) -> None:
+        ckpt = self._load_host()
         devices = jax.devices()
         if self._gpu_id is not None and not 0 <= self._gpu_id < len(devices):
             raise ValueError(f"gpu_id {self._gpu_id} is out of range: {len(devices)} device(s) {devices}")
         self.device = devices[self._gpu_id or 0]
         dtype = jnp.dtype(self._param_dtype)
         start = time.perf_counter()
-        if self._checkpoint_dir is not None:
-            weights = checkpoint.load_params(self._checkpoint_dir, self.cfg, dtype=dtype, device=self.device)
+        if ckpt is not None:
+            weights = checkpoint.load_params(ckpt, self.cfg, dtype=dtype, device=self.device)
         else:
             log.info("no checkpoint given: random weights for %s (seed %d)", self.cfg.name, self._init_seed)
             with jax.default_device(self.device):

@@ -14,6 +14,9 @@ from typing import Literal
 
 import numpy as np
 
+from configs.model_config import ModelConfig
+from policy import download
+
 Mode = Literal["quantile", "zscore"]
 _EPS = 1e-6
 
@@ -91,9 +94,10 @@ def _unnormalize(x: np.ndarray, s: Stats | None, mode: Mode) -> np.ndarray:
 def load_norm_stats(path: str | Path, mode: Mode = "quantile") -> Normalizer:
     """Reads openpi's `{"norm_stats": {"state": {...}, "actions": {...}}}`.
 
-    `path` is the json file or an openpi checkpoint's `assets/<asset_id>/` folder.
+    `path` is the json file or an openpi checkpoint's `assets/<asset_id>/` folder, local or an
+    fsspec URL (fetched into the download cache).
     """
-    path = Path(path).expanduser()
+    path = download.maybe_download(path)
     if path.is_dir():
         path = path / "norm_stats.json"
     if not path.is_file():
@@ -108,3 +112,19 @@ def load_norm_stats(path: str | Path, mode: Mode = "quantile") -> Normalizer:
     state = Stats.from_dict(stats["state"], f"{path}: state") if "state" in stats else None
     actions = Stats.from_dict(stats["actions"], f"{path}: actions") if "actions" in stats else None
     return Normalizer(state=state, actions=actions, mode=mode)
+
+
+def checkpoint_normalizer(cfg: ModelConfig, assets: Path, mode: Mode = "quantile") -> Normalizer:
+    """The norm stats a checkpoint holds for `cfg`'s robot, as openpi's policy loader finds them:
+    `assets/<asset_id>/norm_stats.json`. No stats (IDENTITY) only for a config without an asset id;
+    a missing file is an error, because actions left in the model's [-1, 1] would move a robot."""
+    if cfg.asset_id is None:
+        return IDENTITY
+    path = assets / cfg.asset_id / "norm_stats.json"
+    if not path.is_file():
+        found = sorted(str(p.parent.relative_to(assets)) for p in assets.rglob("norm_stats.json"))
+        raise FileNotFoundError(
+            f"norm stats not found: {path} (config {cfg.name!r} has asset id {cfg.asset_id!r}; the checkpoint's "
+            f"assets hold {found or 'none'}). Pass the robot's norm_stats.json (--norm-stats)"
+        )
+    return load_norm_stats(path, mode)

@@ -138,7 +138,10 @@ class Scheduler:
     """Thread-safe queues and the choice of the next batch; `next()` blocks the device thread.
 
     `capacity()` is the most rows a batch may have now (the largest compiled bucket);
-    `window_s` is how long the first request of a batch waits for others to join it.
+    `window_s` is how long the first request of a batch waits for others to join it. A request
+    that arrived within that window but is still in host preparation (resizing its images) is
+    waited for too: the window is about when requests arrive, not when their preparation ends, so
+    robots that send together are batched together.
     """
 
     def __init__(self, capacity: Callable[[], int], window_s: float, clock: Callable[[], float] = time.monotonic):
@@ -153,15 +156,28 @@ class Scheduler:
             "refresh": collections.deque(),
         }
         self._decoding: dict[str, DecodeJob | None] = {"action": None, "refresh": None}
-        self._closed = False
+        self._preparing: set[Ticket] = set()
+        self._closed: EngineError | None = None  # why, once closed
 
     # ------------------------------------------------------------------ producers
 
-    def put(self, ticket: Ticket) -> None:
-        """Queues a prepared ticket for its first phase (or fails it `unavailable` once closed)."""
+    def expect(self, ticket: Ticket) -> None:
+        """A ticket admitted and now in host preparation: a batch of its class may wait for it."""
         with self._cond:
+            self._preparing.add(ticket)
+
+    def unexpect(self, ticket: Ticket) -> None:
+        """An expected ticket that will not be `put` (its preparation failed)."""
+        with self._cond:
+            self._preparing.discard(ticket)
+            self._cond.notify()
+
+    def put(self, ticket: Ticket) -> None:
+        """Queues a prepared ticket for its first phase (once closed, fails it with the reason)."""
+        with self._cond:
+            self._preparing.discard(ticket)
             if self._closed:
-                fail(ticket, EngineError("the engine is closed", code="unavailable"))
+                fail(ticket, self._closed)
                 return
             ticket.enqueued = self._clock()
             if ticket.decodes:
@@ -176,7 +192,7 @@ class Scheduler:
             self._decoding[job.priority] = None
             if self._closed:
                 for t in job.tickets:
-                    fail(t, EngineError("the engine is closed", code="unavailable"))
+                    fail(t, self._closed)
                 return
             self._followups.append(job)
             self._cond.notify()
@@ -207,21 +223,27 @@ class Scheduler:
         now = self._clock()
         if self._followups:
             return FollowUp(self._followups.popleft()), None
-        work, wait_s = self._take(self._actions, ActionBatch, now)
+        work, wait_s = self._take(self._actions, ActionBatch, now, lambda t: not t.decodes)
         if work is not None or wait_s is not None:
             return work, wait_s
         for priority in ("action", "refresh"):
             job = self._decoding[priority]
             if job is not None:
                 return Segment(job), None
-            work, wait_s = self._take(self._subtasks[priority], functools.partial(StartDecode, priority=priority), now)
+            make = functools.partial(StartDecode, priority=priority)
+            work, wait_s = self._take(
+                self._subtasks[priority], make, now, lambda t, p=priority: t.decodes and t.request.priority == p
+            )
             if work is not None or wait_s is not None:
                 return work, wait_s
         return None, None
 
-    def _take(self, queue: collections.deque[Ticket], make, now: float) -> tuple[Work | None, float | None]:
-        """A batch from `queue` once it is full or its first ticket has waited its window;
-        otherwise how long until then (this class holds the device for its window)."""
+    def _take(
+        self, queue: collections.deque[Ticket], make, now: float, same_class: Callable[[Ticket], bool]
+    ) -> tuple[Work | None, float | None]:
+        """A batch from `queue` once it is full, or its first ticket has waited its window and no
+        ticket of its class that arrived within the window is still in preparation; otherwise how
+        long until then (None: until a ticket arrives). This class holds the device meanwhile."""
         while queue and not queue[0].live(now):
             queue.popleft()
         if not queue:
@@ -230,6 +252,9 @@ class Scheduler:
         waited = now - queue[0].enqueued
         if len(queue) < cap and waited < self._window_s:
             return None, self._window_s - waited
+        closes = queue[0].submitted + self._window_s
+        if len(queue) < cap and any(same_class(t) and t.submitted <= closes for t in self._preparing):
+            return None, None
         tickets = [t for t in (queue.popleft() for _ in range(min(cap, len(queue)))) if t.live(now)]
         return (make(tickets), None) if tickets else (None, 0.0)
 
@@ -238,7 +263,7 @@ class Scheduler:
     def close(self, error: EngineError) -> list[Ticket]:
         """Stops `next()` and fails every queued or decoding ticket with `error`; returns them."""
         with self._cond:
-            self._closed = True
+            self._closed = error
             dropped = list(self._actions)
             for q in self._subtasks.values():
                 dropped += q

@@ -1,8 +1,8 @@
 """The SentencePiece tokenizer of a model configuration.
 
-The full models use PaliGemma's tokenizer, which no package ships: its path is a setting, and a
-missing file is an error that says where to get it. The tiny configurations use a small model
-shipped in `configs/assets/`.
+The full models use PaliGemma's tokenizer, which no package ships: its path (or URL) is a setting,
+and the serving engine fetches it from its public bucket into the download cache when none is
+given. The tiny configurations use a small model shipped in `configs/assets/`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sentencepiece as spm
 
 from configs import SHIPPED_TOKENIZERS
 from configs.model_config import ModelConfig
+from policy import download
 
 PALIGEMMA_TOKENIZER_URL = "gs://big_vision/paligemma_tokenizer.model"
 EOS_ID = 1
@@ -52,18 +53,23 @@ class Tokenizer:
         return self._sp.decode(ids)
 
 
-def load_tokenizer(cfg: ModelConfig, path: str | Path | None = None) -> Tokenizer:
-    """The tokenizer for `cfg`: the given file, or the shipped one for configs that have one."""
+def load_tokenizer(cfg: ModelConfig, path: str | Path | None = None, *, fetch: bool = False) -> Tokenizer:
+    """The tokenizer for `cfg`: the given file or URL, or the shipped one for configs that have one.
+
+    Without a path, a config whose tokenizer is not shipped fails with where to get it, or with
+    `fetch` gets PaliGemma's from its public bucket (cached: the network only the first time)."""
+    if path is None and fetch and cfg.tokenizer not in SHIPPED_TOKENIZERS:
+        path = PALIGEMMA_TOKENIZER_URL
     if path is None:
         if cfg.tokenizer not in SHIPPED_TOKENIZERS:
             raise FileNotFoundError(
                 f"model config {cfg.name!r} needs the PaliGemma tokenizer, which is not shipped: download "
                 f"{PALIGEMMA_TOKENIZER_URL} (https://storage.googleapis.com/big_vision/paligemma_tokenizer.model; "
-                "openpi caches it at ~/.cache/openpi/big_vision/paligemma_tokenizer.model) and pass its path "
-                "(tokenizer_path=..., or --tokenizer on the command line)"
+                "openpi caches it at ~/.cache/openpi/big_vision/paligemma_tokenizer.model) and pass its path or "
+                "URL (tokenizer_path=..., or --tokenizer on the command line), or load it with fetch=True"
             )
         path = SHIPPED_TOKENIZERS[cfg.tokenizer]
-    path = Path(path).expanduser()
+    path = download.maybe_download(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"tokenizer file not found: {path}. For the full models download {PALIGEMMA_TOKENIZER_URL} "

@@ -65,9 +65,13 @@ def positive(kind: type) -> Callable[[str], Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runtime.policy_server", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=DEFAULT_MODEL, help=f"model config: {', '.join(model_config_names())}")
-    p.add_argument("--checkpoint", default=None, help="openpi checkpoint dir (default: random weights)")
-    p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece file (full-size configs)")
-    p.add_argument("--norm-stats", default=None, help="openpi norm_stats.json or checkpoint assets/<id>/ folder")
+    p.add_argument(
+        "--checkpoint", default=None, help="openpi checkpoint dir or URL (gs://...; default: random weights)"
+    )
+    p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece file or URL (default: fetched)")
+    p.add_argument(
+        "--norm-stats", default=None, help="norm_stats.json or assets/<id>/ folder, path or URL (default: checkpoint's)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind every endpoint to")
     p.add_argument("--router-port", type=port, default=5555, help="ZMQ ROUTER for requests (0: off)")
     p.add_argument("--pub-port", type=port, default=5556, help="ZMQ PUB for subtask refreshes (0: off)")
@@ -343,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("traceback", exc_info=True)
         return 2
     except (ValueError, KeyError) as e:
+        log.error("%s", e)
+        log.debug("traceback", exc_info=True)
+        return 2
+    except RuntimeError as e:  # a checkpoint, tokenizer or norm stats location that cannot be fetched
         log.error("%s", e)
         log.debug("traceback", exc_info=True)
         return 2

@@ -109,3 +109,35 @@ def test_close_answers_every_queued_and_decoding_ticket(clock):
     late = _ticket(clock)
     s.put(late)  # prepared after the close
     assert late.future.exception(timeout=0).code == "unavailable"
+
+
+def test_a_batch_waits_for_requests_that_arrived_in_its_window_and_are_still_being_prepared(clock):
+    s = _scheduler(clock, capacity=4, window_s=0.01)
+    first, second, late = _ticket(clock), None, None
+    s.expect(first)
+    clock.now += 0.005
+    second = _ticket(clock)  # arrived within the first one's window: its images are still being resized
+    s.expect(second)
+    s.put(first)
+    clock.now += 0.02  # the window has passed, but `second` arrived inside it
+    assert s._choose() == (None, None)  # wait for it (woken when it is put)
+    clock.now += 0.02
+    late = _ticket(clock)  # arrived after the window closed: not waited for
+    s.expect(late)
+    s.put(second)
+    assert s._choose() == (ActionBatch([first, second]), None)
+    s.put(late)
+    clock.now += 0.02
+    assert s._choose() == (ActionBatch([late]), None)
+
+
+def test_a_request_whose_preparation_failed_is_not_waited_for(clock):
+    s = _scheduler(clock, capacity=4, window_s=0.01)
+    first, broken = _ticket(clock), _ticket(clock)
+    s.expect(first)
+    s.expect(broken)
+    s.put(first)
+    clock.now += 0.02
+    assert s._choose() == (None, None)
+    s.unexpect(broken)
+    assert s._choose() == (ActionBatch([first]), None)

@@ -1,0 +1,241 @@
+"""Remote checkpoints, norm stats and tokenizers through fsspec, offline.
+
+The "remote" is fsspec's in-memory filesystem holding a tree in openpi's published layout
+(`params/` of the tiny parity fixture, `assets/<asset id>/norm_stats.json`); reads are counted and
+made to fail by patching its `_open`. No test reaches the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from configs import SHIPPED_TOKENIZERS, get_model_config
+from policy import checkpoint, download, tokenizer
+from policy.engine import AsyncPi05Inference
+from policy.normalize import checkpoint_normalizer, load_norm_stats
+from policy.params import flatten
+from policy.request import InferenceRequest, Observation, Options
+
+CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+
+
+def _stats(offset: float, dim: int = 8) -> dict:
+    q01 = np.arange(dim) - 4.0 + offset
+    entry = {"mean": [offset] * dim, "std": [1.0] * dim, "q01": q01.tolist(), "q99": (q01 + 2 + offset).tolist()}
+    return {"norm_stats": {"state": entry, "actions": entry}}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("OPENPI_DATA_HOME", str(tmp_path / "openpi"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def remote(fixture_dir):
+    """`memory://<bucket>/checkpoints/pi05_droid` in openpi's layout, with stats for two robots."""
+    fs = MemoryFileSystem()
+    bucket = f"pi05-test-{uuid.uuid4().hex[:8]}"
+    root = f"/{bucket}/checkpoints/pi05_droid"
+    for path in sorted((fixture_dir / "params").rglob("*")):
+        if path.is_file():
+            fs.pipe_file(f"{root}/params/{path.relative_to(fixture_dir / 'params').as_posix()}", path.read_bytes())
+    fs.pipe_file(f"{root}/assets/droid/norm_stats.json", json.dumps(_stats(1.0)).encode())
+    fs.pipe_file(f"{root}/assets/trossen/norm_stats.json", json.dumps(_stats(5.0)).encode())
+    fs.pipe_file(f"/{bucket}/paligemma_tokenizer.model", SHIPPED_TOKENIZERS["tiny"].read_bytes())
+    yield f"memory://{bucket}/checkpoints/pi05_droid"
+    fs.rm(f"/{bucket}", recursive=True)
+
+
+@pytest.fixture
+def opened(monkeypatch) -> list[str]:
+    """Every path the remote filesystem opens, in order."""
+    paths: list[str] = []
+    original = MemoryFileSystem._open
+
+    def counting(self, path, *args, **kwargs):
+        paths.append(path)
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "_open", counting)
+    return paths
+
+
+def _remote_files(url: str) -> dict[str, bytes]:
+    fs = MemoryFileSystem()
+    root = url.removeprefix("memory:/")
+    return {p.removeprefix(root + "/"): fs.cat_file(p) for p in fs.find(root)}
+
+
+def _local_files(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def test_first_resolve_downloads_the_checkpoint_into_the_cache(cache, remote):
+    out = io.StringIO()
+    local = download.maybe_download(remote, progress=out)
+    assert local == cache / "memory" / remote.removeprefix("memory://")
+    files = _remote_files(remote)
+    assert len(files) > 10 and "params/_METADATA" in files and "assets/droid/norm_stats.json" in files
+    assert _local_files(local) == files  # every file, byte for byte, nothing else
+    lines = out.getvalue().splitlines()
+    assert lines[-1].startswith(f"downloading {remote}: ") and "(100%," in lines[-1]
+    assert [p.name for p in local.parent.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_second_resolve_reads_nothing(cache, remote, opened):
+    first = download.maybe_download(remote, progress=None)
+    assert len(opened) == len(_remote_files(remote))
+    opened.clear()
+    assert download.maybe_download(remote, progress=None) == first
+    assert download.maybe_download(remote + "/", progress=None) == first
+    assert opened == []
+
+
+@pytest.mark.parametrize("failure", ["raises", "ends early"])
+def test_interrupted_download_leaves_no_complete_entry_and_a_retry_completes(cache, remote, monkeypatch, failure):
+    files = _remote_files(remote)
+    victim = max(files, key=lambda p: len(files[p]))  # the largest weights file
+    original = MemoryFileSystem._open
+
+    class Broken(io.BytesIO):
+        def read(self, n=-1):
+            if self.tell() >= len(files[victim]) // 2:
+                if failure == "raises":
+                    raise ConnectionError("connection reset")
+                return b""
+            return super().read(min(n, len(files[victim]) // 2 - self.tell()) if n > 0 else n)
+
+    def breaking(self, path, *args, **kwargs):
+        if path.endswith(victim):
+            return Broken(files[victim])
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "_open", breaking)
+    message = "connection reset" if failure == "raises" else "bytes arrived"
+    with pytest.raises(download.DownloadError, match=f"cannot fetch {remote}: .*{message}"):
+        download.maybe_download(remote, progress=None)
+    local = download.cache_path(remote)
+    assert not local.exists()
+    assert not local.with_name(local.name + ".partial").exists()
+
+    monkeypatch.setattr(MemoryFileSystem, "_open", original)
+    assert _local_files(download.maybe_download(remote, progress=None)) == files
+
+
+def test_a_partial_left_by_a_killed_process_is_replaced(cache, remote):
+    local = download.cache_path(remote)
+    stale = local.with_name(local.name + ".partial")
+    (stale / "params").mkdir(parents=True)
+    (stale / "params" / "_METADATA").write_bytes(b"half")
+    assert _local_files(download.maybe_download(remote, progress=None)) == _remote_files(remote)
+    assert not stale.exists()
+
+
+def test_a_missing_remote_is_not_found(cache, remote):
+    with pytest.raises(FileNotFoundError):
+        download.maybe_download(remote + "-missing", progress=None)
+    assert not download.cache_path(remote + "-missing").exists()
+
+
+def test_local_paths_pass_through(tmp_path, opened):
+    assert download.maybe_download(tmp_path / "ckpt") == tmp_path / "ckpt"
+    assert download.maybe_download("~/ckpt") == Path("~/ckpt").expanduser()
+    assert not download.is_url("/data/gs:/x") and download.is_url("gs://openpi-assets/checkpoints/pi05_droid")
+    assert opened == []
+
+
+def test_cache_layout_and_gs_is_anonymous(cache):
+    assert download.cache_path("gs://openpi-assets/checkpoints/pi05_droid/") == (
+        cache / "gs" / "openpi-assets" / "checkpoints" / "pi05_droid"
+    )
+    with pytest.raises(ValueError, match="does not name"):
+        download.cache_path("gs://bucket/../x")
+    fs, root = download._filesystem("gs://big_vision/paligemma_tokenizer.model")
+    assert (fs.protocol[0], root, fs.credentials.method) == ("gs", "big_vision/paligemma_tokenizer.model", "anon")
+
+
+def test_openpis_cache_is_used_for_gs(cache, tmp_path):
+    openpi = tmp_path / "openpi" / "openpi-assets" / "checkpoints" / "pi05_droid"
+    (openpi / "params").mkdir(parents=True)
+    assert download.maybe_download("gs://openpi-assets/checkpoints/pi05_droid") == openpi
+
+
+def test_norm_stats_are_found_by_asset_id(cache, remote):
+    assets = checkpoint.assets_dir(download.maybe_download(remote, progress=None))
+    droid = checkpoint_normalizer(get_model_config("pi05_droid"), assets)
+    aloha = checkpoint_normalizer(get_model_config("pi05_aloha"), assets)
+    np.testing.assert_array_equal(droid.actions.q01, _stats(1.0)["norm_stats"]["actions"]["q01"])
+    np.testing.assert_array_equal(aloha.actions.q01, _stats(5.0)["norm_stats"]["actions"]["q01"])
+    with pytest.raises(FileNotFoundError, match=r"'physical-intelligence/libero'.*\['droid', 'trossen'\]"):
+        checkpoint_normalizer(get_model_config("pi05_libero"), assets)
+    # A URL to one robot's folder works as --norm-stats does.
+    by_url = load_norm_stats(remote + "/assets/trossen")
+    np.testing.assert_array_equal(by_url.state.q99, aloha.state.q99)
+
+
+def test_paligemma_tokenizer_is_fetched_when_not_given(cache, remote, monkeypatch):
+    url = remote.split("/checkpoints/")[0] + "/paligemma_tokenizer.model"
+    monkeypatch.setattr(tokenizer, "PALIGEMMA_TOKENIZER_URL", url)
+    cfg = get_model_config("pi05")
+    with pytest.raises(FileNotFoundError, match="is not shipped"):
+        tokenizer.load_tokenizer(cfg)  # a library call without fetch never reaches the network
+    tok = tokenizer.load_tokenizer(cfg, fetch=True)
+    assert tok.path == download.cache_path(url)
+    assert tok.path.read_bytes() == SHIPPED_TOKENIZERS["tiny"].read_bytes()
+    assert tok.encode("pick up the pen") == tokenizer.load_tokenizer(get_model_config("pi05_tiny")).encode(
+        "pick up the pen"
+    )
+
+
+def _request() -> InferenceRequest:
+    rng = np.random.default_rng(0)
+    images = {k: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for k in CAMERAS}
+    state = np.linspace(-1, 1, 8, dtype=np.float32)
+    return InferenceRequest(Observation(images, state), "pick up the pen", Options(generate_subtask=False, seed=0))
+
+
+def _serve(checkpoint_dir, norm_stats) -> tuple[np.ndarray, AsyncPi05Inference]:
+    engine = AsyncPi05Inference(
+        "pi05_tiny",
+        checkpoint_dir=checkpoint_dir,
+        norm_stats=norm_stats,
+        max_batch=1,
+        max_decoding_steps_limit=4,
+        image_resolutions=(),
+        compile_in_background=False,
+    )
+
+    async def go():
+        async with engine:
+            return (await engine.submit(_request())).actions
+
+    return asyncio.run(go()), engine
+
+
+def test_engine_serves_the_remote_checkpoint_like_the_local_one(
+    cache, remote, opened, fixture_dir, tmp_path, jax_cache, tiny_params
+):
+    AsyncPi05Inference("pi05_tiny", checkpoint_dir=remote, norm_stats=remote + "/assets/droid")
+    assert opened == [] and not cache.exists()  # constructing reads nothing
+
+    remote_actions, engine = _serve(remote, remote + "/assets/droid")
+    assert engine.info()["checkpoint"] == remote
+    assert any(p.endswith("params/_METADATA") for p in opened)
+    # The weights served are the checkpoint's (random weights would give other actions on both sides).
+    for (path, got), (_, want) in zip(flatten(engine._executables.params), flatten(tiny_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=path)
+
+    (tmp_path / "norm_stats.json").write_text(json.dumps(_stats(1.0)))
+    local_actions, _ = _serve(fixture_dir, tmp_path / "norm_stats.json")
+    assert remote_actions.shape == (50, 8)
+    np.testing.assert_array_equal(remote_actions, local_actions)
