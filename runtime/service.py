@@ -181,14 +181,17 @@ class PolicyService:
             self.scheduler.set(session.key, request.refresh_interval)
         if request.type == REFRESH:
             return self._refresh_ack(session), {}
-        assert session.observation is not None and prompt is not None
+        # This request runs with the observation as it is now; a later request of the same robot
+        # may replace the session's while this one waits for the model.
+        observation = session.observation
+        assert observation is not None and prompt is not None
         kind = "infer" if request.type == INFER else "subtask"
         task = asyncio.current_task()
         running = self._running.setdefault(session.key, set())
         if task is not None:
             running.add(task)
         try:
-            result = await self._submit(InferenceRequest(session.observation, prompt, options, kind=kind))
+            result = await self._submit(InferenceRequest(observation, prompt, options, kind=kind))
         finally:
             running.discard(task)
             if not running and self._running.get(session.key) is running:
@@ -202,7 +205,7 @@ class PolicyService:
         if request.type == SUBTASK:
             return data, {}
         data["state"] = None if result.state is None else [float(x) for x in np.asarray(result.state).ravel()]
-        data["obs_timestamp"] = session.observation.timestamp
+        data["obs_timestamp"] = observation.timestamp
         return data, {ACTIONS: np.asarray(result.actions, np.float32)}
 
     def _validate(self, session: Session | None, request: Request) -> tuple[str | None, Options]:

@@ -4,6 +4,7 @@ that are gone (on an injected clock), `bye`, and what `ping` reports."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -182,3 +183,20 @@ def test_a_refresh_the_engine_could_not_run_is_refused_up_front():
         await service.close()
 
     asyncio.run(scenario())
+
+
+def test_pipelined_requests_of_one_robot_each_answer_for_their_own_observation():
+    class Slow(FixedBackend):
+        async def submit(self, request):
+            await asyncio.sleep(0.01)  # the second request arrives while the first waits
+            return await super().submit(request)
+
+    async def scenario():
+        service = PolicyService(Slow(), lambda topic, message: asyncio.sleep(0))
+        first = dataclasses.replace(_infer("arm"), observation=dataclasses.replace(_obs(), timestamp=1.0))
+        second = dataclasses.replace(_infer("arm"), observation=dataclasses.replace(_obs(), timestamp=2.0))
+        replies = await asyncio.gather(service.handle(b"p", first), service.handle(b"p", second))
+        await service.close()
+        return [data["obs_timestamp"] for data, _ in replies]
+
+    assert asyncio.run(scenario()) == [1.0, 2.0]
