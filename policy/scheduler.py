@@ -144,9 +144,20 @@ class Scheduler:
     robots that send together are batched together.
     """
 
-    def __init__(self, capacity: Callable[[], int], window_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        capacity: Callable[[], int],
+        window_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        starvation_s: float = 1.0,
+    ):
         self._capacity = capacity
         self._window_s = window_s
+        # Subtask decoding (a robot's, or a refresh) that has had no device turn for this long gets
+        # one segment ahead of the action requests: a steady stream of actions delays subtasks by
+        # at most this, and never starves them past their deadline.
+        self._starvation_s = starvation_s
+        self._last_turn: dict[str, float] = {"action": clock(), "refresh": clock()}
         self._clock = clock
         self._cond = threading.Condition()
         self._followups: collections.deque[DecodeJob] = collections.deque()
@@ -223,20 +234,46 @@ class Scheduler:
         now = self._clock()
         if self._followups:
             return FollowUp(self._followups.popleft()), None
+        for priority in ("action", "refresh"):
+            starved = self._starved(priority, now)
+            if starved is not None:
+                return starved, None
         work, wait_s = self._take(self._actions, ActionBatch, now, lambda t: not t.decodes)
         if work is not None or wait_s is not None:
             return work, wait_s
         for priority in ("action", "refresh"):
             job = self._decoding[priority]
             if job is not None:
+                self._last_turn[priority] = now
                 return Segment(job), None
             make = functools.partial(StartDecode, priority=priority)
             work, wait_s = self._take(
                 self._subtasks[priority], make, now, lambda t, p=priority: t.decodes and t.request.priority == p
             )
+            if work is not None:
+                self._last_turn[priority] = now
             if work is not None or wait_s is not None:
                 return work, wait_s
         return None, None
+
+    def _starved(self, priority: Priority, now: float) -> Work | None:
+        """A subtask decoding turn for `priority` if it has waited `starvation_s` for one."""
+        job = self._decoding[priority]
+        if job is not None:
+            if now - self._last_turn[priority] < self._starvation_s:
+                return None
+            self._last_turn[priority] = now
+            return Segment(job)
+        queue = self._subtasks[priority]
+        while queue and not queue[0].live(now):
+            queue.popleft()
+        if not queue or now - queue[0].enqueued < self._starvation_s:
+            return None
+        tickets = [t for t in (queue.popleft() for _ in range(min(self._capacity(), len(queue)))) if t.live(now)]
+        if not tickets:
+            return None
+        self._last_turn[priority] = now
+        return StartDecode(tickets, priority)
 
     def _take(
         self, queue: collections.deque[Ticket], make, now: float, same_class: Callable[[Ticket], bool]

@@ -1,35 +1,51 @@
 """`python -m robots.run`: a robot's control loop against a running policy server.
 
-    python -m robots.run --robot sim --server tcp://127.0.0.1:5555 --hz 50 --duration 10 --stats-json FILE
+    python -m robots.run --robot sim --server 127.0.0.1:5555 --hz 50 --duration 10 --stats-json FILE
 
 Writes the loop's summary as flat JSON keys: ticks, achieved_hz, jitter_ms_p50, jitter_ms_p99,
-underruns, chunks_received, inference_delay_ms_p50, inference_delay_ms_p99, subtasks_seen (and a
-few more).
+underruns, chunks_received, inference_delay_ms_p50, inference_delay_ms_p99, subtasks_seen, outages,
+outage_s (time without service), server_restarts (and a few more). A server that cannot be reached
+is reported in `--connect-timeout` seconds, in one line; once running, the loop rides through
+outages (holding the robot's safe action) and server restarts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from robots.sim import SimArm
 from runtime.chunk_buffer import BufferSettings
 from runtime.control_loop import ControlLoop, LoopSettings
-from transport.zmq_client import PolicyClient
+from runtime.demo import StatusLine
+from transport.errors import TransportError
+from transport.zmq_client import PolicyClient, zmq_endpoint
 
 log = logging.getLogger("robots.run")
 
 ROBOTS = {"sim": SimArm}
 
 
+def _endpoint(text: str) -> str:
+    try:
+        return zmq_endpoint(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m robots.run", description=__doc__.splitlines()[0])
     p.add_argument("--robot", choices=sorted(ROBOTS), default="sim")
-    p.add_argument("--server", default="tcp://127.0.0.1:5555", help="the server's ROUTER endpoint")
-    p.add_argument("--pub", default=None, help="the server's refresh PUB endpoint (default: ROUTER port + 1)")
+    p.add_argument(
+        "--server", type=_endpoint, default="tcp://127.0.0.1:5555", help="the server's ROUTER: host:port or tcp://..."
+    )
+    p.add_argument("--pub", type=_endpoint, default=None, help="the server's refresh PUB (default: ROUTER port + 1)")
     p.add_argument("--robot-id", default="sim-0")
     p.add_argument("--prompt", default="pick up the block")
     p.add_argument("--hz", type=float, default=50.0)
@@ -40,10 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subtask", choices=("off", "per_chunk", "refresh"), default="refresh")
     p.add_argument("--refresh-interval", type=float, default=2.0, help="seconds between subtask refreshes")
     p.add_argument("--max-decoding-steps", type=int, default=12)
-    p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, seconds")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds the first chunk may take per try (the model may compile)"
+    )
+    p.add_argument(
+        "--chunk-timeout", type=float, default=5.0, help="seconds after which a chunk request is abandoned and re-asked"
+    )
+    p.add_argument("--connect-timeout", type=float, default=3.0, help="seconds without a connection: unreachable")
     p.add_argument("--stats-json", type=Path, default=None, help="write the summary here")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
     return p
 
 
@@ -52,33 +74,63 @@ def default_pub(router: str) -> str:
     return f"{host}:{int(port) + 1}"
 
 
-def loop_settings(args: argparse.Namespace) -> LoopSettings:
+def loop_settings(args: argparse.Namespace, safe_action: tuple[float, ...] | None) -> LoopSettings:
     return LoopSettings(
         prompt=args.prompt,
         hz=args.hz,
         buffer=BufferSettings(
-            request_when_left=args.request_when_left, blend=args.blend, crossfade_steps=args.crossfade_steps
+            request_when_left=args.request_when_left,
+            blend=args.blend,
+            crossfade_steps=args.crossfade_steps,
+            safe_action=safe_action,
         ),
         subtask_mode=args.subtask,
         refresh_interval_s=args.refresh_interval,
         max_decoding_steps=args.max_decoding_steps,
+        request_timeout_s=args.chunk_timeout,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     robot = ROBOTS[args.robot](control_hz=args.hz, seed=args.seed)
-    with PolicyClient(args.server, args.robot_id, timeout_s=args.timeout) as client:
-        loop = ControlLoop(robot, client, loop_settings(args), pub_endpoint=args.pub or default_pub(args.server))
-        try:
-            summary = loop.run(args.duration)
-        except KeyboardInterrupt:
-            summary = loop.summary()
+    on_tick = StatusLine("robot") if sys.stderr.isatty() else None
+    client = PolicyClient(args.server, args.robot_id, timeout_s=args.timeout, connect_timeout_s=args.connect_timeout)
+    try:
+        loop = ControlLoop(
+            robot, client, loop_settings(args, robot.safe_action), args.pub or default_pub(args.server), on_tick
+        )
+        with _sigterm_stops(loop):
+            try:
+                summary = loop.run(args.duration)
+            except KeyboardInterrupt:
+                summary = loop.summary()
+    except TransportError as e:
+        print(f"robots.run: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    if on_tick is not None:
+        sys.stderr.write("\n")
     log.info("summary: %s", summary)
     if args.stats_json is not None:
         args.stats_json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_stops(loop: ControlLoop) -> Iterator[None]:
+    """While running, SIGTERM ends the loop as Ctrl-C does: it signs off from the server first."""
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: loop.stop())
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ class SimArm:
         self.n_joints = n_joints
         self.control_hz = control_hz
         self.action_dim = n_joints + 1
+        # With no plan left the arm stands still (no joint motion) with its gripper open.
+        self.safe_action = (0.0,) * self.action_dim
         self.image_size = image_size
         self.max_step = max_joint_speed / control_hz  # rad per tick
         self.link_length = 1.0 / n_joints

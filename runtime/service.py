@@ -200,6 +200,7 @@ class PolicyService:
             "subtask": result.subtask,
             "subtask_tokens": [int(t) for t in result.subtask_tokens],
             "timing": {k: float(v) for k, v in result.timing.items()},
+            "epoch": self.scheduler.epoch,
             **self._refresh_fields(session.key),
         }
         if request.type == SUBTASK:
@@ -254,6 +255,7 @@ class PolicyService:
     def _refresh_ack(self, session: Session) -> dict[str, Any]:
         return {
             **self._refresh_fields(session.key),
+            "epoch": self.scheduler.epoch,
             "waiting_for_observation": session.observation is None or session.prompt is None,
             "last": self.scheduler.last(session.key),
         }

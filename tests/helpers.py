@@ -1,13 +1,11 @@
-"""Helpers shared by tests: free ports, a server thread on them, and an engine with extra latency."""
+"""Helpers shared by tests: free ports and a policy server on a thread, on them."""
 
 from __future__ import annotations
-
-import asyncio
 
 from runtime.server_thread import ServerThread
 from runtime.server_thread import free_local_ports as free_ports
 
-__all__ = ["DelayedBackend", "free_ports", "server_thread", "zmq_server_thread"]
+__all__ = ["free_ports", "server_thread", "zmq_server_thread"]
 
 
 def server_thread(backend, *extra: str, ports: list[int] | None = None, websockets: bool = True) -> ServerThread:
@@ -24,28 +22,3 @@ def server_thread(backend, *extra: str, ports: list[int] | None = None, websocke
 def zmq_server_thread(backend, *extra: str) -> ServerThread:
     """The policy server's ZMQ endpoints alone, serving `backend`."""
     return server_thread(backend, *extra, websockets=False)
-
-
-class DelayedBackend:
-    """The real engine behind an extra, known latency on action requests (the injected delay)."""
-
-    def __init__(self, engine, delay_s: float):
-        self.engine, self.delay_s = engine, delay_s
-
-    @property
-    def healthy(self) -> bool:
-        return self.engine.healthy
-
-    def check(self, request):
-        self.engine.check(request)
-
-    async def prepare_images(self, images):
-        return await self.engine.prepare_images(images)
-
-    async def submit(self, request):
-        if request.kind == "infer":
-            await asyncio.sleep(self.delay_s)
-        return await self.engine.submit(request)
-
-    def info(self):
-        return self.engine.info()

@@ -1,17 +1,26 @@
-"""An asyncio client for the JSON WebSocket API.
+"""An asyncio client for the JSON WebSocket API, and a command-line test of a server.
 
 Requests on a connection are answered in order, so replies are matched first-in first-out; refresh
 pushes are told apart by their `type` and go to the refresh callbacks. A dropped connection is
 reopened with exponential backoff, and a request that was in flight is sent again (up to
-`retries` times); each request has a timeout. Round-trip times are kept per request for statistics.
+`retries` times); each request has a timeout. The newest round-trip times are kept for statistics.
+
+    python -m transport.ws_client --url ws://127.0.0.1:8765 --image base_0_rgb=front.png \
+        --image left_wrist_0_rgb=wrist.npy --prompt "pick up the pen" --repeat 10 --refresh 1
+
+prints each reply's subtask and action shape, each refresh as it arrives, and the client's round
+trip next to the server's `server_timing` and the engine's `timing`.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
+import dataclasses
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +35,8 @@ from transport.errors import RemoteError, RequestTimeout
 log = logging.getLogger(__name__)
 
 ImageLike = np.ndarray | str | Path
+CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+_KEPT_ROUND_TRIPS = 100_000
 
 
 def load_image(image: ImageLike) -> np.ndarray:
@@ -88,7 +99,7 @@ class JsonApiClient:
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
         self._refresh_callbacks: list[Callable[[dict[str, Any]], None]] = []
         self._lock = asyncio.Lock()
-        self.round_trips_ms: list[float] = []
+        self.round_trips_ms: collections.deque[float] = collections.deque(maxlen=_KEPT_ROUND_TRIPS)
         self.reconnects = 0
         self._connected_before = False
 
@@ -219,3 +230,188 @@ class JsonApiClient:
             "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)),
         }
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _camera_path(text: str) -> tuple[str, str]:
+    camera, sep, path = text.partition("=")
+    if not sep or not camera or not path:
+        raise argparse.ArgumentTypeError(f"expected CAMERA=PATH, got {text!r}")
+    return camera, path
+
+
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m transport.ws_client",
+        description="Send requests to a policy server's JSON WebSocket API and print what comes back.",
+    )
+    p.add_argument("--url", required=True, help="the server's JSON API, ws://HOST:PORT")
+    p.add_argument(
+        "--image",
+        type=_camera_path,
+        action="append",
+        default=[],
+        metavar="CAMERA=PATH",
+        help=f"an image file (PNG, JPEG, ...) or .npy (HxWx3 uint8) for one camera ({', '.join(CAMERAS)}); repeat",
+    )
+    p.add_argument("--random-images", action="store_true", help="random noise for every camera instead of --image")
+    p.add_argument("--prompt", default="pick up the block", help="the high-level prompt")
+    p.add_argument("--state", type=_numbers, default=None, help="the robot state, numbers separated by commas")
+    p.add_argument("--batch", type=int, default=1, help="requests per message (a batch request when more than 1)")
+    p.add_argument("--repeat", type=int, default=1, help="messages sent, one after the other")
+    p.add_argument("--refresh", type=float, default=None, metavar="SECONDS", help="ask for a refresh this often")
+    p.add_argument(
+        "--refreshes", type=int, default=None, metavar="N", help="with --refresh: stop after N (default: Ctrl-C)"
+    )
+    p.add_argument("--no-subtask", action="store_true", help="generate_subtask false")
+    p.add_argument("--low-level-prompt", default=None)
+    p.add_argument("--max-decoding-steps", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each reply")
+    return p
+
+
+def _images(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, np.ndarray]:
+    if bool(args.image) == args.random_images:
+        parser.error("give --image CAMERA=PATH (once per camera) or --random-images, not both or neither")
+    if args.random_images:
+        print(
+            f"WARNING: --random-images: sending random noise as the images of {', '.join(CAMERAS)} (224x224); "
+            "the subtask and actions that come back mean nothing",
+            file=sys.stderr,
+        )
+        rng = np.random.default_rng(args.seed)
+        return {camera: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for camera in CAMERAS}
+    images = {}
+    for camera, path in args.image:
+        try:
+            images[camera] = load_image(path)
+        except (OSError, ValueError, ImportError) as e:
+            parser.error(f"--image {camera}={path}: {e}")
+    return images
+
+
+@dataclasses.dataclass
+class _Report:
+    """What came back, for the statistics at the end."""
+
+    server_ms: list[float] = dataclasses.field(default_factory=list)
+    timing_ms: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    refreshes: int = 0
+
+    def add(self, result: dict[str, Any]) -> None:
+        server = result.get("server_timing") or {}
+        if "total_ms" in server:
+            self.server_ms.append(float(server["total_ms"]))
+        for key, value in (result.get("timing") or {}).items():
+            self.timing_ms.setdefault(key, []).append(float(value))
+
+
+def _describe(index: str, result: dict[str, Any], round_trip_ms: float) -> str:
+    timing = result.get("timing") or {}
+    phases = ", ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in timing.items() if k != "total_ms")
+    return (
+        f"reply {index}: subtask {result.get('subtask')!r} | actions {np.shape(result.get('actions'))} | "
+        f"round trip {round_trip_ms:.1f} ms | server_timing {result.get('server_timing', {}).get('total_ms', 0):.1f} ms"
+        f" | timing {timing.get('total_ms', 0):.1f} ms ({phases})"
+    )
+
+
+async def _run(args: argparse.Namespace, images: dict[str, np.ndarray], client: JsonApiClient, report: _Report) -> None:
+    options: dict[str, Any] = {}
+    for name in ("low_level_prompt", "max_decoding_steps", "temperature", "seed"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.no_subtask:
+        options["generate_subtask"] = False
+    if args.refresh is not None:
+        options["subtask_refresh_interval"] = args.refresh
+    request = build_request(images, args.prompt, args.state, **options)  # built once, sent `repeat` times
+    enough = asyncio.Event()
+
+    def on_refresh(message: dict[str, Any]) -> None:
+        report.refreshes += 1
+        print(f"refresh {message.get('refresh_count')}: subtask {message.get('subtask')!r}", flush=True)
+        if args.refreshes is not None and report.refreshes >= args.refreshes:
+            enough.set()
+
+    client.listen_for_refresh_messages(on_refresh)
+    await client.connect()
+    try:
+        await _exchange(args, request, client, report, enough)
+    finally:
+        await client.close()
+
+
+async def _exchange(
+    args: argparse.Namespace, request: dict[str, Any], client: JsonApiClient, report: _Report, enough: asyncio.Event
+) -> None:
+    for i in range(args.repeat):
+        if args.batch > 1:
+            results = await client.infer_batch([request] * args.batch)
+        else:
+            results = [await client.request(request)]
+        for j, result in enumerate(results):
+            report.add(result)
+            index = f"{i + 1}/{args.repeat}" + (f" [{j}]" if args.batch > 1 else "")
+            print(_describe(index, result, client.round_trips_ms[-1]), flush=True)
+    if args.refresh is not None and not enough.is_set():
+        until = "Ctrl-C" if args.refreshes is None else f"{args.refreshes} refreshes"
+        print(f"printing refreshes (every {args.refresh:g} s) until {until}", file=sys.stderr, flush=True)
+        await enough.wait()
+
+
+def _print_statistics(client: JsonApiClient, report: _Report) -> None:
+    def line(name: str, values: Sequence[float]) -> str:
+        if not values:
+            return f"  {name:<22} -"
+        v = np.asarray(values)
+        return (
+            f"  {name:<22} p50 {np.percentile(v, 50):9.2f} ms  p99 {np.percentile(v, 99):9.2f} ms  "
+            f"mean {v.mean():9.2f} ms  (n={v.size})"
+        )
+
+    print("timing:")
+    print(line("client round trip", list(client.round_trips_ms)))
+    print(line("server_timing.total", report.server_ms))
+    for key, values in report.timing_ms.items():
+        print(line(f"timing.{key.removesuffix('_ms')}", values))
+    if report.refreshes:
+        print(f"refreshes received: {report.refreshes}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.repeat < 1:
+        parser.error("--batch and --repeat must be at least 1")
+    images = _images(args, parser)
+    client = JsonApiClient(args.url, timeout_s=args.timeout)
+    report = _Report()
+    code = 0
+    try:
+        asyncio.run(_run(args, images, client, report))
+    except KeyboardInterrupt:
+        pass
+    except RemoteError as e:
+        code = 1
+        print(f"error: the server answered {e.code}: {e}", file=sys.stderr)
+    except (ConnectionError, RequestTimeout, ValueError) as e:
+        code = 1
+        print(f"error: {e}", file=sys.stderr)
+    _print_statistics(client, report)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,56 +1,140 @@
-"""The robot side of the ZMQ transport: a DEALER client and a SUB listener for refreshes.
+"""The robot side of the ZMQ transport: a blocking DEALER client, an asyncio one, and refresh subscribers.
 
-The client follows the ZeroMQ guide's Lazy Pirate pattern: each request has an id and a timeout;
-on a timeout the socket is closed with `LINGER 0`, reopened, and every request still waiting is
-sent again, up to `retries` times, so a client rides through a server restart. Replies are matched
-by id; a late reply to a request that is already answered is dropped. `PolicyClient` offers the
-same calls blocking, for control loops that are not asyncio.
+`PolicyClient` is what a robot uses: a plain DEALER on the caller's thread, so a request is a send,
+a poll and a receive with no event loop in between. It follows the ZeroMQ guide's Lazy Pirate
+pattern: each request has an id and a timeout; when one times out, the socket is closed with
+`LINGER 0` (dropping whatever was queued for a dead peer), reopened, and every request still
+waiting is sent again, up to `retries` times. Replies are matched by id; a late reply to a request
+already answered or abandoned is dropped. A socket monitor tells whether a connection is up: a
+request fails with `ServerUnreachable` once no connection has existed for `connect_timeout_s` while
+it waited, so a server that is not running is reported in seconds, not after every retry.
+
+Several requests can be in flight (`send` returns a future, `poll` makes progress, `wait` blocks for
+one), which is how a control loop pipelines without a thread. Refreshes arrive on SUB sockets that
+the same calls poll, so their callbacks run on the caller's thread, inside the client's calls.
+
+`AsyncPolicyClient` offers the same requests to asyncio code and `RefreshListener.run` the
+subscription.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
-import threading
-from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, TypeVar
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import msgpack
 import numpy as np
 import zmq
-import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
+from policy.request import Observation, Options
 from transport import codec
-from transport.errors import ProtocolError, RemoteError, RequestTimeout
+from transport.errors import ProtocolError, RemoteError, RequestTimeout, TransportError
 from transport.messages import (
     ACTIONS,
+    BYE,
     ERROR,
     INFER,
+    KEEP,
     PING,
     REFRESH,
+    REFRESH_INTERVAL,
     REPLY_TYPE,
     SUBTASK,
-    Observation,
-    Options,
     observation_arrays,
     options_to_wire,
 )
+from transport.zmq_reader import SocketReader
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+
+_HWM = 100
 
 
-@dataclasses.dataclass
+class ServerUnreachable(RequestTimeout):
+    """No connection to the server could be made (nothing listens there, or the host is unreachable)."""
+
+    code = "unreachable"
+
+
+def zmq_endpoint(address: str) -> str:
+    """The ZeroMQ endpoint for `host:port` or `tcp://host:port` (other transports, e.g. `ipc://`,
+    pass unchanged); raises ValueError saying what is expected."""
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme != "tcp":
+        return address
+    host, colon, port = (rest if sep else address).rpartition(":")
+    if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port or tcp://host:port with a port in 1..65535, got {address!r}")
+    return f"tcp://{host}:{int(port)}"
+
+
+def _encode_request(
+    kind: str,
+    request_id: int,
+    robot_id: str,
+    prompt: str | None,
+    options: Options | None,
+    observation: Observation | None,
+    refresh_interval: Any,
+) -> list:
+    header: dict[str, Any] = {"type": kind, "id": request_id, "robot": robot_id}
+    wire = options_to_wire(prompt, options, refresh_interval)
+    if wire:
+        header["options"] = wire
+    arrays = None
+    if observation is not None:
+        header["ts"] = observation.timestamp
+        arrays = observation_arrays(observation)
+    return codec.encode(header, arrays)
+
+
+def _reply_data(kind: str, header: dict[str, Any]) -> dict[str, Any]:
+    """The `data` of a reply to a `kind` request; raises the error it carries."""
+    if header.get("type") == ERROR:
+        error = header.get("error")
+        error = error if isinstance(error, dict) else {}
+        raise RemoteError(str(error.get("message", "unknown error")), str(error.get("code", "internal")))
+    if header.get("type") != REPLY_TYPE[kind]:
+        raise ProtocolError(f"expected a {REPLY_TYPE[kind]!r} reply, got {header.get('type')!r}")
+    data = header.get("data")
+    return dict(data) if isinstance(data, dict) else {}
+
+
+def _queue_full(endpoint: str) -> TransportError:
+    return TransportError(f"{_HWM} requests to {endpoint} are queued unanswered; not sending more", "busy")
+
+
+def _split_options(options: dict[str, Any]) -> tuple[Options, Any]:
+    """Decoding options and the refresh interval (absent: `KEEP`) from keyword arguments."""
+    interval = options.pop(REFRESH_INTERVAL, KEEP)
+    return Options(**options), interval
+
+
+@dataclasses.dataclass(eq=False)
 class _Pending:
+    future: concurrent.futures.Future
+    kind: str
     frames: list
-    future: asyncio.Future
-    expected: str
+    timeout_s: float
+    tries_left: int
+    created: float
+    sent: float
 
 
-class AsyncPolicyClient:
-    """Requests to the policy server's ROUTER, from one robot."""
+class PolicyClient:
+    """Requests to the policy server's ROUTER from one robot, on the caller's thread (not thread-safe).
+
+    `timeout_s` and `retries` are the defaults of every request; `send`, `start_infer`, `set_refresh`
+    and `bye` take their own.
+    """
 
     def __init__(
         self,
@@ -59,18 +143,346 @@ class AsyncPolicyClient:
         *,
         timeout_s: float = 10.0,
         retries: int = 3,
-        context: zmq.asyncio.Context | None = None,
+        connect_timeout_s: float = 3.0,
+        context: zmq.Context | None = None,
     ):
-        self.endpoint = endpoint
+        self.endpoint = zmq_endpoint(endpoint)
         self.robot_id = robot_id
         self.timeout_s = timeout_s
         self.retries = retries
-        self._ctx = context or zmq.asyncio.Context.instance()
-        self._socket: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task | None = None
-        self._pending: dict[int, _Pending] = {}
+        self.connect_timeout_s = connect_timeout_s
+        self.reconnects = 0
+        self._ctx = context or zmq.Context.instance()
         self._ids = itertools.count(1)
-        self._lock = asyncio.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._listeners: list[tuple[zmq.Socket, RefreshListener]] = []
+        # inproc endpoints report no connection events: they count as connected.
+        self._monitored = not self.endpoint.startswith("inproc://")
+        self._connected = not self._monitored
+        self._down_since = time.monotonic()
+        self._socket, self._monitor, self._poller = self._open()
+
+    def __enter__(self) -> PolicyClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open(self) -> tuple[zmq.Socket, zmq.Socket | None, zmq.Poller]:
+        socket = self._ctx.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, _HWM)
+        socket.setsockopt(zmq.RCVHWM, _HWM)
+        monitor = socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED) if self._monitored else None
+        socket.connect(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
+        for sub, _ in self._listeners:
+            poller.register(sub, zmq.POLLIN)
+        return socket, monitor, poller
+
+    def _close_socket(self) -> None:
+        if self._monitor is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+        self._socket.close(linger=0)
+
+    def close(self) -> None:
+        """Closes the sockets; requests still in flight are cancelled. Closing again does nothing."""
+        if self._socket.closed:
+            return
+        for pending in self._pending.values():
+            pending.future.cancel()
+        self._pending.clear()
+        self._close_socket()
+        for sub, _ in self._listeners:
+            sub.close(linger=0)
+        self._listeners.clear()
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection to the server is up (as the socket monitor last said)."""
+        return self._connected
+
+    # ------------------------------------------------------------------ requests
+
+    def send(
+        self,
+        kind: str,
+        prompt: str | None = None,
+        options: Options | None = None,
+        observation: Observation | None = None,
+        refresh_interval: Any = KEEP,
+        *,
+        timeout_s: float | None = None,
+        retries: int | None = None,
+    ) -> concurrent.futures.Future:
+        """Sends a request without waiting. The future (resolved by `poll` or `wait`) gives the reply's
+        `data` (with `actions` for an infer) or raises its error; cancel it to abandon the request."""
+        request_id = next(self._ids)
+        frames = _encode_request(kind, request_id, self.robot_id, prompt, options, observation, refresh_interval)
+        now = time.monotonic()
+        pending = _Pending(
+            concurrent.futures.Future(),
+            kind,
+            frames,
+            self.timeout_s if timeout_s is None else timeout_s,
+            self.retries if retries is None else retries,
+            now,
+            now,
+        )
+        try:
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pending.future.set_exception(_queue_full(self.endpoint))
+            return pending.future
+        self._pending[request_id] = pending
+        return pending.future
+
+    def wait(self, future: concurrent.futures.Future) -> dict[str, Any]:
+        """Blocks until `future` (from `send`) is resolved; its result."""
+        while not future.done():
+            self.poll(self._next_deadline() - time.monotonic())
+        return future.result()
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Waits up to `timeout_s` for replies and refreshes, handles what came (resolving futures,
+        calling refresh callbacks), then fails or resends the requests whose time is up."""
+        timeout_ms = max(0, math.ceil(timeout_s * 1e3))
+        events = dict(self._poller.poll(timeout_ms))
+        if self._monitor is not None and self._monitor in events:
+            self._read_monitor()
+        if self._socket in events:
+            self._read_replies()
+        for sub, listener in self._listeners:
+            if sub in events:
+                _drain_refreshes(sub, listener)
+        self._expire()
+
+    def _next_deadline(self) -> float:
+        deadlines = [p.sent + p.timeout_s for p in self._pending.values()]
+        if not self._connected:
+            deadlines += [max(self._down_since, p.created) + self.connect_timeout_s for p in self._pending.values()]
+        return min(deadlines, default=time.monotonic())
+
+    def _read_monitor(self) -> None:
+        assert self._monitor is not None
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self._connected = True
+            elif event == zmq.EVENT_DISCONNECTED and self._connected:
+                self._connected = False
+                self._down_since = time.monotonic()
+
+    def _read_replies(self) -> None:
+        while True:
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                header, arrays = codec.decode(frames)
+            except ProtocolError as e:
+                log.warning("dropped an undecodable reply from %s: %s", self.endpoint, e)
+                continue
+            request_id = header.get("id")
+            pending = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
+            if pending is None or pending.future.done():
+                continue  # a late reply to a request answered or abandoned already
+            try:
+                data = _reply_data(pending.kind, header)
+            except TransportError as e:
+                pending.future.set_exception(e)
+                continue
+            if pending.kind == INFER:
+                data[ACTIONS] = arrays.get(ACTIONS)
+            pending.future.set_result(data)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        reset = False
+        for request_id, p in list(self._pending.items()):
+            if p.future.done():  # cancelled by its owner
+                del self._pending[request_id]
+            elif not self._connected and now - max(self._down_since, p.created) >= self.connect_timeout_s:
+                del self._pending[request_id]
+                p.future.set_exception(
+                    ServerUnreachable(
+                        f"cannot reach the policy server at {self.endpoint}: no connection for "
+                        f"{self.connect_timeout_s:g} s (is it running, and is the address right?)"
+                    )
+                )
+                reset = True
+            elif now >= p.sent + p.timeout_s:
+                if p.tries_left == 0:
+                    del self._pending[request_id]
+                    p.future.set_exception(
+                        RequestTimeout(f"no reply to a {p.kind} request from {self.endpoint} within {p.timeout_s:g} s")
+                    )
+                else:
+                    p.tries_left -= 1
+                    log.info(
+                        "no reply to %s %d in %.1f s; reconnecting to %s",
+                        p.kind,
+                        request_id,
+                        p.timeout_s,
+                        self.endpoint,
+                    )
+                reset = True
+        if reset:
+            self._reset()
+
+    def _reset(self) -> None:
+        """Lazy Pirate: a new socket (the old one's queue and late replies are gone), every request
+        still waiting sent again."""
+        self._close_socket()
+        if self._connected:
+            self._connected = not self._monitored
+            self._down_since = time.monotonic()
+        self._socket, self._monitor, self._poller = self._open()
+        self.reconnects += 1
+        now = time.monotonic()
+        for request_id, p in list(self._pending.items()):
+            p.sent = now
+            try:
+                self._socket.send_multipart(p.frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                del self._pending[request_id]
+                p.future.set_exception(_queue_full(self.endpoint))
+
+    def request(
+        self,
+        kind: str,
+        prompt: str | None = None,
+        options: Options | None = None,
+        observation: Observation | None = None,
+        refresh_interval: Any = KEEP,
+        *,
+        timeout_s: float | None = None,
+        retries: int | None = None,
+    ) -> dict[str, Any]:
+        """Sends one request and waits for its reply's `data`."""
+        future = self.send(kind, prompt, options, observation, refresh_interval, timeout_s=timeout_s, retries=retries)
+        return self.wait(future)
+
+    def start_infer(
+        self,
+        images: Mapping[str, np.ndarray],
+        high_level_prompt: str,
+        state: np.ndarray | None = None,
+        timestamp: float | None = None,
+        *,
+        timeout_s: float | None = None,
+        retries: int | None = None,
+        **options: Any,
+    ) -> concurrent.futures.Future:
+        """`infer` without waiting: a future of its result."""
+        opts, interval = _split_options(options)
+        obs = Observation(images, state, timestamp)
+        return self.send(INFER, high_level_prompt, opts, obs, interval, timeout_s=timeout_s, retries=retries)
+
+    def infer(
+        self,
+        images: Mapping[str, np.ndarray],
+        high_level_prompt: str,
+        state: np.ndarray | None = None,
+        timestamp: float | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """An action chunk: the reply's fields (`subtask`, `timing`, ...) plus `actions` (an array)."""
+        return self.wait(self.start_infer(images, high_level_prompt, state, timestamp, **options))
+
+    def subtask(
+        self, images: Mapping[str, np.ndarray], high_level_prompt: str, state: np.ndarray | None = None, **options: Any
+    ) -> dict[str, Any]:
+        opts, interval = _split_options(options)
+        return self.request(SUBTASK, high_level_prompt, opts, Observation(images, state), interval)
+
+    def set_refresh(
+        self,
+        interval_s: float | None,
+        images: Mapping[str, np.ndarray] | None = None,
+        high_level_prompt: str | None = None,
+        state: np.ndarray | None = None,
+        *,
+        timeout_s: float | None = None,
+        retries: int | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Sets (seconds), changes or clears (None) this robot's subtask refresh interval; see
+        `AsyncPolicyClient.set_refresh`."""
+        obs = Observation(images, state) if images else None
+        opts = Options(**options) if high_level_prompt is not None else None
+        return self.request(REFRESH, high_level_prompt, opts, obs, interval_s, timeout_s=timeout_s, retries=retries)
+
+    def last_refresh(self) -> dict[str, Any] | None:
+        return self.request(REFRESH).get("last")
+
+    def ping(self, *, timeout_s: float | None = None, retries: int | None = None) -> dict[str, Any]:
+        return self.request(PING, timeout_s=timeout_s, retries=retries)
+
+    def bye(self, *, timeout_s: float | None = None, retries: int | None = None) -> dict[str, Any]:
+        """Ends this robot's session on the server (its refresh included)."""
+        return self.request(BYE, timeout_s=timeout_s, retries=retries)
+
+    def listen_refreshes(self, pub_endpoint: str, callback: Callable[[dict[str, Any]], None]) -> RefreshListener:
+        """Subscribes to this robot's refreshes. `callback(message)` runs inside this client's calls
+        (`poll`, `wait` and the blocking requests): a caller that only waits for refreshes calls `poll`."""
+        listener = RefreshListener(pub_endpoint, self.robot_id, callback)
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, listener.topic)
+        sub.connect(listener.endpoint)
+        self._listeners.append((sub, listener))
+        self._poller.register(sub, zmq.POLLIN)
+        return listener
+
+
+def _drain_refreshes(sub: zmq.Socket, listener: RefreshListener) -> None:
+    while True:
+        try:
+            frames = sub.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        listener.deliver(frames)
+
+
+@dataclasses.dataclass(eq=False)
+class _AsyncPending:
+    frames: list
+    future: asyncio.Future
+
+
+class AsyncPolicyClient:
+    """Requests to the policy server's ROUTER from one robot, for asyncio code.
+
+    Lazy Pirate as in `PolicyClient`: on a timeout the socket is replaced and every request still
+    waiting is sent again, up to `retries` times. The socket is a plain one read by a
+    `SocketReader` on the running loop (pyzmq's asyncio sockets add about a millisecond per round
+    trip); the server's WebSocket gateways use one client per connection.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        robot_id: str,
+        *,
+        timeout_s: float = 10.0,
+        retries: int = 3,
+        context: zmq.Context | None = None,
+    ):
+        self.endpoint = zmq_endpoint(endpoint)
+        self.robot_id = robot_id
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self._ctx = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._reader: SocketReader | None = None
+        self._pending: dict[int, _AsyncPending] = {}
+        self._ids = itertools.count(1)
         self.reconnects = 0
 
     async def __aenter__(self) -> AsyncPolicyClient:
@@ -83,95 +495,97 @@ class AsyncPolicyClient:
     async def connect(self) -> None:
         socket = self._ctx.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.SNDHWM, 100)
-        socket.setsockopt(zmq.RCVHWM, 100)
+        socket.setsockopt(zmq.SNDHWM, _HWM)
+        socket.setsockopt(zmq.RCVHWM, _HWM)
         socket.connect(self.endpoint)
         self._socket = socket
-        self._reader = asyncio.create_task(self._read(socket), name=f"zmq-client-{self.robot_id}")
+        self._reader = SocketReader(asyncio.get_running_loop(), socket, self._on_reply)
 
     async def close(self) -> None:
-        await self._close_socket()
+        self._close_socket()
         for pending in self._pending.values():
             if not pending.future.done():
                 pending.future.cancel()
         self._pending.clear()
 
     async def _reconnect(self) -> None:
-        async with self._lock:
-            await self._close_socket()
-            await self.connect()
-            self.reconnects += 1
-            for pending in self._pending.values():
-                await self._socket.send_multipart(pending.frames, copy=False)
+        self._close_socket()
+        await self.connect()
+        self.reconnects += 1
+        for pending in list(self._pending.values()):
+            await self._send(pending.frames)
 
-    async def _close_socket(self) -> None:
+    def _close_socket(self) -> None:
         if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader.close()
             self._reader = None
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
 
-    async def _read(self, socket: zmq.asyncio.Socket) -> None:
+    async def _send(self, frames: list) -> None:
+        """Sends without blocking the loop; waits (briefly, repeatedly) while ZMQ has no room or
+        no connection yet, until the request's timeout."""
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
-            frames = await socket.recv_multipart(copy=False)
+            assert self._socket is not None and self._reader is not None
             try:
-                header, arrays = codec.decode(frames)
-            except ProtocolError as e:
-                log.warning("dropped an undecodable reply: %s", e)
-                continue
-            pending = self._pending.get(header.get("id"))
-            if pending is None or pending.future.done():
-                continue  # a late reply to a request answered or abandoned already
-            pending.future.set_result((header, arrays))
+                self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                self._reader.kick()
+                return
+            except zmq.Again:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RequestTimeout(f"could not send to {self.endpoint} in {self.timeout_s} s") from None
+                await asyncio.sleep(0.005)
+
+    def _on_reply(self, frames: list) -> None:
+        try:
+            header, arrays = codec.decode(frames)
+        except ProtocolError as e:
+            log.warning("dropped an undecodable reply: %s", e)
+            return
+        request_id = header.get("id")
+        pending = self._pending.get(request_id) if isinstance(request_id, int) else None
+        if pending is None or pending.future.done():
+            return  # a late reply to a request answered or abandoned already
+        pending.future.set_result((header, arrays))
 
     async def request(
-        self, kind: str, options: Options | None = None, observation: Observation | None = None
+        self,
+        kind: str,
+        prompt: str | None = None,
+        options: Options | None = None,
+        observation: Observation | None = None,
+        refresh_interval: Any = KEEP,
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Sends one request and waits for its reply: (reply `data`, reply arrays)."""
         if self._socket is None:
             await self.connect()
         request_id = next(self._ids)
-        header: dict[str, Any] = {"type": kind, "id": request_id, "robot": self.robot_id}
-        if options is not None:
-            header["options"] = options_to_wire(options)
-        arrays = None
-        if observation is not None:
-            header["ts"] = observation.timestamp
-            arrays = observation_arrays(observation)
-        frames = codec.encode(header, arrays)
+        frames = _encode_request(kind, request_id, self.robot_id, prompt, options, observation, refresh_interval)
         future = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = _Pending(frames, future, REPLY_TYPE[kind])
+        self._pending[request_id] = _AsyncPending(frames, future)
         try:
-            async with self._lock:
-                await self._socket.send_multipart(frames, copy=False)
+            await self._send(frames)
             for attempt in range(self.retries + 1):
-                try:
-                    reply, reply_arrays = await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
+                # `asyncio.wait` on the future itself: no task wrapped around it (`wait_for` and
+                # `shield` cost a few loop turns per request).
+                done, _ = await asyncio.wait((future,), timeout=self.timeout_s)
+                if done:
+                    header, arrays = future.result()
                     break
-                except TimeoutError:
-                    if attempt == self.retries:
-                        raise RequestTimeout(
-                            f"no reply to {kind} request {request_id} from {self.endpoint} after "
-                            f"{self.retries + 1} tries of {self.timeout_s} s"
-                        ) from None
-                    log.info(
-                        "no reply to %s %d in %.1f s; reconnecting to %s",
-                        kind,
-                        request_id,
-                        self.timeout_s,
-                        self.endpoint,
+                if attempt == self.retries:
+                    raise RequestTimeout(
+                        f"no reply to {kind} request {request_id} from {self.endpoint} after "
+                        f"{self.retries + 1} tries of {self.timeout_s} s"
                     )
-                    await self._reconnect()
+                log.info(
+                    "no reply to %s %d in %.1f s; reconnecting to %s", kind, request_id, self.timeout_s, self.endpoint
+                )
+                await self._reconnect()
         finally:
             self._pending.pop(request_id, None)
-        if reply.get("type") == ERROR:
-            error = reply.get("error") or {}
-            raise RemoteError(error.get("message", "unknown error"), error.get("code", "internal"))
-        if reply.get("type") != REPLY_TYPE[kind]:
-            raise ProtocolError(f"expected a {REPLY_TYPE[kind]!r} reply, got {reply.get('type')!r}")
-        return reply.get("data") or {}, reply_arrays
+        return _reply_data(kind, header), arrays
 
     async def infer(
         self,
@@ -182,17 +596,17 @@ class AsyncPolicyClient:
         **options: Any,
     ) -> dict[str, Any]:
         """An action chunk: the reply's fields (`subtask`, `timing`, ...) plus `actions` (an array)."""
+        opts, interval = _split_options(options)
         data, arrays = await self.request(
-            INFER, Options(high_level_prompt=high_level_prompt, **options), Observation(images, state, timestamp)
+            INFER, high_level_prompt, opts, Observation(images, state, timestamp), interval
         )
         return {**data, ACTIONS: arrays.get(ACTIONS)}
 
     async def subtask(
         self, images: Mapping[str, np.ndarray], high_level_prompt: str, state: np.ndarray | None = None, **options: Any
     ) -> dict[str, Any]:
-        data, _ = await self.request(
-            SUBTASK, Options(high_level_prompt=high_level_prompt, **options), Observation(images, state)
-        )
+        opts, interval = _split_options(options)
+        data, _ = await self.request(SUBTASK, high_level_prompt, opts, Observation(images, state), interval)
         return data
 
     async def set_refresh(
@@ -210,86 +624,31 @@ class AsyncPolicyClient:
         refresh published, if any.
         """
         obs = Observation(images, state) if images else None
-        opts = Options(high_level_prompt=high_level_prompt, subtask_refresh_interval=interval_s, **options)
-        data, _ = await self.request(REFRESH, opts, obs)
+        opts = Options(**options) if high_level_prompt is not None else None
+        data, _ = await self.request(REFRESH, high_level_prompt, opts, obs, interval_s)
         return data
 
     async def last_refresh(self) -> dict[str, Any] | None:
-        data, _ = await self.request(REFRESH, Options())
+        data, _ = await self.request(REFRESH)
         return data.get("last")
 
     async def ping(self) -> dict[str, Any]:
         data, _ = await self.request(PING)
         return data
 
-
-class _LoopThread:
-    """An event loop on a daemon thread, for the blocking API."""
-
-    def __init__(self, name: str):
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
-        self.loop.close()
-
-
-class PolicyClient:
-    """The blocking face of `AsyncPolicyClient` (its own event loop on a background thread)."""
-
-    def __init__(self, endpoint: str, robot_id: str, *, timeout_s: float = 10.0, retries: int = 3):
-        self._thread = _LoopThread(f"zmq-client-{robot_id}")
-        self._client = AsyncPolicyClient(endpoint, robot_id, timeout_s=timeout_s, retries=retries)
-        self._listeners: list = []
-        self._thread.run(self._client.connect())
-
-    def __enter__(self) -> PolicyClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for listener in self._listeners:
-            listener.cancel()
-        self._thread.run(self._client.close())
-        self._thread.stop()
-
-    def infer(self, images, high_level_prompt, state=None, timestamp=None, **options) -> dict[str, Any]:
-        return self._thread.run(self._client.infer(images, high_level_prompt, state, timestamp, **options))
-
-    def subtask(self, images, high_level_prompt, state=None, **options) -> dict[str, Any]:
-        return self._thread.run(self._client.subtask(images, high_level_prompt, state, **options))
-
-    def set_refresh(self, interval_s, images=None, high_level_prompt=None, state=None, **options) -> dict[str, Any]:
-        return self._thread.run(self._client.set_refresh(interval_s, images, high_level_prompt, state, **options))
-
-    def ping(self) -> dict[str, Any]:
-        return self._thread.run(self._client.ping())
-
-    def listen_refreshes(self, pub_endpoint: str, callback: Callable[[dict[str, Any]], None]) -> RefreshListener:
-        """Starts a SUB listener for this robot's refreshes; `callback` runs on the client's thread."""
-        listener = RefreshListener(pub_endpoint, self._client.robot_id, callback)
-        self._listeners.append(asyncio.run_coroutine_threadsafe(listener.run(), self._thread.loop))
-        return listener
-
-    def submit(self, coro_fn: Callable[[AsyncPolicyClient], Coroutine[Any, Any, T]]) -> asyncio.Future:
-        """Starts a call without waiting: `client.submit(lambda c: c.infer(...))` -> a future."""
-        return asyncio.run_coroutine_threadsafe(coro_fn(self._client), self._thread.loop)
+    async def bye(self) -> dict[str, Any]:
+        """Ends this robot's session on the server (its refresh included)."""
+        data, _ = await self.request(BYE)
+        return data
 
 
 class RefreshListener:
-    """Subscribes to one robot's subtask refreshes and calls `callback(message)` for each new one.
+    """One robot's subtask refreshes: `callback(message)` for each new one.
 
     Messages are matched on the exact topic (ZMQ matches prefixes) and a message whose `seq` is not
     newer than the last one seen from the same server `epoch` is dropped, so a replayed last value is
-    delivered once and a restarted server (a new epoch) is followed.
+    delivered once and a restarted server (a new epoch) is followed. `run` subscribes on an asyncio
+    loop; `PolicyClient.listen_refreshes` feeds `deliver` from its own polling instead.
     """
 
     def __init__(
@@ -297,38 +656,47 @@ class RefreshListener:
         endpoint: str,
         robot_id: str,
         callback: Callable[[dict[str, Any]], None],
-        context: zmq.asyncio.Context | None = None,
+        context: zmq.Context | None = None,
     ):
-        self.endpoint = endpoint
+        self.endpoint = zmq_endpoint(endpoint)
         self.topic = robot_id.encode()
         self._callback = callback
-        self._ctx = context or zmq.asyncio.Context.instance()
+        self._ctx = context or zmq.Context.instance()
         self.last_seq = -1
-        self.epoch: float | None = None
+        self.epoch: Any = None
         self.received = 0
 
+    def deliver(self, frames: list[bytes]) -> None:
+        """Calls the callback with the message in `frames` if it is this robot's and new."""
+        if len(frames) != 2 or frames[0] != self.topic:
+            return
+        try:
+            message = msgpack.unpackb(frames[1], raw=False)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+            log.warning("dropped an undecodable refresh: %s", e)
+            return
+        if not isinstance(message, dict):
+            return
+        seq, epoch = message.get("seq"), message.get("epoch")
+        if not isinstance(seq, int):
+            return
+        if epoch == self.epoch and seq <= self.last_seq:
+            return
+        self.epoch, self.last_seq = epoch, seq
+        self.received += 1
+        self._callback(message)
+
     async def run(self) -> None:
+        """Subscribes and delivers until cancelled."""
         socket = self._ctx.socket(zmq.SUB)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SUBSCRIBE, self.topic)
         socket.connect(self.endpoint)
+        reader = SocketReader(
+            asyncio.get_running_loop(), socket, lambda frames: self.deliver([f.bytes for f in frames])
+        )
         try:
-            while True:
-                frames = await socket.recv_multipart()
-                if len(frames) != 2 or frames[0] != self.topic:
-                    continue
-                try:
-                    message = msgpack.unpackb(frames[1], raw=False)
-                except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-                    log.warning("dropped an undecodable refresh: %s", e)
-                    continue
-                if not isinstance(message, dict):
-                    continue
-                seq, epoch = message.get("seq", -1), message.get("epoch")
-                if epoch == self.epoch and seq <= self.last_seq:
-                    continue
-                self.epoch, self.last_seq = epoch, seq
-                self.received += 1
-                self._callback(message)
+            await asyncio.Event().wait()
         finally:
+            reader.close()
             socket.close(linger=0)

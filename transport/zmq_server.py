@@ -39,6 +39,7 @@ import zmq
 from transport import codec
 from transport.errors import ProtocolError, TransportError
 from transport.messages import ERROR, REPLY_TYPE, Request, build_request
+from transport.zmq_reader import SocketReader
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,10 @@ class Publisher:
         listening to every robot) says nothing about whether that robot is still there."""
         return self._subscribers.get(topic.encode(), 0)
 
+    def subscriptions(self) -> dict[bytes, int]:
+        """Every subscription prefix and how many subscribers hold it."""
+        return dict(self._subscribers)
+
     def forget(self, topic: str) -> None:
         """Drops the topic's last value (its session is gone)."""
         self._last.pop(topic.encode(), None)
@@ -123,39 +128,6 @@ class Publisher:
                 self._send(frames_)
 
 
-class _Reader:
-    """Calls `on_message(frames)` for every message a socket receives, from the event loop.
-
-    A ZMQ socket's file descriptor is edge-triggered and also signals for sends: each wake-up
-    drains what is waiting (a bounded number at a time, so one busy peer cannot hold the loop),
-    and the owner calls `kick()` after sending, which may have consumed an edge."""
-
-    BURST = 64
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket, on_message: Callable[[list], None]):
-        self._loop, self._sock, self._on_message = loop, sock, on_message
-        self._fd = sock.getsockopt(zmq.FD)
-        loop.add_reader(self._fd, self.drain)
-
-    def drain(self) -> None:
-        for _ in range(self.BURST):
-            if not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._on_message(frames)
-        self._loop.call_soon(self.drain)  # more waiting: let other work run first
-
-    def kick(self) -> None:
-        if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._loop.call_soon(self.drain)
-
-    def close(self) -> None:
-        self._loop.remove_reader(self._fd)
-
-
 class ZmqServer:
     """Bind first (`bind()`, before the model loads, so a port problem shows at once), then `start()`."""
 
@@ -167,7 +139,7 @@ class ZmqServer:
         self._xpub: zmq.Socket | None = None
         self.publisher: Publisher | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._readers: dict[zmq.Socket, _Reader] = {}
+        self._readers: dict[zmq.Socket, SocketReader] = {}
         self._in_flight: Counter[bytes] = Counter()
         self.router_endpoint: str | None = None
         self.internal_endpoint: str | None = None
@@ -221,12 +193,12 @@ class ZmqServer:
             self.bind()
         loop = asyncio.get_running_loop()
         for router, internal in self._routers:
-            self._readers[router] = _Reader(
+            self._readers[router] = SocketReader(
                 loop, router, lambda frames, r=router, i=internal: self._receive(r, i, frames)
             )
         if self._xpub is not None and self.publisher is not None:
             publisher = self.publisher
-            self._readers[self._xpub] = _Reader(
+            self._readers[self._xpub] = SocketReader(
                 loop, self._xpub, lambda frames: self._guard(publisher.on_subscription, frames)
             )
 

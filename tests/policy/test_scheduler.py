@@ -141,3 +141,21 @@ def test_a_request_whose_preparation_failed_is_not_waited_for(clock):
     assert s._choose() == (None, None)
     s.unexpect(broken)
     assert s._choose() == (ActionBatch([first]), None)
+
+
+def test_a_steady_stream_of_actions_delays_a_refresh_but_never_starves_it(clock):
+    s = Scheduler(lambda: 4, 0.0, clock, starvation_s=1.0)
+    refresh = _ticket(clock, decodes=True, priority="refresh", deadline_s=10.0)
+    s.put(refresh)
+    turns = []
+    for _ in range(30):  # an action batch every 0.125 s (exact in binary), always one waiting
+        s.put(_ticket(clock))
+        work = s.next()
+        turns.append(type(work).__name__)
+        if isinstance(work, StartDecode):
+            s.decoding(DecodeJob("refresh", work.tickets, 1, rows=None), "refresh")
+        clock.now += 0.125
+    # Actions first; once the refresh has waited a second it gets a turn, then a segment a second.
+    first = turns.index("StartDecode")
+    assert first == 8 and turns[:first] == ["ActionBatch"] * first
+    assert [i for i, t in enumerate(turns) if t == "Segment"] == [16, 24]

@@ -1,4 +1,4 @@
-"""The action-chunk buffer: latency compensation, blending, underruns, leftovers."""
+"""The action-chunk buffer: latency compensation, blending, underruns, leftovers, all by step counts."""
 
 from __future__ import annotations
 
@@ -65,6 +65,25 @@ def test_requests_when_the_threshold_is_reached_and_keeps_the_leftover():
     assert left.start_step == 7 and left.actions[:, 0].tolist() == [7, 8, 9]
     assert left.model_actions.shape == (3, 32)
     assert buf.chunk_age(7) == 7
+
+
+def test_requests_in_flight_count_as_coverage():
+    buf = ActionChunkBuffer(2, BufferSettings(request_when_left=10))
+    buf.add_chunk(_chunk(0, n=50), obs_step=0, now_step=0)
+    assert not buf.needs_chunk(39) and buf.needs_chunk(40)
+    # A request from the observation of step 30 will cover up to step 80 (the horizon seen is 50).
+    assert not buf.needs_chunk(40, [30]) and not buf.needs_chunk(69, [30]) and buf.needs_chunk(70, [30])
+    assert buf.needs_chunk(80, [30, 20])
+
+
+def test_a_chunk_older_than_the_plan_is_dropped():
+    buf = ActionChunkBuffer(1, BufferSettings(blend="replace"))
+    buf.add_chunk(_chunk(0, n=20, dim=1), obs_step=0, now_step=0)
+    assert buf.add_chunk(_chunk(100, n=20, dim=1), obs_step=10, now_step=12) == 2
+    # Answered later but computed from an earlier observation: the newer plan stays.
+    assert buf.add_chunk(_chunk(200, n=20, dim=1), obs_step=5, now_step=13) == 20
+    assert buf.metrics.stale_chunks == 1 and buf.next_action(13)[0] == 103
+    assert buf.chunk_age(13) == 3
 
 
 def test_bad_chunks_are_rejected():

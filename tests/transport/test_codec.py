@@ -175,9 +175,15 @@ def test_request_id_reads_what_it_safely_can(frames, expected):
     assert codec.request_id(frames) == expected
 
 
-def test_request_id_refuses_an_oversize_header_unread():
-    # Issue 9: `_header_id` unpacked a 60 MB header frame on the oversize path.
-    frame = msgpack.packb({"id": 5, "pad": "x" * codec.MAX_HEADER_BYTES})
+def test_request_id_of_an_oversize_header_is_scanned_not_unpacked(monkeypatch):
+    # Issue 9: `_header_id` unpacked a 60 MB header frame on the oversize path; yet a robot needs
+    # the id in the error reply to match it to its request.
+    frame = msgpack.packb({"pad": "x" * codec.MAX_HEADER_BYTES, "id": 5})
     assert len(frame) > codec.MAX_HEADER_BYTES
-    assert codec.request_id([frame]) is None
+    monkeypatch.setattr(msgpack, "unpackb", lambda *a, **k: pytest.fail("an oversize header was unpacked"))
+    assert codec.request_id([frame]) == 5
+    keys = {f"k{i}": i for i in range(codec.MAX_SCANNED_KEYS)}
+    assert codec.request_id([msgpack.packb({**keys, "pad": "x" * codec.MAX_HEADER_BYTES, "id": 5})]) is None
+    assert codec.request_id([msgpack.packb({"id": [5], "pad": "x" * codec.MAX_HEADER_BYTES})]) is None
+    monkeypatch.undo()
     assert codec.request_id([msgpack.packb({"id": 5, "pad": "x" * 100})]) == 5
