@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from configs.model_config import ModelConfig
-from policy.images import Resizer
+from policy.images import Resizer, check_image
 from policy.normalize import Normalizer
 from policy.prompts import Prompts
 from policy.request import InferenceRequest, Observation, Options
@@ -96,12 +96,7 @@ class RequestValidator:
         for name, image in images.items():
             if name not in self.cfg.image_keys:
                 raise ValueError(f"unknown camera {name!r}; this model's cameras are {list(self.cfg.image_keys)}")
-            if not isinstance(image, np.ndarray):
-                raise ValueError(f"image {name!r} must be a numpy array, got {type(image).__name__}")
-            if image.dtype != np.uint8:
-                raise ValueError(f"image {name!r} must be uint8 (0..255), got dtype {image.dtype}")
-            if image.ndim != 3 or image.shape[-1] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
-                raise ValueError(f"image {name!r} must have shape (H, W, 3), got {image.shape}")
+            check_image(name, image)
             if max(image.shape[:2]) > self.max_image_side:
                 raise ValueError(
                     f"image {name!r} is {image.shape[0]}x{image.shape[1]}, larger than {self.max_image_side} on a side"
