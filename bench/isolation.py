@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from bench.report import percentiles_ms, write_section
-from bench.transport_latency import ACTION_DIM, HORIZON, PROMPT, ServerProcess
+from bench.transport_latency import ACTION_DIM, HORIZON, PROMPT, wait_compiled
 from robots.adapters import BASE, LEFT_WRIST, RIGHT_WRIST
+from runtime.server_process import ServerProcess
 from transport.errors import TransportError
 from transport.ws_client import JsonApiClient, build_request
 from transport.zmq_client import PolicyClient
@@ -84,11 +85,11 @@ def run(phase_s: float, cycles: int, interval_s: float, max_batch: int) -> str:
     alone: list[float] = []
     loaded: list[float] = []
     with ServerProcess("--max-batch", str(max_batch)) as server:
-        sender = ctx.Process(target=_json_sender, args=(server.json_url, sending, idle, stop, results), daemon=True)
+        sender = ctx.Process(target=_json_sender, args=(server.ws, sending, idle, stop, results), daemon=True)
         sender.start()
         try:
             with PolicyClient(server.router, "isolation-probe", timeout_s=30.0) as client:
-                server.wait_compiled(client)
+                wait_compiled(client)
                 startup_rss = server.rss_mb()
                 if not idle.wait(120):
                     raise RuntimeError("the JSON client did not connect")
@@ -110,7 +111,7 @@ def run(phase_s: float, cycles: int, interval_s: float, max_batch: int) -> str:
             stop.set()
         json_round_trips, json_errors = results.get(timeout=180)
         sender.join(30)
-        complaints = sum(server.complaints.values())
+        complaints = len(server.complaints())
         flags = f"--phase {phase_s:g} --cycles {cycles} --interval {interval_s:g} --max-batch {max_batch}"
     return _report(alone, loaded, json_round_trips, json_errors, startup_rss, load, complaints, flags)
 

@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from typing import Any
@@ -40,10 +41,12 @@ from bench.transport_latency import (
     HORIZON,
     IMAGE_HW,
     PROMPT,
-    ServerProcess,
+    complaint_counts,
     droid_observation,
+    wait_compiled,
 )
 from robots.adapters import BASE, LEFT_WRIST, RIGHT_WRIST
+from runtime.server_process import ServerProcess
 from transport.errors import RequestTimeout, TransportError
 from transport.messages import ACTIONS
 from transport.ws_client import JsonApiClient, build_request
@@ -284,9 +287,9 @@ def run(settings: Settings) -> Outcome:
     go, stop, results, served = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Value("q", 0)
     with ServerProcess(*extra) as server:
         with PolicyClient(server.router, "soak-probe", timeout_s=30.0) as probe:
-            server.wait_compiled(probe)
+            wait_compiled(probe)
             model = probe.ping()["model"]
-            endpoints = Endpoints(server.router, server.json_url, server.openpi_port, model.get("state_dim") or 8)
+            endpoints = Endpoints(server.router, server.ws, server.ports[3], model.get("state_dim") or 8)
             first = 0
             procs = []
             for kind in KINDS:
@@ -321,8 +324,8 @@ def run(settings: Settings) -> Outcome:
             time.sleep(1.0)  # the gateways' `bye` for each closed connection
             after = probe.ping()["server"]
         alive = server.proc.poll() is None
-        complaints, complaint_lines = dict(server.complaints), list(server.complaint_lines)
-        exit_code = server.stop()
+        complaints, complaint_lines = complaint_counts(server), server.complaints()
+        exit_code = server.stop(signal.SIGTERM)
     return Outcome(
         samples, measured_from - started, measured_from, end, rss, after, alive, exit_code, complaints,
         complaint_lines, load, model.get("config", "?"),

@@ -15,7 +15,7 @@ openpi clients as `observation/exterior_image_1_left`, `observation/wrist_image_
 A 50-step action chunk comes back: 50x32 float32 over ZMQ and JSON, DROID's 50x8 over openpi's protocol.
 
 The transports take turns in short rounds, so a disturbance from other work on the machine falls on
-all of them alike; ratios are within this one run. `ServerProcess` is shared with `bench.isolation`
+all of them alike; ratios are within this one run. `wait_compiled` is shared with `bench.isolation`
 and `bench.soak`.
 """
 
@@ -29,13 +29,8 @@ import itertools
 import logging
 import multiprocessing
 import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +39,7 @@ import zmq
 from bench.report import percentiles_ms, write_section
 from policy.request import Observation, Options
 from robots.adapters import BASE, LEFT_WRIST, RIGHT_WRIST
+from runtime.server_process import ServerProcess
 from runtime.server_thread import free_local_ports
 from transport import codec
 from transport.messages import ACTIONS, INFER, REPLY_TYPE, observation_arrays, options_to_wire
@@ -71,130 +67,21 @@ JSON = "JSON API: `JsonApiClient` -> policy server"
 # ----------------------------------------------------------------------------- the server process
 
 
-class ServerProcess:
-    """`python -m runtime.policy_server` in a process of its own on free 127.0.0.1 ports, as deployed.
-
-    Its log (and its gateways', which share the stream) is read on a thread: the last lines are kept
-    for error messages and WARNING/ERROR lines are counted, so a benchmark can say whether the server
-    complained while it ran.
-    """
-
-    READY = "INFO runtime.policy_server: ready"
-
-    def __init__(self, *extra: str, start_timeout_s: float = 600.0):
-        self.router_port, self.pub_port, self.ws_port, self.openpi_port = free_local_ports(4)
-        cmd = [
-            sys.executable, "-m", "runtime.policy_server", "--host", "127.0.0.1",
-            "--router-port", str(self.router_port), "--pub-port", str(self.pub_port),
-            "--ws-port", str(self.ws_port), "--openpi-port", str(self.openpi_port),
-            "--log-level", "INFO", *extra,
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            cwd=Path(__file__).resolve().parent.parent,
-        )
-        self.pid = self.proc.pid
-        self.tail: collections.deque[str] = collections.deque(maxlen=200)
-        self.complaints: collections.Counter[str] = collections.Counter()  # log level -> lines after `ready`
-        self.complaint_lines: collections.deque[str] = collections.deque(maxlen=20)
-        self._ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, name="server-log", daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + start_timeout_s
-        while not self._ready.wait(0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the policy server did not get ready:\n" + "".join(self.tail))
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.tail.append(line)
-            if not self._ready.is_set():
-                if line.rstrip().endswith(self.READY):
-                    self._ready.set()
-                continue
-            for level in ("WARNING", "ERROR", "CRITICAL"):
-                if f" {level} " in line:
-                    self.complaints[level] += 1
-                    self.complaint_lines.append(line.rstrip())
-
-    @property
-    def router(self) -> str:
-        return f"tcp://127.0.0.1:{self.router_port}"
-
-    @property
-    def pub(self) -> str:
-        return f"tcp://127.0.0.1:{self.pub_port}"
-
-    @property
-    def json_url(self) -> str:
-        return f"ws://127.0.0.1:{self.ws_port}"
-
-    def wait_compiled(self, client: PolicyClient, timeout_s: float = 900.0) -> None:
-        """Returns once the engine has compiled every batch bucket: `ready` comes after the smallest
-        one, and compiles running in the background would be timed with whatever runs beside them."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            model = client.ping()["model"]
-            if set(model.get("batch_buckets", ())) <= set(model.get("compiled_buckets", ())):
-                return
-            time.sleep(1.0)
-        raise RuntimeError(f"the engine did not compile its batch buckets in {timeout_s} s")
-
-    def processes(self) -> dict[str, int]:
-        """The server's pid and its gateway children's, by name ("server", "json gateway", ...)."""
-        found = {"server": self.pid}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            if ppid == self.pid and b"runtime.ws_gateway" in argv:
-                protocol = argv[argv.index(b"runtime.ws_gateway") + 1].decode()
-                found[f"{protocol} gateway"] = int(entry.name)
-        return found
-
-    def rss_mb(self) -> dict[str, float]:
-        """VmRSS of the server and of each gateway process, MB."""
-        out = {}
-        for name, pid in self.processes().items():
-            out[name] = rss_mb(pid)
-        return out
-
-    def stop(self) -> int | None:
-        """SIGTERM, as a service manager would; the exit code (None if it had to be killed)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                return None
-        self._reader.join(5)
-        return self.proc.returncode
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+def wait_compiled(client: PolicyClient, timeout_s: float = 900.0) -> None:
+    """Returns once the engine has compiled every batch bucket: `ready` comes after the smallest
+    one, and compiles running in the background would be timed with whatever runs beside them."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        model = client.ping()["model"]
+        if set(model.get("batch_buckets", ())) <= set(model.get("compiled_buckets", ())):
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"the engine did not compile its batch buckets in {timeout_s} s")
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"process {pid} has no VmRSS")
+def complaint_counts(server: ServerProcess) -> dict[str, int]:
+    """How many lines the server logged at each of WARNING, ERROR and CRITICAL since `ready`."""
+    return dict(collections.Counter(line.split()[2] for line in server.complaints() if len(line.split()) > 2))
 
 
 # ----------------------------------------------------------------------------- references
@@ -391,7 +278,7 @@ def run(iters: int, json_iters: int, rounds: int, cameras: int) -> str:
         zmq_ref = stack.enter_context(ReferenceProcess(_serve_zmq_reference))
         zmq_client = stack.enter_context(PolicyClient(server.router, "bench-zmq"))
         zmq_ref_client = stack.enter_context(PolicyClient(f"tcp://127.0.0.1:{zmq_ref.port}", "bench-zmq-ref"))
-        openpi_client = WebsocketClientPolicy(host="127.0.0.1", port=server.openpi_port)
+        openpi_client = WebsocketClientPolicy(host="127.0.0.1", port=server.ports[3])
         stack.callback(openpi_client._ws.close)  # openpi-client 0.1.2 has no close()
         openpi_ref_client = WebsocketClientPolicy(host="127.0.0.1", port=openpi_ref.port)
         stack.callback(openpi_ref_client._ws.close)
@@ -399,7 +286,7 @@ def run(iters: int, json_iters: int, rounds: int, cameras: int) -> str:
         stack.callback(bare.close)
         bare_ref = _BareDealer(f"tcp://127.0.0.1:{zmq_ref.port}", images, state, BARE_REF)
         stack.callback(bare_ref.close)
-        json_caller = _JsonCaller(server.json_url, images, state)
+        json_caller = _JsonCaller(server.ws, images, state)
         stack.callback(json_caller.close)
 
         server_ms: list[float] = []  # the server's own time per ZMQ request, receipt to reply
@@ -433,7 +320,7 @@ def run(iters: int, json_iters: int, rounds: int, cameras: int) -> str:
         load_start = os.getloadavg()[0]
         results = _time_rounds(calls, per_round, rounds, warmup=5)
         load = (load_start, os.getloadavg()[0])
-        complaints = dict(server.complaints)
+        complaints = complaint_counts(server)
     flags = f"--iters {iters} --json-iters {json_iters} --rounds {rounds} --cameras {cameras}"
     return _report(results, float(np.median(server_ms)), rounds, cameras, complaints, load, flags)
 

@@ -35,14 +35,12 @@ import zmq
 
 from policy.request import InferenceRequest, InferenceResult
 from runtime.fixed_backend import FixedBackend
+from runtime.server_process import READY_LINE, REPO, ServerProcess
 from runtime.server_thread import free_local_ports
 from runtime.service import ServiceLimits
 from tests.helpers import zmq_server_thread as server_thread
 from tests.runtime.servers import (
-    READY_LINE,
-    REPO,
     RawDealer,
-    ServerProcess,
     image,
     infer_arrays,
     infer_header,
@@ -539,7 +537,7 @@ def test_robot_names_starting_with_at_are_refused_on_the_public_router(kind):
 
 
 def test_a_policy_client_is_served_again_after_the_server_is_killed_and_restarted():
-    server = ServerProcess().start()
+    server = ServerProcess("--fixed-reply").start()
     try:
         with PolicyClient(server.router, "arm", timeout_s=1.0, retries=60, connect_timeout_s=60) as client:
             assert client.infer({"base_0_rgb": image()}, "go")["actions"].shape == (50, 32)
@@ -621,7 +619,7 @@ def _open_port(port: int) -> bool:
 
 
 def test_ready_is_logged_only_once_every_endpoint_serves():
-    server = ServerProcess().spawn()
+    server = ServerProcess("--fixed-reply").spawn()
     try:
         assert server.wait_for(lambda line: line.rstrip().endswith(READY_LINE), 60), server.log
         # Right after `ready`, no retries: each endpoint answers.
@@ -639,7 +637,7 @@ def test_ready_is_logged_only_once_every_endpoint_serves():
 
 
 def test_sigint_stops_the_server_and_its_gateways_promptly():
-    server = ServerProcess().start()
+    server = ServerProcess("--fixed-reply").start()
     startup_s = time.monotonic() - server.started_at
     children = server.children()
     assert len(children) == 2, children
@@ -656,7 +654,7 @@ def test_sigint_stops_the_server_and_its_gateways_promptly():
 
 
 def test_a_second_sigint_exits_at_once():
-    server = ServerProcess().start()
+    server = ServerProcess("--fixed-reply").start()
     children = server.children()
     try:
         # A gateway that does not respond to SIGTERM makes the orderly stop wait for it (seconds).

@@ -39,7 +39,8 @@ from openpi_client import msgpack_numpy as openpi_msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from websockets.exceptions import ConnectionClosed
 
-from tests.runtime.servers import RawDealer, ServerProcess, image, infer_arrays, infer_header
+from runtime.server_process import ServerProcess
+from tests.runtime.servers import RawDealer, image, infer_arrays, infer_header
 from transport import codec
 from transport.errors import RemoteError
 from transport.messages import REPLY_TYPE
@@ -70,7 +71,7 @@ SETTINGS = settings(
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess() as s:
+    with ServerProcess("--fixed-reply") as s:
         yield s
 
 

@@ -11,56 +11,30 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import free_ports
+from runtime.server_process import ServerProcess
 from transport.zmq_client import PolicyClient
-
-
-def _start(tmp_path, *extra: str) -> tuple[subprocess.Popen, list[int], list[str]]:
-    ports = free_ports(4)
-    cmd = [
-        sys.executable, "-m", "runtime.policy_server", "--max-batch", "1",
-        "--router-port", str(ports[0]), "--pub-port", str(ports[1]),
-        "--ws-port", str(ports[2]), "--openpi-port", str(ports[3]), *extra,
-    ]  # fmt: skip
-    env = {**os.environ, "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}  # a fresh compile cache
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.rstrip().endswith("INFO runtime.policy_server: ready"):
-            return proc, ports, lines
-    proc.kill()
-    pytest.fail("the server never logged 'ready':\n" + "".join(lines))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serves_then_shuts_down_cleanly_on_a_signal(tmp_path, sig):
-    proc, ports, lines = _start(tmp_path)
-    try:
-        text = "".join(lines)
+    server = ServerProcess("--max-batch", "1", env={"HOME": str(tmp_path)})  # a fresh compile cache
+    with server:
+        ports = server.ports
         for endpoint in (
             f"router endpoint: tcp://127.0.0.1:{ports[0]}",
             f"pub endpoint: tcp://127.0.0.1:{ports[1]}",
             f"json websocket endpoint: ws://127.0.0.1:{ports[2]}",
             f"openpi websocket endpoint: ws://127.0.0.1:{ports[3]}",
         ):
-            assert endpoint in text
-        with PolicyClient(f"tcp://127.0.0.1:{ports[0]}", "probe", timeout_s=60) as client:
+            assert endpoint in server.log
+        with PolicyClient(server.router, "probe", timeout_s=60) as client:
             out = client.infer({"base_0_rgb": np.zeros((224, 224, 3), np.uint8)}, "go", generate_subtask=False)
             assert out["actions"].shape == (50, 32)
         sent = time.monotonic()
-        proc.send_signal(sig)
-        rest, _ = proc.communicate(timeout=30)
+        returncode = server.stop(sig)
         elapsed = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, rest
-    assert "shutting down" in rest
+    assert returncode == 0, server.log
+    assert "shutting down" in server.log
     print(f"shutdown took {elapsed:.2f} s")
 
 
