@@ -263,7 +263,8 @@ def options_to_wire(
     prompt: str | None, options: Options | None, refresh_interval: RefreshInterval = KEEP
 ) -> dict[str, Any]:
     """The wire map of a request's prompt, options and refresh interval (absent ones left out)."""
-    out: dict[str, Any] = {} if options is None else dataclasses.asdict(options)
+    # Options holds scalars only: a shallow dict (`dataclasses.asdict` deep-copies, on every request).
+    out: dict[str, Any] = {} if options is None else {name: getattr(options, name) for name in OPTION_NAMES}
     if prompt is not None:
         out[PROMPT] = prompt
     if refresh_interval is not KEEP:
