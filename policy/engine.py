@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import DEFAULT_MODEL, get_model_config
-from policy import checkpoint, download, params
+from policy import checkpoint, download, params, rtc
 from policy.executables import Executables
 from policy.host_prep import HostPrep
 from policy.images import DEFAULT_RESOLUTIONS, Resizer
@@ -58,7 +58,10 @@ class AsyncPi05Inference:
     `gpu_id` picks the device. `deadline_s` is the deadline of a request that carries none;
     `max_queue` bounds the requests in flight; `decode_segment_tokens` is how many subtask tokens
     run between two chances for an action batch; `image_resolutions` are the camera resolutions
-    whose resize compiles at start. `clock` (monotonic seconds) is injectable for tests.
+    whose resize compiles at start. `rtc_method` is how real-time chunking guides the flow
+    (`policy.rtc`): "vjp", the exact vector-Jacobian product through the action expert (a backward
+    pass per step, only in batches with a guided row), or "identity", the cheaper approximation;
+    compiled once, for every request. `clock` (monotonic seconds) is injectable for tests.
     Call `await start()` (or use `async with`) before serving.
     """
 
@@ -84,6 +87,7 @@ class AsyncPi05Inference:
         max_image_resolutions: int = 16,
         max_image_side: int = 4096,
         compile_in_background: bool = True,
+        rtc_method: rtc.Method = "vjp",
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -95,6 +99,9 @@ class AsyncPi05Inference:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if not 1 <= decode_segment_tokens:
             raise ValueError(f"decode_segment_tokens must be >= 1, got {decode_segment_tokens}")
+        if rtc_method not in rtc.METHODS:
+            raise ValueError(f"rtc_method must be one of {rtc.METHODS}, got {rtc_method!r}")
+        self.rtc_method = rtc_method
         self.buckets: tuple[int, ...] = tuple(sorted({b for b in batch_buckets if b <= max_batch} | {max_batch}))
         self.max_batch = max_batch
         self.max_decoding_steps_limit = max_decoding_steps_limit
@@ -203,6 +210,7 @@ class AsyncPi05Inference:
             "max_decoding_steps_limit": self.max_decoding_steps_limit,
             "decode_segment_tokens": self.decode_segment_tokens,
             "num_steps": self.num_steps,
+            "rtc_method": self.rtc_method,
             "deadline_s": self.deadline_s,
             "max_queue": self.max_queue,
             "in_flight": self._in_flight,
@@ -355,7 +363,13 @@ class AsyncPi05Inference:
         log.info("weights of %s on %s in %.1f s", self.cfg.name, self.device, self.startup_s["load"])
         start = time.perf_counter()
         self._executables = Executables(
-            self.cfg, weights, self.device, self.buckets, self.max_decoding_steps_limit, self.decode_segment_tokens
+            self.cfg,
+            weights,
+            self.device,
+            self.buckets,
+            self.max_decoding_steps_limit,
+            self.decode_segment_tokens,
+            self.rtc_method,
         )
         self._worker = DeviceWorker(
             self._executables,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from configs.model_config import ModelConfig
-from policy import phases, pi05
+from policy import phases, pi05, rtc
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class Executables:
         buckets: Sequence[int],
         max_steps: int,
         segment: int,
+        rtc_method: rtc.Method = "vjp",
     ):
         self.cfg = cfg
         self.params = params
@@ -47,6 +48,7 @@ class Executables:
         self.buckets = tuple(sorted(buckets))
         self.max_steps = max_steps
         self.segment = segment
+        self.rtc_method = rtc_method
         self._compiled: dict[tuple[str, int], Any] = {}
         self._ready: tuple[int, ...] = ()
         self._lock = threading.Lock()
@@ -79,10 +81,16 @@ class Executables:
             token_mask=spec((b, n), jnp.bool_),
         )
         seeds, steps = spec((b,), jnp.uint32), spec((), jnp.int32)
+        # Real-time chunking's columns (positional: the compiled call takes them after the steps) in
+        # every action batch; rows without guidance carry zero weights and beta.
+        h, e = self.cfg.action_horizon, self.cfg.action_dim
+        guide = rtc.Guide(spec((b, h, e), jnp.float32), spec((b, h), jnp.float32), spec((b,), jnp.float32))
         decode = dict(cfg=self.cfg, max_steps=self.max_steps)
         start_args = (self.params, obs, seeds, spec((b,), jnp.int32), spec((b,), jnp.float32))
         if phase == "action":
-            return phases.action_phase.lower(self.params, obs, seeds, steps, cfg=self.cfg)
+            return phases.action_phase.lower(
+                self.params, obs, seeds, steps, self.cfg, guide, rtc_method=self.rtc_method
+            )
         if phase == "subtask_start":
             return phases.subtask_start.lower(*start_args, **decode)
         state, image_tokens = jax.eval_shape(functools.partial(phases.subtask_start, **decode), *start_args)
@@ -92,7 +100,9 @@ class Executables:
         if phase == "action_from_image_tokens":
             tokens = spec(image_tokens.shape, image_tokens.dtype)
             no_images = pi05.Observation(None, obs.image_mask, obs.tokens, obs.token_mask)
-            return phases.action_from_image_tokens.lower(self.params, tokens, no_images, seeds, steps, cfg=self.cfg)
+            return phases.action_from_image_tokens.lower(
+                self.params, tokens, no_images, seeds, steps, self.cfg, guide, rtc_method=self.rtc_method
+            )
         raise ValueError(f"unknown phase {phase!r}; phases: {PHASES}")
 
     def _spec(self, shape, dtype) -> jax.ShapeDtypeStruct:

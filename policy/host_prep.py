@@ -2,7 +2,9 @@
 
 Each camera is resized once and each prompt tokenized once; the result is a typed `Row` that the
 device thread only stacks and sends. The one exception is the action prompt of a two-stage
-request: it carries the decoded subtask, so it is tokenized when the subtask is known.
+request: it carries the decoded subtask, so it is tokenized when the subtask is known. Real-time
+chunking's leftover is normalized and its prefix weights computed here too, so the device only
+sees fixed-shape columns.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from collections.abc import Mapping
 import numpy as np
 
 from configs.model_config import ModelConfig
+from policy import rtc
 from policy.images import Resizer
 from policy.normalize import Normalizer
 from policy.prompts import Prompts
+from policy.request import ChunkGuidance
 from policy.scheduler import Row, Ticket
 from policy.tokenizer import Tokenizer
 
@@ -53,6 +57,7 @@ class HostPrep:
             text = self.prompts.action_text(request.prompt, ticket.normalized_state, ticket.subtask)
         images, mask = self._cameras(self.images(request.observation.images))
         tokens, token_mask = self.prompts.tokenize(text)
+        guide, weights, beta = self.guide(request.guidance)
         ticket.row = Row(
             images=images,
             image_mask=mask,
@@ -61,7 +66,32 @@ class HostPrep:
             seed=np.uint32(ticket.seed),
             limit=np.int32(options.max_decoding_steps),
             temperature=np.float32(options.temperature),
+            guide=guide,
+            guide_weights=weights,
+            guide_beta=beta,
         )
+
+    def guide(self, guidance: ChunkGuidance | None) -> tuple[np.ndarray, np.ndarray, np.float32]:
+        """RTC's columns of a row: the leftover in model space padded to (A, E), its prefix weights
+        (A,) and beta; zeros without guidance.
+
+        The weights are 1 for the first d steps, decay by the schedule to 0 at
+        end = min(A - s, n) (the robot will not execute past A - s of the new chunk before the next
+        one, and there is nothing to continue past the n leftover steps) and are 0 from there on.
+        Guidance whose weights are all zero (d = 0 with "zeros", or beta = 0) gets beta 0: the row
+        samples exactly as an unguided one."""
+        horizon, dim = self.cfg.action_horizon, self.cfg.action_dim
+        guide = np.zeros((horizon, dim), np.float32)
+        weights = np.zeros(horizon, np.float32)
+        if guidance is None:
+            return guide, weights, np.float32(0)
+        leftover = np.asarray(guidance.prev_actions, np.float64)
+        n = leftover.shape[0]
+        guide[:n] = self.normalizer.normalize_actions(leftover, dim)
+        end = min(horizon - guidance.execute_horizon, n)
+        weights = rtc.prefix_weights(guidance.inference_delay, end, horizon, guidance.schedule)
+        beta = np.float32(guidance.max_guidance_weight if weights.any() else 0.0)
+        return guide, weights, beta
 
     def action_tokens(self, ticket: Ticket) -> tuple[np.ndarray, np.ndarray]:
         """The action prompt of a two-stage request, with its decoded subtask."""

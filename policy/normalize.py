@@ -59,6 +59,18 @@ class Normalizer:
     def unnormalize_actions(self, actions: np.ndarray) -> np.ndarray:
         return _unnormalize(actions, self.actions, self.mode)
 
+    def normalize_actions(self, actions: np.ndarray, dim: int) -> np.ndarray:
+        """Robot-unit actions (..., n) into model space (..., dim): the inverse of
+        `unnormalize_actions` on the first n dims, the rest zero, as openpi pads actions after
+        normalizing them (`PadStatesAndActions`). Real-time chunking guides toward these."""
+        x = np.asarray(actions, np.float64)
+        n = x.shape[-1]
+        if n > dim:
+            raise ValueError(f"actions have {n} dims, more than the model's {dim}")
+        out = np.zeros((*x.shape[:-1], dim), np.float32)
+        out[..., :n] = _normalize(x, self.actions, self.mode)
+        return out
+
 
 IDENTITY = Normalizer(state=None, actions=None)
 

@@ -7,6 +7,10 @@ The engine serves a subtask in pieces: `subtask_start` (SigLIP, the prefix pass,
 it also returns the image tokens), then `subtask_segment` a few tokens at a time with the decoding
 state donated from one call to the next, then `action_from_image_tokens`, which reuses those image
 tokens instead of running SigLIP again. `subtask_phase` is the same decoding in one call.
+
+The two action phases take real-time chunking's per-row `rtc.Guide` (the engine always passes one,
+zeros for rows without guidance) and its method as a static argument; without a guide they are
+the plain sampler.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import functools
 import jax
 
 from configs.model_config import ModelConfig
-from policy import decoding, pi05
+from policy import decoding, pi05, rtc
 
 _SUBTASK_STREAM, _NOISE_STREAM = 0, 1
 
@@ -66,16 +70,41 @@ def subtask_segment(
     return decoding.advance(params, state, cfg, max_steps, segment)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def action_phase(
-    params: dict, obs: pi05.Observation, seeds: jax.Array, num_steps: jax.Array, cfg: ModelConfig
+def _sample(
+    params: dict,
+    obs: pi05.Observation,
+    seeds: jax.Array,
+    num_steps: jax.Array,
+    cfg: ModelConfig,
+    guide: rtc.Guide | None,
+    rtc_method: rtc.Method,
+    image_tokens: jax.Array | None = None,
 ) -> jax.Array:
-    """Prefill of the action prompt, per-row noise, Euler steps: actions (B, A, E) in model space."""
     noise = pi05.noise_from_keys(_row_keys(seeds, _NOISE_STREAM), cfg)
-    return pi05.sample_actions(params, obs, noise, cfg, num_steps)
+    if guide is None:
+        return pi05.sample_actions(params, obs, noise, cfg, num_steps, image_tokens)
+    prefix = pi05.prefill(params, obs, cfg, image_tokens)
+    return rtc.denoise(params, prefix, noise, num_steps, cfg, guide, rtc_method)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(jax.jit, static_argnames=("cfg", "rtc_method"))
+def action_phase(
+    params: dict,
+    obs: pi05.Observation,
+    seeds: jax.Array,
+    num_steps: jax.Array,
+    cfg: ModelConfig,
+    guide: rtc.Guide | None = None,
+    rtc_method: rtc.Method = "vjp",
+) -> jax.Array:
+    """Prefill of the action prompt, per-row noise, Euler steps: actions (B, A, E) in model space.
+
+    With a `guide` (the engine always passes one: zero weight and beta for rows without real-time
+    chunking) the steps are guided per row; without one this is the plain sampler."""
+    return _sample(params, obs, seeds, num_steps, cfg, guide, rtc_method)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rtc_method"))
 def action_from_image_tokens(
     params: dict,
     image_tokens: jax.Array,
@@ -83,7 +112,8 @@ def action_from_image_tokens(
     seeds: jax.Array,
     num_steps: jax.Array,
     cfg: ModelConfig,
+    guide: rtc.Guide | None = None,
+    rtc_method: rtc.Method = "vjp",
 ) -> jax.Array:
     """`action_phase` on image tokens from `subtask_start`: no SigLIP (`obs.images` is not read)."""
-    noise = pi05.noise_from_keys(_row_keys(seeds, _NOISE_STREAM), cfg)
-    return pi05.sample_actions(params, obs, noise, cfg, num_steps, image_tokens)
+    return _sample(params, obs, seeds, num_steps, cfg, guide, rtc_method, image_tokens)

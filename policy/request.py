@@ -33,6 +33,31 @@ class Options:
 
 OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Options))
 
+# Prefix-weight schedules of real-time chunking (Black, Galliker & Levine 2025): how the guidance
+# weight falls from 1 after the first `inference_delay` steps to 0 at `horizon - execute_horizon`.
+Schedule = Literal["exp", "linear", "ones", "zeros"]
+SCHEDULES: tuple[str, ...] = ("exp", "linear", "ones", "zeros")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkGuidance:
+    """Real-time chunking: steer the new chunk to continue the one the robot is executing.
+
+    `prev_actions` is the robot's unexecuted leftover, (n, robot action dim) in robot units, its
+    row 0 scheduled for the same control step as the new chunk's row 0 (the step of the request's
+    observation); the engine normalizes it and pads it to (horizon, model action dim) with the
+    statistics it unnormalizes with. `inference_delay` (d) is how many steps the robot executes
+    from the old chunk before the new one arrives; `execute_horizon` (s) how many it will execute
+    from the new one before the next arrives; `max_guidance_weight` is beta, the clip on the
+    guidance weight (0 turns guidance off).
+    """
+
+    prev_actions: np.ndarray
+    inference_delay: int
+    execute_horizon: int
+    schedule: Schedule = "exp"
+    max_guidance_weight: float = 5.0
+
 
 @dataclasses.dataclass(frozen=True)
 class Observation:
@@ -57,6 +82,8 @@ class InferenceRequest:
     kind: Kind = "infer"
     priority: Priority = "action"
     deadline: float | None = None
+    guidance: ChunkGuidance | None = None  # real-time chunking; None samples unguided
+    return_model_actions: bool = False  # also answer the chunk in model space
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +96,8 @@ class InferenceResult:
     subtask_tokens: tuple[int, ...]
     state: np.ndarray | None
     timing: Mapping[str, float]
+    # The chunk in model space (horizon, model action dim), normalized and padded, when asked.
+    model_actions: np.ndarray | None = None
 
 
 class EngineError(Exception):

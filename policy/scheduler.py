@@ -34,8 +34,9 @@ from policy.request import DeadlineExceeded, EngineError, InferenceRequest, Prio
 class Row:
     """One request's model inputs for one phase, prepared on the host: what the device stacks.
 
-    A new model input (real-time chunking's previous chunk) is a field here and in the phase's
-    signature; `stack` needs no change.
+    A new model input is a field here and in the phase's signature; `stack` needs no change.
+    Real-time chunking's columns are there for every row (zeros without guidance), so guided and
+    plain rows stack into one batch of fixed shapes.
     """
 
     images: np.ndarray  # (C, S, S, 3) uint8, cameras in config order, a masked camera black
@@ -45,6 +46,9 @@ class Row:
     seed: np.uint32
     limit: np.int32  # decoding budget (subtask phase)
     temperature: np.float32  # (subtask phase)
+    guide: np.ndarray  # (A, E) float32: the leftover in model space, zero-padded (action phase)
+    guide_weights: np.ndarray  # (A,) float32: RTC's prefix weights, zeros without guidance
+    guide_beta: np.float32  # the guidance weight's clip; 0 without guidance
 
 
 def stack(rows: Sequence[Row], size: int) -> Row:
@@ -101,7 +105,7 @@ class DecodeJob:
     priority: Priority
     tickets: list[Ticket]
     bucket: int
-    rows: Row  # the stacked subtask-phase inputs (their image masks serve the action phase)
+    rows: Row  # the stacked subtask-phase inputs (their image masks, seeds and guidance serve the action phase)
     state: Any = None  # decoding.DecodeState on the device
     image_tokens: Any = None  # (bucket, C * P, D) on the device, for the action phase
     segments: int = 0

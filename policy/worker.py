@@ -17,7 +17,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from policy import decoding, pi05
+from policy import decoding, pi05, rtc
 from policy.executables import Executables
 from policy.host_prep import HostPrep
 from policy.normalize import Normalizer
@@ -26,6 +26,7 @@ from policy.scheduler import (
     ActionBatch,
     DecodeJob,
     FollowUp,
+    Row,
     Scheduler,
     Segment,
     StartDecode,
@@ -98,7 +99,7 @@ class DeviceWorker:
         rows = stack([t.row for t in tickets], b)
         obs = self._put(pi05.Observation(rows.images, rows.image_mask, rows.tokens, rows.token_mask))
         start = time.perf_counter()
-        actions = np.asarray(self.x.run("action", b, obs, self._put(rows.seed), self._steps()))
+        actions = np.asarray(self.x.run("action", b, obs, self._put(rows.seed), self._steps(), self._guide(rows)))
         ms = (time.perf_counter() - start) * 1e3
         self.batch_counts[("action", len(tickets))] += 1
         for i, t in enumerate(tickets):
@@ -162,7 +163,13 @@ class DeviceWorker:
         start = time.perf_counter()
         image_tokens, job.image_tokens = job.image_tokens, None
         out = self.x.run(
-            "action_from_image_tokens", job.bucket, image_tokens, obs, self._put(job.rows.seed), self._steps()
+            "action_from_image_tokens",
+            job.bucket,
+            image_tokens,
+            obs,
+            self._put(job.rows.seed),
+            self._steps(),
+            self._guide(job.rows),  # the two-stage rows' guidance, prepared with their first phase
         )
         actions = np.asarray(out)
         ms = (time.perf_counter() - start) * 1e3
@@ -179,6 +186,9 @@ class DeviceWorker:
 
     def _steps(self) -> jax.Array:
         return self._put(np.int32(self.num_steps))
+
+    def _guide(self, rows: Row) -> rtc.Guide:
+        return self._put(rtc.Guide(rows.guide, rows.guide_weights, rows.guide_beta))
 
     def _started(self, tickets: list[Ticket]) -> None:
         now = self.clock()
@@ -197,7 +207,10 @@ class DeviceWorker:
             "subtask_ms": t.subtask_ms,
             "action_ms": t.action_ms,
         }
-        result = InferenceResult(actions, t.subtask, t.subtask_tokens, t.state, timing)
+        returned = None  # a copy: the caller owns it (the batch's array is the device's, read-only)
+        if model_actions is not None and t.request.return_model_actions:
+            returned = np.array(model_actions, np.float32)
+        result = InferenceResult(actions, t.subtask, t.subtask_tokens, t.state, timing, returned)
         try:
             t.future.set_result(result)
         except concurrent.futures.InvalidStateError:  # its waiter gave up (deadline) and cancelled it

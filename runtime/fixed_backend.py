@@ -62,9 +62,11 @@ class FixedBackend:
     async def submit(self, request: InferenceRequest) -> InferenceResult:
         start = time.perf_counter()
         self.served += 1
-        actions = None
+        actions = model_actions = None
         if request.kind == "infer":
             actions = np.zeros((self.cfg.action_horizon, self.cfg.action_dim), np.float32)
+            if request.return_model_actions:
+                model_actions = np.zeros_like(actions)
         ms = (time.perf_counter() - start) * 1e3
         return InferenceResult(
             actions=actions,
@@ -72,4 +74,5 @@ class FixedBackend:
             subtask_tokens=(),
             state=request.observation.state,
             timing={"total_ms": ms, "subtask_ms": 0.0, "action_ms": 0.0, "queue_ms": 0.0},
+            model_actions=model_actions,
         )
