@@ -74,7 +74,8 @@ def _prompt(obs: Mapping[str, Any]) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-    """One robot layout: `to_model(observation dict)` and `from_model(actions)`."""
+    """One robot layout: `to_model(observation dict)` and `from_model(actions)`; `actions_to_model`
+    inverts `from_model` on the layout's dims (real-time chunking sends the leftover back)."""
 
     name: str
     state_dim: int
@@ -82,6 +83,7 @@ class Adapter:
     to_model: Callable[[Mapping[str, Any]], ModelInputs]
     from_model: Callable[[np.ndarray], np.ndarray]
     example: Callable[[np.random.Generator], dict[str, Any]]
+    actions_to_model: Callable[[np.ndarray], np.ndarray] = lambda a: np.asarray(a, np.float64)
 
 
 # ----------------------------------------------------------------------------- DROID
@@ -184,6 +186,13 @@ def _aloha_out(actions: np.ndarray) -> np.ndarray:
     return out
 
 
+def _aloha_actions_in(actions: np.ndarray) -> np.ndarray:
+    """`_aloha_out` inverted: ALOHA's actions back into pi0's space (the flips are their own inverse)."""
+    out = np.array(actions, np.float64)
+    out[:, _GRIPPERS] = _unscale(out[:, _GRIPPERS], -0.6213, 1.4910) - 0.5476
+    return _FLIP * out
+
+
 def _aloha_example(rng: np.random.Generator) -> dict[str, Any]:
     return {
         "state": np.ones(14),
@@ -195,7 +204,7 @@ def _aloha_example(rng: np.random.Generator) -> dict[str, Any]:
 ADAPTERS: dict[str, Adapter] = {
     "droid": Adapter("droid", 8, 8, _droid_in, lambda a: np.asarray(a, np.float64)[:, :8], _droid_example),
     "libero": Adapter("libero", 8, 7, _libero_in, lambda a: np.asarray(a, np.float64)[:, :7], _libero_example),
-    "aloha": Adapter("aloha", 14, 14, _aloha_in, _aloha_out, _aloha_example),
+    "aloha": Adapter("aloha", 14, 14, _aloha_in, _aloha_out, _aloha_example, _aloha_actions_in),
 }
 
 

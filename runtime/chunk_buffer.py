@@ -4,19 +4,33 @@ Every action in the buffer is scheduled for an absolute control step. A chunk co
 observation of step s holds the actions for steps s, s+1, ...; when it arrives at step t, the
 actions for steps s .. t-1 have already passed during inference and are dropped (latency
 compensation), and the rest is merged with what is left of the current plan by the selected
-policy: replace, a linear crossfade over k steps, or a per-step weighted average (LeRobot's
-0.3 old / 0.7 new). The unexecuted leftover stays available, in model space when the server sent
-it, for real-time chunking (guided inpainting toward the leftover) to plug in.
+policy: replace, a linear crossfade over k steps, a per-step weighted average (LeRobot's
+0.3 old / 0.7 new), or real-time chunking.
+
+Real-time chunking (`rtc`; Black, Galliker & Levine 2025) moves the blending into the model: each
+request carries the unexecuted leftover from its observation's step (`rtc_inputs`), the
+inference delay d (steps the robot executes from the old chunk before the new one lands) and the
+execution horizon s (steps executed from the new one before the next lands), and the server
+samples a chunk whose first d steps continue the leftover. The buffer estimates d as a high
+percentile of the delays it measured (the first chunks excluded: they carry compilation and
+connection set-up), keeps d <= s <= H - d, asks for a chunk every s steps with one request in
+flight (the leftover must be final when it is sent), and on arrival executes the new chunk from
+the step it arrives at, unblended.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
 from typing import Literal
 
 import numpy as np
 
-Blend = Literal["replace", "crossfade", "average"]
+from policy.request import SCHEDULES
+
+Blend = Literal["replace", "crossfade", "average", "rtc"]
+BLENDS: tuple[str, ...] = ("replace", "crossfade", "average", "rtc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,14 +43,31 @@ class BufferSettings:
     crossfade_steps: int = 8
     average_old_weight: float = 0.3
     safe_action: tuple[float, ...] | None = None  # on underrun; None holds the last action
+    # Real-time chunking (blend "rtc"): the wished execution horizon s (kept within d..H - d), the
+    # percentile of recent delays taken as d, how many delays it looks at, how many first chunks
+    # it leaves out, and the guidance options sent along (the server's defaults when None).
+    rtc_execute_horizon: int = 25
+    rtc_delay_percentile: float = 95.0
+    rtc_delay_window: int = 100
+    rtc_warmup_chunks: int = 1
+    rtc_schedule: str | None = None
+    rtc_max_guidance_weight: float | None = None
 
     def __post_init__(self) -> None:
-        if self.blend not in ("replace", "crossfade", "average"):
-            raise ValueError(f"blend must be replace, crossfade or average, got {self.blend!r}")
+        if self.blend not in BLENDS:
+            raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got {self.blend!r}")
         if self.request_when_left < 0 or self.crossfade_steps < 1:
             raise ValueError("request_when_left must be >= 0 and crossfade_steps >= 1")
         if not 0.0 <= self.average_old_weight <= 1.0:
             raise ValueError(f"average_old_weight must be in [0, 1], got {self.average_old_weight}")
+        if self.rtc_execute_horizon < 1 or self.rtc_delay_window < 1 or self.rtc_warmup_chunks < 0:
+            raise ValueError("rtc_execute_horizon and rtc_delay_window must be >= 1, rtc_warmup_chunks >= 0")
+        if not 0.0 <= self.rtc_delay_percentile <= 100.0:
+            raise ValueError(f"rtc_delay_percentile must be in [0, 100], got {self.rtc_delay_percentile}")
+        if self.rtc_schedule is not None and self.rtc_schedule not in SCHEDULES:
+            raise ValueError(f"rtc_schedule must be one of {', '.join(SCHEDULES)}, got {self.rtc_schedule!r}")
+        if self.rtc_max_guidance_weight is not None and not self.rtc_max_guidance_weight >= 0.0:
+            raise ValueError(f"rtc_max_guidance_weight must be >= 0, got {self.rtc_max_guidance_weight}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +76,16 @@ class Leftover:
 
     start_step: int
     actions: np.ndarray
-    model_actions: np.ndarray | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RtcInputs:
+    """What a request from the observation of `leftover.start_step` carries in `rtc` mode: the
+    leftover (row 0 is that step's action), d and s."""
+
+    leftover: Leftover
+    inference_delay: int
+    execute_horizon: int
 
 
 HISTORY = 30_000  # samples kept per metric: 10 minutes at 50 Hz, so a robot can run for days
@@ -71,15 +111,19 @@ class BufferMetrics:
 
 
 class ActionChunkBuffer:
+    """Chunks may be wider than the robot's `action_dim` (a model's robot dims beyond the ones this
+    robot uses): the plan keeps every column, so a leftover sent back for real-time chunking is
+    the server's own chunk, and `next_action` hands the robot its first `action_dim`."""
+
     def __init__(self, action_dim: int, settings: BufferSettings | None = None):
         self.settings = settings or BufferSettings()
         self.action_dim = action_dim
         self._plan = np.zeros((0, action_dim), np.float64)
-        self._model_plan: np.ndarray | None = None
         self._first_step = 0
         self._last_action: np.ndarray | None = None
         self._chunk_obs_step: int | None = None
         self._horizon = 0  # length of the chunks seen so far
+        self._rtc_delays: collections.deque[int] = collections.deque(maxlen=self.settings.rtc_delay_window)
         self.metrics = BufferMetrics()
 
     def actions_left(self, step: int) -> int:
@@ -88,7 +132,12 @@ class ActionChunkBuffer:
 
     def needs_chunk(self, step: int, in_flight_obs_steps: tuple[int, ...] | list[int] = ()) -> bool:
         """Whether to request now; a request in flight from the observation of step s will cover
-        the steps up to s + horizon."""
+        the steps up to s + horizon. In `rtc` mode: every s steps after the current chunk's
+        observation, never while a request is in flight."""
+        if self.settings.blend == "rtc":
+            if in_flight_obs_steps:
+                return False
+            return self._chunk_obs_step is None or step - self._chunk_obs_step >= self.execute_horizon()
         end = self._first_step + len(self._plan)
         for obs_step in in_flight_obs_steps:
             end = max(end, obs_step + self._horizon)
@@ -104,7 +153,7 @@ class ActionChunkBuffer:
         append_bounded(self.metrics.depths, left)
         index = step - self._first_step
         if left > 0 and index >= 0:
-            self._last_action = self._plan[index]
+            self._last_action = self._plan[index, : self.action_dim]
             return self._last_action.copy()
         self.metrics.underruns += 1
         if self.settings.safe_action is not None:
@@ -119,20 +168,21 @@ class ActionChunkBuffer:
         obs_step: int,
         now_step: int,
         delay_ms: float | None = None,
-        model_actions: np.ndarray | None = None,
     ) -> int:
         """Merges a chunk computed from the observation of `obs_step`, arriving before step `now_step`
         is executed. Returns the number of stale actions dropped (= now_step - obs_step, at most the
         chunk length)."""
         actions = np.asarray(actions, np.float64)
-        if actions.ndim != 2 or actions.shape[1] != self.action_dim:
-            raise ValueError(f"a chunk must be (horizon, {self.action_dim}), got {actions.shape}")
+        if actions.ndim != 2 or actions.shape[1] < self.action_dim:
+            raise ValueError(f"a chunk must be (horizon, at least {self.action_dim}), got {actions.shape}")
         if now_step < obs_step:
             raise ValueError(f"a chunk cannot arrive (step {now_step}) before its observation (step {obs_step})")
         delay = now_step - obs_step
         self._horizon = max(self._horizon, len(actions))
         self.metrics.chunks_received += 1
         append_bounded(self.metrics.delays_steps, delay)
+        if self.metrics.chunks_received > self.settings.rtc_warmup_chunks:
+            self._rtc_delays.append(delay)
         if delay_ms is not None:
             append_bounded(self.metrics.delays_ms, delay_ms)
         if delay >= len(actions) or (self._chunk_obs_step is not None and obs_step < self._chunk_obs_step):
@@ -141,8 +191,9 @@ class ActionChunkBuffer:
             return len(actions)
         new = actions[delay:]
         old = self._plan[now_step - self._first_step :]  # steps only move forward: now_step >= _first_step
+        if old.shape[1] != new.shape[1]:  # the server's width changed: nothing of the old plan blends in
+            old = old[:0, :0]
         self._plan = self._merge(old, new)
-        self._model_plan = None if model_actions is None else np.asarray(model_actions)[delay:]
         self._first_step = now_step
         self._chunk_obs_step = obs_step
         return delay
@@ -150,7 +201,7 @@ class ActionChunkBuffer:
     def _merge(self, old: np.ndarray, new: np.ndarray) -> np.ndarray:
         s = self.settings
         n = min(len(old), len(new))
-        if s.blend == "replace" or n == 0:
+        if s.blend in ("replace", "rtc") or n == 0:  # rtc: the new chunk continues the old by itself
             return new.copy()
         merged = new.copy()
         if s.blend == "crossfade":
@@ -162,5 +213,28 @@ class ActionChunkBuffer:
 
     def leftover(self, step: int) -> Leftover:
         index = max(0, step - self._first_step)
-        model = None if self._model_plan is None else self._model_plan[index:]
-        return Leftover(step, self._plan[index:].copy(), model)
+        return Leftover(step, self._plan[index:].copy())
+
+    def inference_delay(self) -> int:
+        """d: the `rtc_delay_percentile` of the recent measured delays (steps), rounded up, at most
+        half the horizon (the most a guided request may carry); 0 before any was measured."""
+        if not self._rtc_delays:
+            return 0
+        d = math.ceil(np.percentile(np.fromiter(self._rtc_delays, float), self.settings.rtc_delay_percentile))
+        return min(d, self._horizon // 2)
+
+    def execute_horizon(self) -> int:
+        """s: `rtc_execute_horizon` kept within max(d, 1) .. H - d (H: the chunks' length)."""
+        d = self.inference_delay()
+        s = self.settings.rtc_execute_horizon
+        return max(d, 1, min(s, self._horizon - d)) if self._horizon else max(s, 1)
+
+    def rtc_inputs(self, obs_step: int) -> RtcInputs | None:
+        """What a request from the observation of `obs_step` sends in `rtc` mode; None in other
+        modes or with nothing left to continue (the request then samples unguided)."""
+        if self.settings.blend != "rtc":
+            return None
+        leftover = self.leftover(obs_step)
+        if len(leftover.actions) == 0 or obs_step < self._first_step:
+            return None
+        return RtcInputs(leftover, self.inference_delay(), self.execute_horizon())

@@ -19,19 +19,25 @@ from typing import Any
 
 import numpy as np
 
-from policy.request import Observation, Options
+from policy.request import ChunkGuidance, Observation, Options
 from transport.errors import BadRequest, ProtocolError, describe
 from transport.messages import (
     ACTIONS,
     INFER,
+    MAX_ACTION_DIM,
     MAX_CAMERAS,
+    MAX_CHUNK_STEPS,
     MAX_IMAGE_SIDE,
     MAX_STATE_DIM,
+    MODEL_ACTIONS,
+    PREV_ACTIONS,
     RefreshInterval,
     Request,
     check_camera,
+    check_prev_actions,
     check_state,
     finite_number,
+    parse_guidance,
     parse_options,
 )
 
@@ -123,6 +129,32 @@ def parse_state(value: Any) -> np.ndarray | None:
     return check_state(np.array(numbers, np.float64)).astype(np.float32)
 
 
+def parse_prev_actions(value: Any) -> np.ndarray | None:
+    """An n x action dim list of lists of finite numbers as float64 (absent or null: none). The
+    list sizes are checked before any number is read."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or not 0 < len(value) <= MAX_CHUNK_STEPS
+        or not isinstance(value[0], list)
+        or not 0 < len(value[0]) <= MAX_ACTION_DIM
+        or not all(isinstance(row, list) and len(row) == len(value[0]) for row in value)
+    ):
+        raise BadRequest(
+            f"{PREV_ACTIONS} must be a list of 1..{MAX_CHUNK_STEPS} rows of 1..{MAX_ACTION_DIM} numbers, all rows "
+            f"of one length, got {describe(value)}"
+        )
+    rows = []
+    for i, row in enumerate(value):
+        numbers = [finite_number(v) for v in row]
+        for j, x in enumerate(numbers):
+            if x is None:
+                raise BadRequest(f"{PREV_ACTIONS}[{i}][{j}] must be a finite number, got {describe(row[j])}")
+        rows.append(numbers)
+    return check_prev_actions(np.array(rows, np.float64))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Checked:
     """A request whose fields passed every cheap check; its images are not yet converted."""
@@ -132,6 +164,8 @@ class _Checked:
     interval: RefreshInterval
     images: dict[str, Any]
     state: np.ndarray | None
+    guidance: ChunkGuidance | None
+    return_model_actions: bool
 
 
 @contextlib.contextmanager
@@ -152,7 +186,9 @@ def _check(item: Any, where: str | None) -> _Checked:
         fields = dict(item)
         images = fields.pop("images", None)
         state = fields.pop("state", None)
+        prev_actions = parse_prev_actions(fields.pop(PREV_ACTIONS, None))
         prompt, options, interval = parse_options(fields)
+        guidance, return_model_actions = parse_guidance(fields, prev_actions)
         if not prompt:
             raise BadRequest("high_level_prompt is required (a non-empty string)")
         if not isinstance(images, dict) or not images:
@@ -161,14 +197,17 @@ def _check(item: Any, where: str | None) -> _Checked:
             raise BadRequest(f"images has {len(images)} cameras, more than {MAX_CAMERAS}")
         for name, value in images.items():
             _image_dims(check_camera(name), value)
-        return _Checked(prompt, options, interval, images, parse_state(state))
+        return _Checked(prompt, options, interval, images, parse_state(state), guidance, return_model_actions)
 
 
 def _build(checked: _Checked, key: str, where: str | None) -> Request:
     with _item(where):
         images = {name: parse_image(name, value) for name, value in checked.images.items()}
     observation = Observation(images=images, state=checked.state)
-    return Request(INFER, None, key, checked.prompt, checked.options, checked.interval, observation)
+    return Request(
+        INFER, None, key, checked.prompt, checked.options, checked.interval, observation, checked.guidance,
+        checked.return_model_actions,
+    )  # fmt: skip
 
 
 def parse_request(item: Any, key: str) -> Request:
@@ -193,6 +232,8 @@ def parse_batch(payload: Any, key: str, max_batch: int) -> list[Request]:
 def response(data: dict[str, Any], arrays: dict[str, np.ndarray], total_ms: float) -> dict[str, Any]:
     """The JSON API's success reply to one request, from the service's reply."""
     out: dict[str, Any] = {"status": "success", ACTIONS: np.asarray(arrays[ACTIONS])[None].tolist()}
+    if MODEL_ACTIONS in arrays:
+        out[MODEL_ACTIONS] = np.asarray(arrays[MODEL_ACTIONS])[None].tolist()
     out.update({k: data.get(k) for k in _RESPONSE_FIELDS})
     timing = data.get("timing") or {}
     out["timing"] = {k: timing[k] for k in _TIMING_FIELDS if k in timing}

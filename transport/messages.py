@@ -10,6 +10,13 @@ its size or range, with a `BadRequest` naming the field. Ranges that depend on t
 image resolution, state length, decoding steps) are the engine's; the bounds here are the ones any
 model shares, and they make every later conversion safe (no `OverflowError` from `float()` of a
 huge integer, no infinite temperature, no lone surrogate reaching the tokenizer).
+
+Real-time chunking travels as the array `prev_actions` (the robot's unexecuted leftover, robot
+units) and the options `inference_delay`, `execute_horizon`, `rtc_schedule` and
+`max_guidance_weight`, which become the request's `ChunkGuidance`; `return_model_actions` asks for
+the chunk in model space too. They go with `infer` requests that carry their observation (the
+leftover's row 0 is that observation's step); the model-dependent ranges (the horizon, the robot's
+action width, d <= s <= horizon - d, the largest weight) are the engine's to check.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from policy.request import OPTION_NAMES, Observation, Options
+from policy.request import OPTION_NAMES, SCHEDULES, ChunkGuidance, Observation, Options
 from transport.codec import MAX_ID_CHARS, is_request_id
 from transport.errors import BadRequest, ProtocolError, describe
 
@@ -35,7 +42,16 @@ STATE = "state"
 ACTIONS = "actions"
 PROMPT = "high_level_prompt"
 REFRESH_INTERVAL = "subtask_refresh_interval"
-WIRE_OPTIONS: Final = (PROMPT, *OPTION_NAMES, REFRESH_INTERVAL)
+# Real-time chunking: the leftover array, its options, and the model-space chunk a reply may carry.
+PREV_ACTIONS = "prev_actions"
+MODEL_ACTIONS = "model_actions"
+INFERENCE_DELAY = "inference_delay"
+EXECUTE_HORIZON = "execute_horizon"
+RTC_SCHEDULE = "rtc_schedule"
+MAX_GUIDANCE_WEIGHT = "max_guidance_weight"
+RETURN_MODEL_ACTIONS = "return_model_actions"
+GUIDANCE_OPTIONS: Final = (INFERENCE_DELAY, EXECUTE_HORIZON, RTC_SCHEDULE, MAX_GUIDANCE_WEIGHT)
+WIRE_OPTIONS: Final = (PROMPT, *OPTION_NAMES, REFRESH_INTERVAL, *GUIDANCE_OPTIONS, RETURN_MODEL_ACTIONS)
 RESERVED_PREFIX = "@"  # robot names of the server's own gateways
 
 # Bounds every model shares (docs/protocol.md lists them).
@@ -47,6 +63,8 @@ MAX_IMAGE_SIDE = 4096  # pixels, height and width
 MAX_STATE_DIM = 256
 MAX_REFRESH_INTERVAL_S = 3600.0
 MAX_DECODING_STEPS = 2**31 - 1  # a size bound; the engine's own limit is far lower
+MAX_CHUNK_STEPS = 1024  # prev_actions rows, inference_delay, execute_horizon; the horizon is the engine's
+MAX_ACTION_DIM = 256  # prev_actions columns; the robot's action width is the engine's
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -72,6 +90,8 @@ class Request:
     options: Options = dataclasses.field(default_factory=Options)
     refresh_interval: RefreshInterval = KEEP
     observation: Observation | None = None
+    guidance: ChunkGuidance | None = None
+    return_model_actions: bool = False
 
 
 def _is_int(v: Any) -> bool:
@@ -189,6 +209,14 @@ def build_request(
     if robot.startswith(RESERVED_PREFIX) and not internal:
         raise BadRequest(f"robot names starting with {RESERVED_PREFIX!r} are reserved for the server")
     prompt, options, interval = parse_options(header.get("options"))
+    arrays = dict(arrays)
+    prev_actions = arrays.pop(PREV_ACTIONS, None)
+    observation = split_observation(arrays, header.get("ts"))
+    guidance, return_model_actions = parse_guidance(header.get("options"), prev_actions)
+    if kind != INFER and (guidance is not None or return_model_actions):
+        raise BadRequest(f"{PREV_ACTIONS}, its options and {RETURN_MODEL_ACTIONS} go with infer requests only")
+    if guidance is not None and observation is None:
+        raise BadRequest(f"{PREV_ACTIONS} needs the observation it continues from, in the same request")
     return Request(
         type=kind,
         id=request_id,
@@ -196,8 +224,48 @@ def build_request(
         prompt=prompt,
         options=options,
         refresh_interval=interval,
-        observation=split_observation(arrays, header.get("ts")),
+        observation=observation,
+        guidance=guidance,
+        return_model_actions=return_model_actions,
     )
+
+
+def parse_guidance(d: Mapping[str, Any] | None, prev_actions: np.ndarray | None) -> tuple[ChunkGuidance | None, bool]:
+    """(guidance, return_model_actions) from a request's options (already checked by
+    `parse_options`) and its `prev_actions` array (None: not sent).
+
+    `inference_delay` and `execute_horizon` are required with `prev_actions` and refused without
+    it, as are `rtc_schedule` and `max_guidance_weight`: an option that would be silently ignored
+    is a client's mistake worth naming."""
+    d = d or {}
+    return_model_actions = d.get(RETURN_MODEL_ACTIONS, False)
+    if not isinstance(return_model_actions, bool):
+        raise BadRequest(f"{RETURN_MODEL_ACTIONS} must be true or false, got {describe(return_model_actions)}")
+    if prev_actions is None:
+        given = [k for k in GUIDANCE_OPTIONS if k in d]
+        if given:
+            raise BadRequest(f"{given[0]} needs {PREV_ACTIONS} (the leftover the new chunk continues)")
+        return None, return_model_actions
+    actions = check_prev_actions(prev_actions)
+    steps = {}
+    for key, lo in ((INFERENCE_DELAY, 0), (EXECUTE_HORIZON, 1)):
+        if d.get(key) is None:
+            raise BadRequest(f"{key} is required with {PREV_ACTIONS}")
+        steps[key] = _int_field(d, key, None, lo, MAX_CHUNK_STEPS)
+    extra: dict[str, Any] = {}
+    if RTC_SCHEDULE in d:
+        schedule = d[RTC_SCHEDULE]
+        if not isinstance(schedule, str) or schedule not in SCHEDULES:
+            raise BadRequest(f"{RTC_SCHEDULE} must be one of {list(SCHEDULES)}, got {describe(schedule)}")
+        extra["schedule"] = schedule
+    if MAX_GUIDANCE_WEIGHT in d:
+        raw = d[MAX_GUIDANCE_WEIGHT]
+        beta = finite_number(raw)
+        if beta is None or not 0 <= beta <= _FLOAT32_MAX:
+            raise BadRequest(f"{MAX_GUIDANCE_WEIGHT} must be a number in 0..{_FLOAT32_MAX:.4g}, got {describe(raw)}")
+        extra["max_guidance_weight"] = beta
+    guidance = ChunkGuidance(actions, steps[INFERENCE_DELAY], steps[EXECUTE_HORIZON], **extra)
+    return guidance, return_model_actions
 
 
 def check_camera(name: Any) -> str:
@@ -215,17 +283,38 @@ def check_image(name: str, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def check_state(arr: np.ndarray) -> np.ndarray:
-    """`arr` if it is a 1-D state of 1..`MAX_STATE_DIM` numbers that float32 holds (no NaN or inf)."""
-    if arr.ndim != 1 or not 0 < arr.size <= MAX_STATE_DIM or arr.dtype.kind not in "iuf":
-        raise BadRequest(f"state must be 1..{MAX_STATE_DIM} numbers, got {arr.dtype} {arr.shape}")
+def _check_float32_range(arr: np.ndarray, field: str) -> np.ndarray:
+    """`arr` (integers or floats) if every value is a finite number that float32 holds."""
     if arr.dtype.kind != "f":
         return arr
     # float16 and float32 need only be finite; float64 must also fit float32, which the model computes in.
     fits = np.isfinite(arr) if arr.dtype.itemsize <= 4 else np.abs(arr) <= _FLOAT32_MAX
     if not bool(np.all(fits)):
-        raise BadRequest(f"state must hold finite numbers within float32's range (|x| <= {_FLOAT32_MAX:.4g})")
+        raise BadRequest(f"{field} must hold finite numbers within float32's range (|x| <= {_FLOAT32_MAX:.4g})")
     return arr
+
+
+def check_state(arr: np.ndarray) -> np.ndarray:
+    """`arr` if it is a 1-D state of 1..`MAX_STATE_DIM` numbers that float32 holds (no NaN or inf)."""
+    if arr.ndim != 1 or not 0 < arr.size <= MAX_STATE_DIM or arr.dtype.kind not in "iuf":
+        raise BadRequest(f"state must be 1..{MAX_STATE_DIM} numbers, got {arr.dtype} {arr.shape}")
+    return _check_float32_range(arr, STATE)
+
+
+def check_prev_actions(arr: np.ndarray) -> np.ndarray:
+    """`arr` if it is an (n, action dim) array of numbers that float32 holds, 1 <= n <=
+    `MAX_CHUNK_STEPS` and 1 <= action dim <= `MAX_ACTION_DIM`."""
+    if (
+        arr.ndim != 2
+        or not 0 < arr.shape[0] <= MAX_CHUNK_STEPS
+        or not 0 < arr.shape[1] <= MAX_ACTION_DIM
+        or arr.dtype.kind not in "iuf"
+    ):
+        raise BadRequest(
+            f"{PREV_ACTIONS} must be (n, action dim) numbers with 1 <= n <= {MAX_CHUNK_STEPS} and "
+            f"1 <= action dim <= {MAX_ACTION_DIM}, got {arr.dtype} {arr.shape}"
+        )
+    return _check_float32_range(arr, PREV_ACTIONS)
 
 
 def split_observation(arrays: Mapping[str, np.ndarray], timestamp: Any) -> Observation | None:
@@ -270,3 +359,43 @@ def options_to_wire(
     if refresh_interval is not KEEP:
         out[REFRESH_INTERVAL] = refresh_interval
     return out
+
+
+def guidance_to_wire(
+    guidance: ChunkGuidance | None, return_model_actions: bool = False
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(options, arrays) that carry a request's guidance: `prev_actions` as float32 (the model's
+    precision), its options, and `return_model_actions` when asked."""
+    options: dict[str, Any] = {RETURN_MODEL_ACTIONS: True} if return_model_actions else {}
+    if guidance is None:
+        return options, {}
+    options.update({
+        INFERENCE_DELAY: int(guidance.inference_delay),
+        EXECUTE_HORIZON: int(guidance.execute_horizon),
+        RTC_SCHEDULE: guidance.schedule,
+        MAX_GUIDANCE_WEIGHT: float(guidance.max_guidance_weight),
+    })  # fmt: skip
+    return options, {PREV_ACTIONS: np.asarray(guidance.prev_actions, np.float32)}
+
+
+def client_guidance(
+    prev_actions: np.ndarray | None,
+    inference_delay: int | None,
+    execute_horizon: int | None,
+    rtc_schedule: str | None,
+    max_guidance_weight: float | None,
+) -> ChunkGuidance | None:
+    """The guidance of a client's `infer` arguments (None without `prev_actions`); the server
+    checks the values and names what is wrong."""
+    if prev_actions is None:
+        if (inference_delay, execute_horizon, rtc_schedule, max_guidance_weight) != (None,) * 4:
+            raise ValueError("inference_delay, execute_horizon, rtc_schedule and max_guidance_weight need prev_actions")
+        return None
+    if inference_delay is None or execute_horizon is None:
+        raise ValueError("prev_actions needs inference_delay and execute_horizon")
+    extra: dict[str, Any] = {}
+    if rtc_schedule is not None:
+        extra["schedule"] = rtc_schedule
+    if max_guidance_weight is not None:
+        extra["max_guidance_weight"] = max_guidance_weight
+    return ChunkGuidance(np.asarray(prev_actions), inference_delay, execute_horizon, **extra)

@@ -10,6 +10,9 @@ string dtype `T`, for one, would read its data as (pointer, length) pairs and so
 addresses chosen by the sender. Shape and byte count are checked before an array is built, a
 scalar's value must fit its dtype, and nesting is bounded, so any input gives a value or a
 `ProtocolError` with a code.
+
+Real-time chunking rides in the observation as optional keys (`RTC_KEYS`): `pop_guidance` takes
+them out before the layout reads the rest.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import msgpack
 import numpy as np
 
 from transport.codec import array_spec, wire_array
-from transport.errors import ProtocolError, describe
+from transport.errors import BadRequest, ProtocolError, describe
+from transport.messages import GUIDANCE_OPTIONS, PREV_ACTIONS, RETURN_MODEL_ACTIONS
 
 # Maps and lists inside one another; an openpi observation needs 3 (a map of maps of arrays).
 MAX_DEPTH = 32
@@ -103,3 +107,20 @@ def unpackb(data: bytes) -> Any:
         raise ProtocolError(f"message is not valid msgpack: {e}", "bad_message") from None
     _check_depth(value)
     return value
+
+
+# The observation keys of real-time chunking: the leftover in the layout's action units, its options.
+RTC_KEYS = (PREV_ACTIONS, *GUIDANCE_OPTIONS, RETURN_MODEL_ACTIONS)
+
+
+def pop_guidance(obs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], np.ndarray | None]:
+    """(the observation without `RTC_KEYS`, their options as plain values, `prev_actions` or None).
+
+    openpi clients send numbers as numpy scalars: an option's scalar becomes its Python value, so
+    `messages.parse_guidance` checks it like any other wire's; `prev_actions` must be an array."""
+    rest = {k: v for k, v in obs.items() if k not in RTC_KEYS}
+    options = {k: obs[k].item() if isinstance(obs[k], np.generic) else obs[k] for k in RTC_KEYS if k in obs}
+    prev = options.pop(PREV_ACTIONS, None)
+    if prev is not None and not isinstance(prev, np.ndarray):
+        raise BadRequest(f"{PREV_ACTIONS} must be an ndarray (n, action dim), got {describe(prev)}")
+    return rest, options, prev

@@ -58,12 +58,12 @@ def test_underrun_holds_the_last_action_or_the_safe_one():
 
 def test_requests_when_the_threshold_is_reached_and_keeps_the_leftover():
     buf = ActionChunkBuffer(2, BufferSettings(request_when_left=3))
-    model = np.full((10, 32), 0.5)
-    buf.add_chunk(_chunk(0), obs_step=0, now_step=0, model_actions=model)
+    buf.add_chunk(_chunk(0, dim=32), obs_step=0, now_step=0)
     assert not buf.needs_chunk(6) and buf.needs_chunk(7)
     left = buf.leftover(7)
-    assert left.start_step == 7 and left.actions[:, 0].tolist() == [7, 8, 9]
-    assert left.model_actions.shape == (3, 32)
+    # The leftover keeps the server's every column; the robot gets its own first two.
+    assert left.start_step == 7 and left.actions[:, 0].tolist() == [7, 8, 9] and left.actions.shape == (3, 32)
+    assert buf.next_action(7).shape == (2,)
     assert buf.chunk_age(7) == 7
 
 
@@ -88,8 +88,8 @@ def test_a_chunk_older_than_the_plan_is_dropped():
 
 def test_bad_chunks_are_rejected():
     buf = ActionChunkBuffer(2)
-    with pytest.raises(ValueError, match=r"\(horizon, 2\)"):
-        buf.add_chunk(np.zeros((5, 3)), 0, 0)
+    with pytest.raises(ValueError, match=r"\(horizon, at least 2\)"):
+        buf.add_chunk(np.zeros((5, 1)), 0, 0)
     with pytest.raises(ValueError, match="before its observation"):
         buf.add_chunk(np.zeros((5, 2)), 3, 1)
     with pytest.raises(ValueError, match="blend must be"):
