@@ -31,7 +31,10 @@ Handler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 class OpenpiServer(WsServer):
     """`open()` names a new connection's session, `handler(key, observation)` answers one
-    observation, `close(key)` ends the session."""
+    observation, `close(key)` ends the session. The token may also come as openpi-client's
+    `Authorization: Api-Key <token>` (what its `api_key` argument sends)."""
+
+    AUTH_SCHEMES = ("bearer", "api-key")
 
     def __init__(
         self,
