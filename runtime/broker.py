@@ -1,0 +1,575 @@
+"""`python -m runtime.broker`: one endpoint for robots in front of many policy workers.
+
+Robots connect to the broker's ROUTER and SUB to its XPUB exactly as they would to a single policy
+server (same wire protocol, same errors); policy workers (`python -m runtime.policy_server --join
+tcp://BROKER:PORT`, one engine each) connect a DEALER to its back ROUTER and publish their refreshes
+into its XSUB. The request path follows the ZeroMQ guide's Paranoid Pirate broker: workers announce
+READY, heartbeats go both ways, a worker silent for a few intervals is presumed dead. Requests are
+routed by robot, not round-robin: a robot sticks to one worker while it lives (its session, batch and
+refresh ticker are there), a new robot goes to the least-loaded worker, and when a worker dies its
+requests in flight are answered `unavailable` (the robot asks again) and its robots are placed on a
+live worker by their next request, which carries what the new worker needs (the control loop sends
+its prompt, observation and refresh interval with every request, and the broker adds the refresh
+interval a robot set earlier to its first request on the new worker; docs/protocol.md, section 6).
+
+Refreshes go through an XSUB -> XPUB forwarder, libzmq's proxy in a loop of the broker's own: the
+front XPUB is verbose and the broker counts each topic's subscribers, telling the workers (through the
+XSUB, which tells every worker, and a worker that joins later at once) only of a topic's first
+subscriber and of its last one leaving. So each worker's per-topic subscriber count, which ends the
+sessions of robots that are gone, keeps working, as does its last-value replay; under CURVE the broker
+also applies each subscription itself (`XPUB_MANUAL`), only to the subscriber's own topics.
+
+The broker answers `ping` itself (the workers and their load). Every front message is checked as the
+single server checks it (size and in-flight caps first, then `codec.decode` and `build_request`), so
+the broker replies with the same typed errors and nothing a robot sends can stop it; a worker's
+malformed message is dropped and logged. The sockets are plain ZMQ sockets polled on one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import importlib.metadata
+import itertools
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import zmq
+
+from runtime.fleet_heartbeat import DEFAULT_INTERVAL_S, DEFAULT_MISSES
+from runtime.fleet_protocol import (
+    COMMANDS,
+    DISCONNECT,
+    HEARTBEAT,
+    READY,
+    REPLY,
+    Envelope,
+    FleetProtocolError,
+    message,
+    payload,
+    read_payload,
+    read_seq,
+    request_frames,
+    split,
+)
+from runtime.fleet_routing import InFlight, Worker, WorkerTable
+from transport import codec, curve
+from transport.errors import ProtocolError, TransportError
+from transport.messages import BYE, ERROR, KEEP, PING, REFRESH_INTERVAL, REPLY_TYPE, build_request
+
+log = logging.getLogger("runtime.broker")
+
+BURST = 64  # messages read from one socket before looking at the others
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerSettings:
+    router_endpoint: str | None = "tcp://127.0.0.1:5555"
+    internal_endpoint: str | None = None  # ipc://... for the front host's WebSocket gateways
+    pub_endpoints: tuple[str, ...] = ("tcp://127.0.0.1:5556",)
+    backend_endpoint: str = "tcp://127.0.0.1:5557"  # workers' DEALERs connect here
+    xsub_endpoint: str = "tcp://127.0.0.1:5558"  # workers' XPUBs connect here (told in the READY ack)
+    heartbeat_s: float = DEFAULT_INTERVAL_S
+    heartbeat_misses: int = DEFAULT_MISSES
+    max_message_bytes: int = 32 * 1024 * 1024
+    hwm: int = 1000
+    max_in_flight: int = 1024
+    max_in_flight_per_peer: int = 16
+    max_in_flight_per_internal_peer: int = 64
+    max_workers: int = 64
+    max_robots: int = 4096
+    # CURVE with an allow-list on the robots' tcp endpoints (`transport.curve`); the internal ROUTER,
+    # ipc endpoints and the workers' side stay plain.
+    curve: curve.ServerKeys | None = None
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pi05-runtime")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Broker:
+    """`bind()` (fast errors for a port in use), then `start()` (a thread) or `run(stop)`."""
+
+    def __init__(self, settings: BrokerSettings, clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self._clock = clock
+        self._ctx = zmq.Context()
+        self._auth = curve.start_authenticator(self._ctx, settings.curve) if settings.curve else None
+        self.table = WorkerTable(
+            settings.max_workers, settings.max_robots, settings.heartbeat_s, settings.heartbeat_misses
+        )
+        self._front: dict[bool, zmq.Socket] = {}  # internal? -> ROUTER
+        self._xpub: zmq.Socket | None = None
+        self._gate: curve.SubscriptionGate | None = None
+        self._topics: collections.Counter[bytes] = collections.Counter()  # subscribers per topic
+        self._back: zmq.Socket | None = None
+        self._xsub: zmq.Socket | None = None
+        self._seq = itertools.count(1)
+        self._poller: zmq.Poller | None = None
+        self._handlers: dict[zmq.Socket, Callable[[list], None]] = {}
+        self._per_peer: collections.Counter[tuple[bool, bytes]] = collections.Counter()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = clock()
+        self.epoch = time.time()
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.forwarded = 0
+        self.published = 0
+        self.router_endpoint: str | None = None
+        self.internal_endpoint: str | None = None
+        self.pub_endpoints: list[str] = []
+        self.backend_endpoint = ""
+        self.xsub_endpoint = ""
+
+    # ------------------------------------------------------------------ sockets
+
+    def bind(self) -> None:
+        """Binds every socket; raises `zmq.ZMQError` for an endpoint that cannot be bound."""
+        s = self.settings
+        try:
+            for endpoint, internal in ((s.router_endpoint, False), (s.internal_endpoint, True)):
+                if endpoint:
+                    sock = self._front[internal] = self._socket(zmq.ROUTER, endpoint, secure=not internal)
+                    if internal:
+                        self.internal_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+                    else:
+                        self.router_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            if s.pub_endpoints:
+                self._xpub = self._socket(zmq.XPUB, *s.pub_endpoints, secure=True)
+                self._gate = curve.SubscriptionGate(self._xpub) if s.curve else None
+            self._back = self._socket(zmq.ROUTER, s.backend_endpoint)
+            self.backend_endpoint = self._back.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._xsub = self._socket(zmq.XSUB, s.xsub_endpoint)
+            self.xsub_endpoint = self._xsub.getsockopt_string(zmq.LAST_ENDPOINT)
+        except zmq.ZMQError:
+            self._close_sockets()
+            raise
+
+    def _socket(self, kind: int, *endpoints: str, secure: bool = False) -> zmq.Socket:
+        """A socket bound to `endpoints`; `secure`: its tcp ones are CURVE servers (under CURVE)."""
+        s = self.settings
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, s.hwm)
+        sock.setsockopt(zmq.RCVHWM, s.hwm)
+        if kind == zmq.ROUTER:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.MAXMSGSIZE, 2 * s.max_message_bytes)
+        elif kind == zmq.XPUB:
+            # Every (un)subscription reaches the broker, which counts them and tells the workers
+            # only of the first and the last per topic; under CURVE it also applies them itself.
+            sock.setsockopt(zmq.XPUB_VERBOSER, 1)
+            if s.curve:
+                sock.setsockopt(zmq.XPUB_MANUAL, 1)
+        elif kind == zmq.XSUB:
+            sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_HEADER_BYTES + 1024)  # a refresh is small
+        try:
+            # Local endpoints first: CURVE applies to the endpoints bound after it is set.
+            for endpoint in sorted(endpoints, key=lambda e: e.startswith("tcp://")):
+                if secure and s.curve and endpoint.startswith("tcp://") and not sock.getsockopt(zmq.CURVE_SERVER):
+                    curve.apply_server(sock, s.curve)
+                sock.bind(endpoint)
+                if kind == zmq.XPUB:
+                    self.pub_endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
+        return sock
+
+    def start(self) -> None:
+        """Serves on a thread of its own until `close()`."""
+        if self._back is None:
+            self.bind()
+        self._thread = threading.Thread(target=self.run, name="fleet-broker", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for sock in (*self._front.values(), self._xpub, self._back, self._xsub):
+            if sock is not None:
+                sock.close(linger=0)
+        self._front, self._xpub, self._back, self._xsub = {}, None, None, None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self._ctx.term()
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Polls every socket until `stop` (or `close()`)."""
+        stop = stop or self._stop
+        while not stop.is_set() and not self._stop.is_set():
+            self.step()
+
+    def step(self, max_wait_s: float = 0.1) -> None:
+        """One turn of the loop: waits (at most until a heartbeat is due) for messages, handles them,
+        then `tick()`. Tests with an injected clock call it directly instead of `run`."""
+        if self._poller is None:
+            self._poller = zmq.Poller()
+            for internal, sock in self._front.items():
+                self._handlers[sock] = lambda frames, i=internal: self._on_front(i, frames)
+            if self._xpub is not None:
+                self._handlers[self._xpub] = self._on_subscription
+            assert self._back is not None and self._xsub is not None
+            self._handlers[self._back] = self._on_back
+            self._handlers[self._xsub] = self._on_publication
+            for sock in self._handlers:
+                self._poller.register(sock, zmq.POLLIN)
+        now = self._clock()
+        wait_s = min([max_wait_s] + [w.liveness.until_next(now) for w in self.table.workers.values()])
+        for sock, _ in self._poller.poll(max(0, int(wait_s * 1e3))):
+            self._drain(sock, self._handlers[sock])
+        self.tick()
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list], None]) -> None:
+        for _ in range(BURST):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handle(frames)
+            except Exception:  # one message must never stop the broker for everyone
+                self.errors["internal"] += 1
+                log.exception("failed to handle a message")
+
+    def tick(self) -> None:
+        """Heartbeats due now go out; workers presumed dead leave, their requests answered."""
+        now = self._clock()
+        for worker in self.table.expire(now):
+            silent = now - worker.liveness.last_heard
+            log.warning(
+                "worker %s presumed dead (silent %.1f s); %d robots move, %d requests answered 'unavailable'",
+                worker.name, silent, len(worker.robots), len(worker.in_flight),
+            )  # fmt: skip
+            self._abandon(worker, f"policy worker {worker.name} stopped answering; ask again")
+        for worker in list(self.table.workers.values()):
+            if worker.liveness.send_due(now):
+                self._to_worker(worker.identity, message(HEARTBEAT))
+
+    # ------------------------------------------------------------------ robots
+
+    def _on_front(self, internal: bool, frames: list) -> None:
+        identity, body = frames[0].bytes, frames[1:]
+        # Under CURVE every message on the public ROUTER carries its connection's ZAP User-Id.
+        user = None if internal or not self.settings.curve else curve.user_id(frames[-1])
+        try:
+            self._forward(internal, identity, user, body)
+        except TransportError as e:
+            self.errors[e.code] += 1
+            self._reply(internal, identity, {"type": ERROR, "id": codec.request_id(body), "error": e.to_wire()})
+
+    def _forward(self, internal: bool, identity: bytes, user: str | None, body: list) -> None:
+        s = self.settings
+        size = sum(len(f) for f in body)
+        if size > s.max_message_bytes:
+            raise ProtocolError(
+                f"message is {size} bytes, more than the server's limit of {s.max_message_bytes}", "oversize"
+            )
+        if self.table.in_flight() >= s.max_in_flight:
+            raise TransportError("the server has too many requests in flight; retry later", "busy")
+        per_peer = s.max_in_flight_per_internal_peer if internal else s.max_in_flight_per_peer
+        if self._per_peer[(internal, identity)] >= per_peer:
+            raise TransportError(f"this client has {per_peer} requests in flight, the limit", "busy")
+        header, arrays = codec.decode(body)
+        request = build_request(header, arrays, identity.hex(), internal)
+        if request.type == PING:
+            self._reply(internal, identity, self._pong(request.id))
+            return
+        key = curve.session_key(user, request.robot)  # the worker's session key: what sticks
+        worker = self.table.placed(key) if request.type == BYE else self.table.route(key)
+        if worker is not None and request.type != BYE:
+            if request.refresh_interval is KEEP:
+                interval = self.table.take_refresh(key)
+                if interval is not None:  # a new worker for a refreshing robot: it needs the interval
+                    body = [_with_refresh_interval(body[0], interval), *body[1:]]
+            else:
+                self.table.set_refresh(key, request.refresh_interval)
+        if worker is None and request.type == BYE:
+            data = {"dropped": False, "server_timing": {"total_ms": 0.0}}
+            self._reply(
+                internal, identity, {"type": REPLY_TYPE[BYE], "id": request.id, "robot": request.robot, "data": data}
+            )
+            return
+        if worker is None:
+            raise TransportError("no policy worker is connected to the broker; retry later", "unavailable")
+        seq = next(self._seq)
+        if not self._to_worker(worker.identity, request_frames(Envelope(seq, identity, internal, user), body)):
+            raise TransportError(f"policy worker {worker.name} cannot take requests now; retry later", "unavailable")
+        worker.in_flight[seq] = InFlight(seq, internal, identity, request.id, request.robot)
+        self._per_peer[(internal, identity)] += 1
+        self.forwarded += 1
+        if request.type == BYE:
+            self.table.leave(key)
+
+    def _pong(self, request_id: Any) -> dict[str, Any]:
+        now = self._clock()
+        workers = list(self.table.workers.values())
+        first = workers[0].info if workers else {}
+        statuses = [w.status for w in workers]
+        server = {
+            "name": "pi05-runtime",
+            "version": _version(),
+            "protocol": codec.PROTOCOL_VERSION,
+            "uptime_s": now - self._started,
+            "epoch": self.epoch,
+            "healthy": any(st.get("healthy", True) for st in statuses),
+            "sessions": sum(int(st.get("sessions", 0)) for st in statuses),
+            "refreshing": sum(int(st.get("refreshing", 0)) for st in statuses),
+            "min_refresh_interval_s": first.get("server", {}).get("min_refresh_interval_s"),
+        }
+        broker = {
+            "workers": self.table.snapshot(now),
+            "robots": sum(len(w.robots) for w in workers),
+            "in_flight": self.table.in_flight(),
+            "forwarded": self.forwarded,
+            "published": self.published,
+            "workers_lost": self.table.lost,
+            "robots_moved": self.table.moved,
+        }
+        data = {"server": server, "model": first.get("model", {}), "broker": broker}
+        data["server_timing"] = {"total_ms": 0.0}
+        return {"type": REPLY_TYPE[PING], "id": request_id, "data": data}
+
+    def _reply(self, internal: bool, identity: bytes, header: dict[str, Any]) -> None:
+        self._to_front(internal, identity, codec.encode(header))
+
+    def _to_front(self, internal: bool, identity: bytes, frames: list) -> None:
+        sock = self._front.get(internal)
+        if sock is None:
+            return
+        try:
+            sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("peer %s is not reading (high-water mark); dropped its reply", identity.hex())
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            log.info("peer %s left before its reply", identity.hex())
+
+    def _abandon(self, worker: Worker, reason: str) -> None:
+        for flight in worker.in_flight.values():
+            self._settled(flight)
+            self.errors["unavailable"] += 1
+            error = {"code": "unavailable", "message": reason}
+            header = {"type": ERROR, "id": flight.request_id, "robot": flight.robot, "error": error}
+            self._to_front(flight.internal, flight.client, codec.encode(header))
+        worker.in_flight.clear()
+
+    def _settled(self, flight: InFlight) -> None:
+        key = (flight.internal, flight.client)
+        self._per_peer[key] -= 1
+        if self._per_peer[key] <= 0:
+            del self._per_peer[key]
+
+    # ------------------------------------------------------------------ workers
+
+    def _to_worker(self, identity: bytes, frames: list) -> bool:
+        """Whether the message went out (False: the worker is gone or not reading)."""
+        assert self._back is not None
+        try:
+            self._back.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            log.warning("a policy worker is not reading (high-water mark)")
+            return False
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            worker = self.table.remove(identity)
+            if worker is not None:
+                log.warning("worker %s is unreachable; its robots move", worker.name)
+                self._abandon(worker, f"policy worker {worker.name} is gone; ask again")
+            return False
+
+    def _on_back(self, frames: list) -> None:
+        identity = frames[0].bytes
+        try:
+            command, rest = split(frames[1:])
+            self._from_worker(identity, command, rest)
+        except FleetProtocolError as e:
+            self.errors["worker_protocol"] += 1
+            log.warning("dropped a malformed message from worker %s: %s", identity.hex(), e)
+
+    def _from_worker(self, identity: bytes, command: bytes, rest: list) -> None:
+        now = self._clock()
+        if command == READY:
+            self._join(identity, read_payload(rest), now)
+            return
+        worker = self.table.heard(identity, now)
+        if worker is None:
+            if command != DISCONNECT:  # presumed dead, yet alive: it must join again (and start afresh)
+                self._to_worker(identity, message(DISCONNECT))
+            return
+        if command == HEARTBEAT:
+            status = read_payload(rest)
+            worker.status = {k: status[k] for k in ("sessions", "refreshing", "healthy", "in_flight") if k in status}
+        elif command == REPLY:
+            if not rest:
+                raise FleetProtocolError("a REPLY has a seq")
+            flight = self.table.replied(identity, read_seq(rest[0]))
+            if flight is not None:
+                self._settled(flight)
+                self._to_front(flight.internal, flight.client, rest[1:])
+        elif command == DISCONNECT:
+            self.table.remove(identity)
+            log.info("worker %s left", worker.name)
+            self._abandon(worker, f"policy worker {worker.name} stopped; ask again")
+        else:
+            raise FleetProtocolError(f"a worker does not send {COMMANDS[command]}")
+
+    def _join(self, identity: bytes, ready: dict[str, Any], now: float) -> None:
+        name, capacity, info = ready.get("name"), ready.get("capacity", 1), ready.get("info", {})
+        if not isinstance(name, str) or not 0 < len(name) <= 64:
+            raise FleetProtocolError("READY needs a name of 1..64 characters")
+        if not isinstance(capacity, int) or not 1 <= capacity <= 1024 or not isinstance(info, dict):
+            raise FleetProtocolError("READY's capacity must be an integer 1..1024 and info a map")
+        old = self.table.workers.get(identity)
+        if old is not None:
+            self._abandon(old, f"policy worker {name} restarted; ask again")
+        try:
+            self.table.join(identity, name, capacity, info, now)
+        except OverflowError as e:
+            log.warning("refused worker %s: %s", name, e)
+            self._to_worker(identity, message(DISCONNECT))
+            return
+        s = self.settings
+        ack = {"pub": self.xsub_endpoint, "heartbeat_s": s.heartbeat_s, "misses": s.heartbeat_misses}
+        self._to_worker(identity, message(READY, payload(ack)))
+        log.info("worker %s joined (capacity %d; %d workers)", name, capacity, len(self.table.workers))
+
+    # ------------------------------------------------------------------ refreshes
+
+    def _on_subscription(self, frames: list) -> None:
+        """A robot's (un)subscription at the front XPUB: counted here, and upstream to every worker
+        only when a topic gets its first subscriber or loses its last one."""
+        assert self._xsub is not None
+        msg = frames[0].bytes
+        if len(frames) != 1 or not msg or msg[0] not in (0, 1):
+            return
+        if self._gate is not None and not self._gate.admit(frames[0]):
+            return
+        topic = msg[1:]
+        if msg[0] == 1:
+            self._topics[topic] += 1
+            if self._topics[topic] > 1:
+                return
+        else:
+            if self._topics[topic] <= 0:
+                self._topics.pop(topic, None)
+                return
+            self._topics[topic] -= 1
+            if self._topics[topic] > 0:
+                return
+            del self._topics[topic]
+        try:
+            self._xsub.send(msg, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("the workers' refresh subscriptions are at their high-water mark; dropped one")
+
+    def _on_publication(self, frames: list) -> None:
+        """A worker's refresh, to every subscriber of its topic."""
+        if self._xpub is None or len(frames) != 2:
+            return
+        try:
+            self._xpub.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            self.published += 1
+        except zmq.Again:
+            log.warning("refresh publisher is at its high-water mark; dropped a message")
+
+
+def _with_refresh_interval(header_frame: Any, interval_s: float) -> bytes:
+    """A request's header frame (decoded once already, so valid) with `subtask_refresh_interval` set."""
+    header = msgpack.unpackb(header_frame.bytes if hasattr(header_frame, "bytes") else header_frame, raw=False)
+    header["options"] = {**(header.get("options") or {}), REFRESH_INTERVAL: interval_s}
+    return msgpack.packb(header, use_bin_type=True)
+
+
+# ---------------------------------------------------------------------- the command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from runtime.policy_server import LOG_LEVELS, port, positive
+
+    p = argparse.ArgumentParser(prog="python -m runtime.broker", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1", help="address the robots' endpoints bind to")
+    p.add_argument("--router-port", type=port, default=5555, help="ZMQ ROUTER for robots' requests")
+    p.add_argument("--pub-port", type=port, default=5556, help="ZMQ XPUB for subtask refreshes (0: off)")
+    p.add_argument("--worker-host", default="127.0.0.1", help="address the workers' endpoints bind to")
+    p.add_argument("--worker-port", type=port, default=5557, help="ROUTER the workers join (--join)")
+    p.add_argument("--worker-pub-port", type=port, default=5558, help="XSUB the workers publish into")
+    p.add_argument("--heartbeat", type=positive(float), default=DEFAULT_INTERVAL_S, help="heartbeat interval, s")
+    p.add_argument(
+        "--heartbeat-misses", type=positive(int), default=DEFAULT_MISSES, help="intervals of silence: a worker is dead"
+    )
+    p.add_argument("--max-workers", type=positive(int), default=64, help="workers joined at once")
+    p.add_argument("--max-robots", type=positive(int), default=4096, help="robots whose worker is remembered")
+    p.add_argument("--curve-secret", default=None, metavar="FILE", help="the broker's CURVE .key_secret (robots' side)")
+    p.add_argument("--curve-clients", default=None, metavar="DIR", help="with --curve-secret: robot public keys let in")
+    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> BrokerSettings:
+    return BrokerSettings(
+        router_endpoint=f"tcp://{args.host}:{args.router_port}" if args.router_port else None,
+        pub_endpoints=(f"tcp://{args.host}:{args.pub_port}",) if args.pub_port else (),
+        backend_endpoint=f"tcp://{args.worker_host}:{args.worker_port}",
+        xsub_endpoint=f"tcp://{args.worker_host}:{args.worker_pub_port}",
+        heartbeat_s=args.heartbeat,
+        heartbeat_misses=args.heartbeat_misses,
+        max_workers=args.max_workers,
+        max_robots=args.max_robots,
+        curve=curve.load_server_keys(args.curve_secret, args.curve_clients) if args.curve_secret else None,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.curve_secret) != bool(args.curve_clients):
+        parser.error("--curve-secret and --curve-clients go together")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        broker = Broker(settings_from(args))
+        broker.bind()
+    except curve.CurveError as e:
+        log.error("%s", e)
+        return 2
+    except zmq.ZMQError as e:
+        log.error("cannot bind a ZMQ endpoint: %s", e)
+        return 2
+    if not args.curve_secret and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the robots' endpoints on %s are open to anyone who can reach them: use --curve-secret", args.host)
+    if args.worker_host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("any process that reaches %s can join as a worker and see robots' requests", args.worker_host)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("robots: router %s, pub %s", broker.router_endpoint, ", ".join(broker.pub_endpoints) or "off")
+    log.info("workers join %s (refreshes into %s)", broker.backend_endpoint, broker.xsub_endpoint)
+    log.info("ready")
+    try:
+        broker.run(stop)
+    finally:
+        broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

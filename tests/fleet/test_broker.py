@@ -1,0 +1,225 @@
+"""The broker on real sockets (ipc) driven step by step on an injected clock: a fake worker and a raw
+robot exchange frames with it, and heartbeat loss is a clock the test moves, not a wait.
+
+`_pump` steps the broker until something arrives; its step limit only turns a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from runtime.broker import Broker, BrokerSettings
+from runtime.fleet_protocol import (
+    DISCONNECT,
+    HEARTBEAT,
+    READY,
+    REQUEST,
+    message,
+    payload,
+    read_payload,
+    read_request,
+    reply_frames,
+    split,
+)
+from transport import codec
+
+MAX_STEPS = 500  # failure detection only
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    clock = Clock()
+    b = Broker(
+        BrokerSettings(
+            router_endpoint=f"ipc://{tmp_path}/router",
+            pub_endpoints=(f"ipc://{tmp_path}/pub",),
+            backend_endpoint=f"ipc://{tmp_path}/back",
+            xsub_endpoint=f"ipc://{tmp_path}/xsub",
+            heartbeat_s=0.5,
+            heartbeat_misses=3,
+            max_message_bytes=1024 * 1024,
+        ),
+        clock=clock,
+    )
+    b.bind()
+    b.clock = clock
+    yield b
+    b.close()
+
+
+def _socket(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def _pump(broker: Broker, sock: zmq.Socket) -> list[bytes]:
+    """Steps the broker until `sock` has a message; that message."""
+    for _ in range(MAX_STEPS):
+        broker.step(0.01)
+        if sock.poll(0):
+            return sock.recv_multipart()
+    raise AssertionError("nothing arrived")
+
+
+def _until(broker: Broker, condition) -> None:
+    for _ in range(MAX_STEPS):
+        if condition():
+            return
+        broker.step(0.01)
+    raise AssertionError("the condition never held")
+
+
+def _join(broker: Broker, ctx: zmq.Context, name: str = "w0") -> zmq.Socket:
+    worker = _socket(ctx, zmq.DEALER, broker.backend_endpoint)
+    worker.send_multipart(message(READY, payload({"name": name, "capacity": 1, "info": {"model": {"config": "x"}}})))
+    command, rest = split(_pump(broker, worker))
+    assert command == READY and read_payload(rest)["pub"] == broker.xsub_endpoint
+    return worker
+
+
+def _infer(request_id: int, robot: str = "arm") -> list:
+    header = {"type": "infer", "id": request_id, "robot": robot, "options": {"high_level_prompt": "go"}}
+    return codec.encode(header, {"image/base_0_rgb": np.zeros((4, 4, 3), np.uint8)})
+
+
+def _next_command(broker: Broker, worker: zmq.Socket, wanted: bytes) -> list:
+    """The frames after the command of the next `wanted` message the worker gets (heartbeats skipped)."""
+    for _ in range(MAX_STEPS):
+        command, rest = split(_pump(broker, worker))
+        if command == wanted:
+            return rest
+    raise AssertionError(f"no {wanted!r}")
+
+
+def test_a_worker_silent_for_its_misses_is_dropped_and_its_requests_answered_unavailable(broker, ctx):
+    worker = _join(broker, ctx)
+    robot = _socket(ctx, zmq.DEALER, broker.router_endpoint)
+    robot.send_multipart(_infer(41))
+    envelope, body = read_request(_next_command(broker, worker, REQUEST))
+    assert codec.decode(body)[0]["id"] == 41 and envelope.user is None and not envelope.internal
+
+    broker.clock.t = 1.5  # three intervals of silence: not yet
+    broker.step(0.0)
+    assert len(broker.table.workers) == 1
+    broker.clock.t = 1.51
+    broker.step(0.0)
+    assert not broker.table.workers
+    reply, _ = codec.decode(_pump(broker, robot))
+    assert reply["type"] == "error" and reply["id"] == 41 and reply["error"]["code"] == "unavailable"
+
+    # The presumed-dead worker speaks again: it is told to join afresh.
+    worker.send_multipart(message(HEARTBEAT, payload({})))
+    assert _next_command(broker, worker, DISCONNECT) == []
+    # With no worker at all a request is answered at once, typed.
+    robot.send_multipart(_infer(42))
+    reply, _ = codec.decode(_pump(broker, robot))
+    assert reply["error"]["code"] == "unavailable" and reply["id"] == 42
+
+
+def test_a_worker_that_heartbeats_stays_and_its_replies_reach_the_robot(broker, ctx):
+    worker = _join(broker, ctx)
+    heartbeats = 0
+    for step in range(1, 11):  # 4 s of broker time, the worker heard every 0.4 s
+        broker.clock.t = 0.4 * step
+        worker.send_multipart(message(HEARTBEAT, payload({"sessions": 3, "healthy": True})))
+        _until(broker, lambda t=broker.clock.t: next(iter(broker.table.workers.values())).liveness.last_heard == t)
+        while worker.poll(0):
+            heartbeats += split(worker.recv_multipart())[0] == HEARTBEAT
+    assert len(broker.table.workers) == 1 and heartbeats >= 8
+
+    robot = _socket(ctx, zmq.DEALER, broker.router_endpoint)
+    robot.send_multipart(codec.encode({"type": "ping", "id": 1}))
+    pong, _ = codec.decode(_pump(broker, robot))
+    assert pong["type"] == "pong" and pong["data"]["model"] == {"config": "x"}
+    assert [w["name"] for w in pong["data"]["broker"]["workers"]] == ["w0"]
+    assert pong["data"]["server"]["sessions"] == 3
+
+    robot.send_multipart(_infer(7))
+    envelope, _ = read_request(_next_command(broker, worker, REQUEST))
+    answer = codec.encode({"type": "result", "id": 7, "robot": "arm", "data": {"ok": True}})
+    worker.send_multipart(reply_frames(envelope.seq, answer))
+    reply, _ = codec.decode(_pump(broker, robot))
+    assert reply["data"] == {"ok": True} and broker.table.in_flight() == 0
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        ([b"\xff"], "bad_header"),
+        ([msgpack.packb([1, 2])], "bad_header"),
+        ([msgpack.packb({"v": 2, "type": "ping"})], "bad_version"),
+        ([msgpack.packb({"v": 1, "type": "rm -rf", "id": 3})], "unknown_type"),
+        ([msgpack.packb({"v": 1, "type": "infer", "id": 4, "robot": "@json/1"})], "bad_request"),
+        (
+            [msgpack.packb({"v": 1, "type": "ping", "arrays": [{"name": "x", "dtype": "<f4", "shape": [2]}]})],
+            "bad_frames",
+        ),
+        ([msgpack.packb({"v": 1, "type": "ping", "id": 5}), b"x" * (2 * 1024 * 1024)], "oversize"),
+    ],
+)
+def test_hostile_front_frames_get_the_servers_typed_errors_and_the_broker_goes_on(broker, ctx, frames, code):
+    robot = _socket(ctx, zmq.DEALER, broker.router_endpoint)
+    robot.send_multipart(frames)
+    reply, _ = codec.decode(_pump(broker, robot))
+    assert reply["type"] == "error" and reply["error"]["code"] == code
+    robot.send_multipart(codec.encode({"type": "ping", "id": 9}))
+    assert codec.decode(_pump(broker, robot))[0]["type"] == "pong"
+
+
+def test_a_malformed_worker_message_is_dropped(broker, ctx):
+    worker = _join(broker, ctx)
+    for frames in ([b"junk"], message(READY, b"\xc1"), message(REQUEST), [b"PI05W1", b"\x03", b"short"]):
+        worker.send_multipart(frames)
+    _until(broker, lambda: broker.errors["worker_protocol"] == 4)
+    robot = _socket(ctx, zmq.DEALER, broker.router_endpoint)
+    robot.send_multipart(codec.encode({"type": "ping", "id": 1}))
+    assert codec.decode(_pump(broker, robot))[0]["type"] == "pong"
+
+
+def test_subscriptions_reach_every_worker_once_per_topic(broker, ctx):
+    """The first subscriber of a topic and the last one leaving reach the workers' XPUBs; a worker
+    that connects later is told of every current topic."""
+    pub_a = ctx.socket(zmq.XPUB)
+    pub_a.setsockopt(zmq.XPUB_VERBOSER, 1)
+    pub_a.connect(broker.xsub_endpoint)
+    subs = [_socket(ctx, zmq.SUB, broker.pub_endpoints[0]) for _ in range(2)]
+    for sub in subs:
+        sub.setsockopt(zmq.SUBSCRIBE, b"arm")
+    assert _pump(broker, pub_a) == [b"\x01arm"]
+    for _ in range(20):
+        broker.step(0.01)
+    assert not pub_a.poll(0)  # the second subscriber is not news to the worker
+    pub_b = ctx.socket(zmq.XPUB)
+    pub_b.setsockopt(zmq.XPUB_VERBOSER, 1)
+    pub_b.connect(broker.xsub_endpoint)
+    assert _pump(broker, pub_b) == [b"\x01arm"]
+
+    pub_a.send_multipart([b"arm", b"refresh"])
+    for sub in subs:
+        assert _pump(broker, sub) == [b"arm", b"refresh"]
+    subs[0].close()
+    for _ in range(20):
+        broker.step(0.01)
+    assert not pub_a.poll(0)
+    subs[1].close()
+    assert _pump(broker, pub_a) == [b"\x00arm"]
