@@ -20,10 +20,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from policy.request import SCHEDULES
 from robots.sim import SimArm
-from runtime.chunk_buffer import BufferSettings
+from runtime.chunk_buffer import BLENDS, BufferSettings
 from runtime.control_loop import ControlLoop, LoopSettings
 from runtime.demo import StatusLine
+from transport.curve import CurveError, load_client_keys
 from transport.errors import TransportError
 from transport.zmq_client import PolicyClient, zmq_endpoint
 
@@ -50,8 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="pick up the block")
     p.add_argument("--hz", type=float, default=50.0)
     p.add_argument("--duration", type=float, default=10.0, help="seconds")
-    p.add_argument("--blend", choices=("replace", "crossfade", "average"), default="crossfade")
+    p.add_argument(
+        "--blend", choices=BLENDS, default="crossfade", help="how a new chunk takes over (rtc: real-time chunking)"
+    )
     p.add_argument("--crossfade-steps", type=int, default=8)
+    p.add_argument(
+        "--rtc-execute-horizon", type=int, default=25, help="rtc: steps executed per chunk (kept within d..H-d)"
+    )
+    p.add_argument("--rtc-schedule", choices=SCHEDULES, default=None, help="rtc: guidance weights (server default)")
+    p.add_argument("--rtc-max-guidance-weight", type=float, default=None, help="rtc: beta (server default)")
     p.add_argument("--request-when-left", type=int, default=20, help="actions left when the next chunk is requested")
     p.add_argument("--subtask", choices=("off", "per_chunk", "refresh"), default="refresh")
     p.add_argument("--refresh-interval", type=float, default=2.0, help="seconds between subtask refreshes")
@@ -63,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-timeout", type=float, default=5.0, help="seconds after which a chunk request is abandoned and re-asked"
     )
     p.add_argument("--connect-timeout", type=float, default=3.0, help="seconds without a connection: unreachable")
+    p.add_argument(
+        "--curve-server-key", default=None, metavar="FILE", help="the server's public key (.key): connect with CURVE"
+    )
+    p.add_argument("--curve-key", default=None, metavar="FILE", help="with --curve-server-key: the robot's .key_secret")
     p.add_argument("--stats-json", type=Path, default=None, help="write the summary here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
@@ -82,6 +95,9 @@ def loop_settings(args: argparse.Namespace, safe_action: tuple[float, ...] | Non
             request_when_left=args.request_when_left,
             blend=args.blend,
             crossfade_steps=args.crossfade_steps,
+            rtc_execute_horizon=args.rtc_execute_horizon,
+            rtc_schedule=args.rtc_schedule,
+            rtc_max_guidance_weight=args.rtc_max_guidance_weight,
             safe_action=safe_action,
         ),
         subtask_mode=args.subtask,
@@ -92,11 +108,20 @@ def loop_settings(args: argparse.Namespace, safe_action: tuple[float, ...] | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.curve_server_key) != bool(args.curve_key):
+        parser.error("--curve-server-key and --curve-key go together")
+    try:
+        keys = load_client_keys(args.curve_server_key, args.curve_key) if args.curve_key else None
+    except CurveError as e:
+        parser.error(str(e))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     robot = ROBOTS[args.robot](control_hz=args.hz, seed=args.seed)
     on_tick = StatusLine("robot") if sys.stderr.isatty() else None
-    client = PolicyClient(args.server, args.robot_id, timeout_s=args.timeout, connect_timeout_s=args.connect_timeout)
+    client = PolicyClient(
+        args.server, args.robot_id, timeout_s=args.timeout, connect_timeout_s=args.connect_timeout, keys=keys
+    )
     try:
         loop = ControlLoop(
             robot, client, loop_settings(args, robot.safe_action), args.pub or default_pub(args.server), on_tick

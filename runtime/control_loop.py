@@ -11,6 +11,10 @@ In `refresh` mode action requests are conditioned on the current subtask, which 
 regenerates every few seconds and publishes; every request carries the refresh interval (the server
 treats it idempotently), so after a server restart the first request answered registers it again.
 
+With the buffer in `rtc` mode (real-time chunking) each request also carries the buffer's
+leftover from the request's observation step with its d and s, requests go every s steps, one at
+a time, and a chunk arriving replaces the plan from its arrival step on.
+
 When the server does not answer, a chunk request is abandoned after `request_timeout_s` and asked
 again with a fresh observation; the buffer plays out what it has and then holds the safe action.
 That is an outage: counted, timed from the unanswered request to the next reply, and shown in the
@@ -34,7 +38,7 @@ import numpy as np
 
 from robots.base import Robot
 from runtime.chunk_buffer import ActionChunkBuffer, BufferSettings, append_bounded
-from transport.errors import RequestTimeout, TransportError
+from transport.errors import RemoteError, RequestTimeout, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +184,29 @@ class ControlLoop:
             options["subtask_refresh_interval"] = s.refresh_interval_s
             if not generate:
                 options["low_level_prompt"] = self.status.subtask
+        options.update(self._guidance(step))
         future = self.client.start_infer(
             obs.images, s.prompt, obs.state, obs_time, timeout_s=timeout_s, retries=retries, **options
         )
         return _InFlight(future, step, obs_time, generate)
+
+    def _guidance(self, obs_step: int) -> dict[str, Any]:
+        """Real-time chunking's request options for an observation of `obs_step` (none outside
+        `rtc` mode or with no plan left to continue)."""
+        rtc = self.buffer.rtc_inputs(obs_step)
+        if rtc is None:
+            return {}
+        b = self.settings.buffer
+        options: dict[str, Any] = {
+            "prev_actions": rtc.leftover.actions,
+            "inference_delay": rtc.inference_delay,
+            "execute_horizon": rtc.execute_horizon,
+        }
+        if b.rtc_schedule is not None:
+            options["rtc_schedule"] = b.rtc_schedule
+        if b.rtc_max_guidance_weight is not None:
+            options["max_guidance_weight"] = b.rtc_max_guidance_weight
+        return options
 
     def _integrate(self, step: int, now: float) -> None:
         for flight in [f for f in self._in_flight if f.future.done()]:  # oldest observation first
@@ -195,6 +218,13 @@ class ControlLoop:
             reply = flight.future.result()
         except RequestTimeout as e:
             self._server_lost(flight, e)
+            return
+        except RemoteError as e:
+            if e.code == "unavailable":  # a fleet's worker died under the request: the service is out
+                self._server_lost(flight, e)
+            else:
+                self.status.request_errors += 1
+                log.warning("chunk request failed: %s", e)
             return
         except TransportError as e:
             self.status.request_errors += 1
@@ -214,13 +244,13 @@ class ControlLoop:
             log.warning("a reply without a usable action chunk (shape %s) was dropped", np.shape(actions))
             return
         delay_ms = (now - flight.obs_time) * 1e3
-        self.buffer.add_chunk(np.asarray(actions)[:, : self.robot.action_dim], flight.obs_step, step, delay_ms)
+        self.buffer.add_chunk(np.asarray(actions), flight.obs_step, step, delay_ms)
         self.status.last_delay_ms = delay_ms
         if flight.generates_subtask and reply.get("subtask") is not None:
             self.status.subtask = reply["subtask"]
             self.subtasks_seen += 1
 
-    def _server_lost(self, flight: _InFlight, error: RequestTimeout) -> None:
+    def _server_lost(self, flight: _InFlight, error: TransportError) -> None:
         if self._outage_since is None:
             self._outage_since = flight.obs_time
             self.status.outages += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import shutil
@@ -28,9 +29,12 @@ import zmq
 
 from configs import DEFAULT_IMAGE_RESOLUTIONS, DEFAULT_MODEL, model_config_names
 from robots.adapters import ADAPTERS
+from runtime.fleet_front import add_fleet_arguments, check_fleet_arguments, is_front, join_link, serve_front
 from runtime.gateways import GatewayProcess
 from runtime.service import InferenceBackend, PolicyService, ServiceLimits
+from transport import curve
 from transport.supervise import supervise
+from transport.ws_common import read_token, tls_context
 from transport.zmq_server import ZmqServer, ZmqServerSettings
 
 log = logging.getLogger("runtime.policy_server")
@@ -85,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=positive(int), default=8, help="most requests batched into one model call")
     p.add_argument("--batch-window-ms", type=float, default=3.0, help="how long to wait for a batch to fill")
     p.add_argument(
+        "--rtc-method",
+        choices=("vjp", "identity"),
+        default="vjp",
+        help="real-time chunking's guidance: exact VJP through the action expert, or the identity approximation",
+    )
+    p.add_argument(
         "--image-resolutions",
         type=resolutions,
         default=DEFAULT_IMAGE_RESOLUTIONS,
@@ -100,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-ttl", type=positive(float), default=600.0, help="seconds of silence that end a session")
     p.add_argument("--max-ws-connections", type=positive(int), default=64, help="connections per WebSocket port")
     p.add_argument(
+        "--curve-secret", default=None, metavar="FILE", help="the server's CURVE .key_secret: ZMQ needs CURVE keys"
+    )
+    p.add_argument(
+        "--curve-clients", default=None, metavar="DIR", help="with --curve-secret: client public keys (*.key) let in"
+    )
+    p.add_argument(
+        "--token-file", default=None, metavar="FILE", help="WebSocket clients must send this token at the handshake"
+    )
+    p.add_argument("--tls-cert", default=None, metavar="FILE", help="PEM certificate chain: WebSocket ports are wss://")
+    p.add_argument("--tls-key", default=None, metavar="FILE", help="with --tls-cert: its PEM private key")
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser Origin let in on the WebSocket ports, e.g. https://lab.example (repeatable; others: 403)",
+    )
+    p.add_argument(
         "--fixed-reply",
         action="store_true",
         help="no model: check each request and answer a fixed chunk of zeros (wiring and transport tests)",
@@ -109,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--demo-duration", type=float, default=None, help="seconds of demo, then exit (default: until Ctrl-C)"
     )
     p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    add_fleet_arguments(p)
     return p
 
 
@@ -117,7 +146,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.demo and not (args.router_port and args.pub_port):
         parser.error("--demo drives the robot through the ZMQ endpoints: --router-port and --pub-port must not be 0")
+    if bool(args.curve_secret) != bool(args.curve_clients):
+        parser.error("--curve-secret and --curve-clients go together")
+    if args.demo and args.curve_secret:
+        parser.error("--demo runs without keys: it cannot be combined with --curve-secret")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    check_fleet_arguments(parser, args, sys.argv[1:] if argv is None else list(argv))
     return args
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def _check_access(args: argparse.Namespace) -> curve.ServerKeys | None:
+    """Loads the keys, token and certificate now (a bad file is a one-line error before anything
+    binds) and warns about what is exposed beyond this host; the server's CURVE keys, if any."""
+    keys = curve.load_server_keys(args.curve_secret, args.curve_clients) if args.curve_secret else None
+    if keys is not None:
+        log.info("CURVE on the ZMQ endpoints: %d client keys allowed from %s", keys.clients, keys.clients_dir)
+    if args.token_file:
+        read_token(args.token_file)
+    if args.tls_cert:
+        tls_context(args.tls_cert, args.tls_key)
+    if _loopback(args.host):
+        return keys
+    if keys is None and (args.router_port or args.pub_port):
+        log.warning(
+            "the ZMQ endpoints on %s are open to anyone who can reach them: use --curve-secret and --curve-clients",
+            args.host,
+        )
+    websockets = args.ws_port or args.openpi_port
+    if websockets and not args.token_file:
+        log.warning("the WebSocket ports on %s are open to anyone who can reach them: use --token-file", args.host)
+    elif websockets and not args.tls_cert:
+        log.warning("the WebSocket token travels in clear on %s: use --tls-cert and --tls-key", args.host)
+    return keys
 
 
 def resolutions(text: str) -> tuple[tuple[int, int], ...]:
@@ -149,6 +219,7 @@ def make_engine(args: argparse.Namespace) -> Any:
         deadline_s=args.deadline,
         max_queue=args.max_queue,
         image_resolutions=args.image_resolutions,
+        rtc_method=args.rtc_method,
     )
 
 
@@ -199,18 +270,26 @@ async def serve(
     closers: list[Callable[[], Awaitable[Any]]] = []
     sockets: dict[str, socket.socket] = {}
     try:
+        curve_keys = _check_access(args)
+        if is_front(args):  # a broker here, the engines in worker processes
+            await serve_front(args, ipc_dir, curve_keys, stop, closers, sockets, on_ready)
+            return
         gateways = {name: p for name, p in (("json", args.ws_port), ("openpi", args.openpi_port)) if p}
         pub_endpoints = [f"ipc://{ipc_dir}/pub"] + ([_endpoint(args.host, args.pub_port)] if args.pub_port else [])
+        if args.join:  # a fleet worker binds nothing: it reaches its broker, which gateways reach
+            pub_endpoints = []
         zmq_server = ZmqServer(
             ZmqServerSettings(
                 router_endpoint=_endpoint(args.host, args.router_port) if args.router_port else None,
-                internal_endpoint=f"ipc://{ipc_dir}/router",
+                internal_endpoint=None if args.join else f"ipc://{ipc_dir}/router",
                 pub_endpoints=tuple(pub_endpoints),
+                curve=curve_keys,
             ),
-            lambda peer, request: service.handle(peer.identity, request),
+            lambda peer, request: service.handle(peer.identity, request, peer.user),
         )
         zmq_server.bind()
         closers.append(zmq_server.close)
+        link = join_link(args, zmq_server) if args.join else None  # a fleet worker: requests come from a broker
         for name, ws_port in gateways.items():
             sockets[name] = _listen(args.host, ws_port)
         endpoints = _endpoints(args, zmq_server, sockets)
@@ -232,9 +311,9 @@ async def serve(
                 return
         service = PolicyService(
             engine,
-            zmq_server.publish,
-            zmq_server.subscribers,
-            zmq_server.forget,
+            (link or zmq_server).publish,
+            (link or zmq_server).subscribers,
+            (link or zmq_server).forget,
             ServiceLimits(
                 max_sessions=args.max_sessions,
                 max_sessions_per_peer=args.max_sessions_per_peer,
@@ -244,6 +323,11 @@ async def serve(
         )
         closers.append(service.close)
         await zmq_server.start()
+        if link is not None:
+            closers.append(link.close)
+            await link.start(service)
+            if not await _until_stopped(link.acked.wait(), stop):
+                return
         closers.append(_cancel_on_close(asyncio.create_task(supervise("session-expiry", service.run_expiry))))
         for name, sock in sockets.items():
             gateway = GatewayProcess(name, sock, _gateway_argv(args, name, zmq_server, ipc_dir))
@@ -283,11 +367,12 @@ def _endpoints(args: argparse.Namespace, zmq_server: ZmqServer, sockets: dict[st
     public_pub = [e for e in zmq_server.pub_endpoints if e.startswith("tcp://")]
     if public_pub:
         endpoints["pub"] = public_pub[0]
+    scheme = "wss" if args.tls_cert else "ws"
     if "json" in sockets:
-        endpoints["json websocket"] = f"ws://{args.host}:{sockets['json'].getsockname()[1]}"
+        endpoints["json websocket"] = f"{scheme}://{args.host}:{sockets['json'].getsockname()[1]}"
     if "openpi" in sockets:
         port_ = sockets["openpi"].getsockname()[1]
-        endpoints["openpi websocket"] = f"ws://{args.host}:{port_} (layout {args.openpi_layout})"
+        endpoints["openpi websocket"] = f"{scheme}://{args.host}:{port_} (layout {args.openpi_layout})"
     return endpoints
 
 
@@ -300,6 +385,12 @@ def _gateway_argv(args: argparse.Namespace, name: str, zmq_server: ZmqServer, ip
         "--max-connections", str(args.max_ws_connections),
         "--log-level", args.log_level,
     ]  # fmt: skip
+    # Paths only: the gateway reads the token itself, so it never shows in a process listing.
+    for flag, value in (("--token-file", args.token_file), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if value:
+            argv += [flag, os.path.abspath(value)]
+    for origin in args.allow_origin:
+        argv += ["--allow-origin", origin]
     if name == "openpi":
         argv += ["--openpi-layout", args.openpi_layout]
         if args.default_prompt:
@@ -331,7 +422,9 @@ def _cancel_on_close(task: asyncio.Task) -> Callable[[], Awaitable[None]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A fleet worker's lines name it (and its `ready` is not its front host's, which shares the log).
+    who = f"%(name)s@{args.worker_name or 'worker'}" if args.join else "%(name)s"
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s {who}: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         asyncio.run(serve(args))

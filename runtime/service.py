@@ -26,8 +26,9 @@ import numpy as np
 from policy.request import EngineError, InferenceRequest, InferenceResult, Observation, Options
 from runtime.refresh import Publish, RefreshScheduler
 from transport.codec import PROTOCOL_VERSION
+from transport.curve import session_key
 from transport.errors import BadRequest, TransportError
-from transport.messages import ACTIONS, BYE, INFER, KEEP, PING, REFRESH, SUBTASK, Request
+from transport.messages import ACTIONS, BYE, INFER, KEEP, MODEL_ACTIONS, PING, REFRESH, SUBTASK, Request
 
 log = logging.getLogger(__name__)
 
@@ -158,19 +159,22 @@ class PolicyService:
 
     # ------------------------------------------------------------------ requests
 
-    async def handle(self, peer: bytes, request: Request) -> Reply:
+    async def handle(self, peer: bytes, request: Request, user: str | None = None) -> Reply:
+        """`user` is the peer's authenticated key under CURVE: a robot's session (and refresh
+        topic) is then `user/robot`, out of reach of every other key."""
+        key = session_key(user, request.robot)
         if request.type == PING:
             return self.ping(), {}
         if request.type == BYE:
-            return {"dropped": self.drop_session(request.robot)}, {}
+            return {"dropped": self.drop_session(key)}, {}
         if request.type not in (INFER, SUBTASK, REFRESH):
             raise BadRequest(f"unknown request type {request.type!r}")
-        session = self.sessions.get(request.robot)
+        session = self.sessions.get(key)
         prompt, options = self._validate(session, request)
         # Validated: from here on the request changes the session.
         if session is None:
             self._make_room(peer)
-            session = self.sessions[request.robot] = Session(request.robot, peer)
+            session = self.sessions[key] = Session(key, peer)
         session.peer, session.last_seen = peer, self._clock()
         if request.observation is not None:
             images = await self.backend.prepare_images(request.observation.images)
@@ -191,7 +195,7 @@ class PolicyService:
         if task is not None:
             running.add(task)
         try:
-            result = await self._submit(InferenceRequest(observation, prompt, options, kind=kind))
+            result = await self._submit(self._inference_request(request, observation, prompt, options, kind))
         finally:
             running.discard(task)
             if not running and self._running.get(session.key) is running:
@@ -207,7 +211,23 @@ class PolicyService:
             return data, {}
         data["state"] = None if result.state is None else [float(x) for x in np.asarray(result.state).ravel()]
         data["obs_timestamp"] = observation.timestamp
-        return data, {ACTIONS: np.asarray(result.actions, np.float32)}
+        arrays = {ACTIONS: np.asarray(result.actions, np.float32)}
+        if result.model_actions is not None:
+            arrays[MODEL_ACTIONS] = np.asarray(result.model_actions, np.float32)
+        return data, arrays
+
+    @staticmethod
+    def _inference_request(
+        request: Request, observation: Observation, prompt: str, options: Options, kind: str
+    ) -> InferenceRequest:
+        """The engine's request for `request` run as `kind`. Guidance (real-time chunking) and the
+        model-space reply belong to an infer's own observation: a refresh never carries them."""
+        if kind != "infer":
+            return InferenceRequest(observation, prompt, options, kind=kind)
+        return InferenceRequest(
+            observation, prompt, options, kind=kind, guidance=request.guidance,
+            return_model_actions=request.return_model_actions,
+        )  # fmt: skip
 
     def _validate(self, session: Session | None, request: Request) -> tuple[str | None, Options]:
         """The prompt and options the request will run with; raises before anything is stored."""
@@ -243,7 +263,7 @@ class PolicyService:
         if refreshing or (request.type == REFRESH and (request.observation is not None or request.prompt is not None)):
             kinds.add("subtask")
         for kind in sorted(kinds):
-            self.backend.check(InferenceRequest(observation, prompt, options, kind=kind))
+            self.backend.check(self._inference_request(request, observation, prompt, options, kind))
         return prompt, options
 
     async def _submit(self, request: InferenceRequest) -> InferenceResult:

@@ -9,6 +9,8 @@ its requests in flight and publishes its refreshes, which this process subscribe
 the connection. When the connection closes the gateway says `bye`, so the session ends with it.
 
 The listening socket was bound by the parent (before the model loaded) and is inherited as `--fd`.
+Access control comes as paths (`--token-file`, `--tls-cert`, `--tls-key`) and `--allow-origin`: the
+token is read from its file here, never passed on a command line.
 The process prints `ready` on stdout once it serves, and exits when its parent goes away.
 """
 
@@ -27,11 +29,24 @@ import socket
 import sys
 from typing import Any
 
-from robots.adapters import ADAPTERS, get_adapter
-from transport.errors import RemoteError, TransportError
-from transport.messages import ACTIONS, BYE, INFER, Request
+import numpy as np
+
+from policy.request import Observation, Options
+from robots.adapters import ADAPTERS, Adapter, get_adapter
+from transport.errors import BadRequest, RemoteError, TransportError
+from transport.messages import (
+    ACTIONS,
+    BYE,
+    INFER,
+    KEEP,
+    MODEL_ACTIONS,
+    Request,
+    check_prev_actions,
+    parse_guidance,
+)
+from transport.openpi_msgpack import pop_guidance
 from transport.openpi_server import OpenpiServer
-from transport.ws_common import WsServer, WsSettings
+from transport.ws_common import WsServer, WsSettings, read_token, tls_context
 from transport.ws_json_server import JsonApiServer
 from transport.zmq_client import AsyncPolicyClient, RefreshListener
 
@@ -56,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-prompt", default=None)
     p.add_argument("--max-batch", type=int, default=8, help="most requests in one JSON batch")
     p.add_argument("--max-connections", type=int, default=64)
+    p.add_argument("--token-file", default=None, help="a client must send this file's token at the handshake")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve wss:// (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="the certificate's PEM private key")
+    p.add_argument("--allow-origin", action="append", default=[], help="a browser Origin let in (repeatable)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -73,7 +92,14 @@ class Gateway:
         self.server: WsServer = self._json_server() if args.protocol == "json" else self._openpi_server()
 
     def _settings(self) -> WsSettings:
-        return WsSettings(max_message_bytes=self.max_message_bytes(), max_connections=self.args.max_connections)
+        a = self.args
+        return WsSettings(
+            max_message_bytes=self.max_message_bytes(),
+            max_connections=a.max_connections,
+            token=read_token(a.token_file) if a.token_file else None,
+            allowed_origins=tuple(a.allow_origin),
+            tls=tls_context(a.tls_cert, a.tls_key) if a.tls_cert else None,
+        )
 
     def max_message_bytes(self) -> int:
         """Sized from the model's cameras and the largest declared camera resolution, each way."""
@@ -145,11 +171,14 @@ class Gateway:
     async def _json_request(self, key: str, request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
         client = self._clients[key]
         return await client.request(
-            INFER, request.prompt, request.options, request.observation, request.refresh_interval
-        )
+            INFER, request.prompt, request.options, request.observation, request.refresh_interval,
+            request.guidance, request.return_model_actions,
+        )  # fmt: skip
 
     async def _openpi_request(self, key: str, obs: dict[str, Any]) -> dict[str, Any]:
         adapter = get_adapter(self.args.openpi_layout)
+        obs, rtc_options, prev_actions = pop_guidance(obs)
+        guidance, return_model_actions = parse_guidance(rtc_options, self._robot_actions(adapter, prev_actions))
         try:
             inputs = adapter.to_model(obs)
         except ValueError:
@@ -159,8 +188,30 @@ class Gateway:
         prompt = inputs.prompt or self.args.default_prompt
         if not prompt:
             raise ValueError("the observation has no 'prompt' and the server has no --default-prompt")
-        out = await self._clients[key].infer(inputs.images, prompt, inputs.state, generate_subtask=False)
-        return {"actions": adapter.from_model(out[ACTIONS]), "policy_timing": {"infer_ms": out["timing"]["total_ms"]}}
+        data, arrays = await self._clients[key].request(
+            INFER, prompt, Options(generate_subtask=False), Observation(inputs.images, inputs.state), KEEP, guidance,
+            return_model_actions,
+        )  # fmt: skip
+        timing = {"infer_ms": data["timing"]["total_ms"]}
+        reply = {"actions": adapter.from_model(arrays[ACTIONS]), "policy_timing": timing}
+        if MODEL_ACTIONS in arrays:
+            reply[MODEL_ACTIONS] = np.asarray(arrays[MODEL_ACTIONS])
+        return reply
+
+    def _robot_actions(self, adapter: Adapter, prev_actions: np.ndarray | None) -> np.ndarray | None:
+        """An openpi client's leftover (the layout's actions) in the engine's robot units: the
+        layout's `from_model` inverted, then dims the layout does not carry (a model wider than
+        the layout) as 0."""
+        if prev_actions is None:
+            return None
+        prev = check_prev_actions(prev_actions)
+        if prev.shape[1] != adapter.action_dim:
+            raise BadRequest(
+                f"prev_actions must be (n, {adapter.action_dim}) for the {adapter.name} layout, got {prev.shape}"
+            )
+        robot = adapter.actions_to_model(prev)
+        width = self.model.get("action_dim") or robot.shape[1]
+        return np.pad(robot, ((0, 0), (0, max(0, width - robot.shape[1]))))
 
 
 def _log_failure(task: asyncio.Task) -> None:
@@ -211,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except RemoteError as e:
         log.error("the policy server refused the gateway: %s", e)
+        return 2
+    except ValueError as e:  # a token file or TLS certificate that cannot be used
+        log.error("%s", e)
         return 2
     return 0
 

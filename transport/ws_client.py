@@ -9,7 +9,9 @@ reopened with exponential backoff, and a request that was in flight is sent agai
         --image left_wrist_0_rgb=wrist.npy --prompt "pick up the pen" --repeat 10 --refresh 1
 
 prints each reply's subtask and action shape, each refresh as it arrives, and the client's round
-trip next to the server's `server_timing` and the engine's `timing`.
+trip next to the server's `server_timing` and the engine's `timing`. A server started with
+`--token-file` wants `--token-file FILE` (or `--token`, visible to other users of this host in its
+process list); one with TLS a `wss://` URL (`--ca-file` for a certificate no system CA signed).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import collections
 import dataclasses
 import json
 import logging
+import ssl
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,9 +31,11 @@ from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from transport.errors import RemoteError, RequestTimeout
+from transport.messages import ACTIONS, MODEL_ACTIONS, PREV_ACTIONS
+from transport.ws_common import read_token
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +79,17 @@ def build_request(
     if state is not None:
         request["state"] = [float(x) for x in np.asarray(state).ravel()]
     request.update(options)
+    if request.get(PREV_ACTIONS) is not None:  # real-time chunking's leftover, (n, action dim)
+        request[PREV_ACTIONS] = np.asarray(request[PREV_ACTIONS], np.float64).tolist()
     return request
+
+
+def _arrays(reply: dict[str, Any]) -> dict[str, Any]:
+    """A reply with `actions` (and `model_actions` when asked) as float32 arrays."""
+    for key in (ACTIONS, MODEL_ACTIONS):
+        if key in reply:
+            reply[key] = np.asarray(reply[key], np.float32)
+    return reply
 
 
 class JsonApiClient:
@@ -87,8 +102,14 @@ class JsonApiClient:
         backoff_s: float = 0.1,
         max_backoff_s: float = 5.0,
         max_message_bytes: int = 128 * 1024 * 1024,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ):
+        """`token` is sent as `Authorization: Bearer <token>`; `ssl_context` verifies a `wss://` server
+        (default: the system's CAs)."""
         self.uri = uri
+        self._headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._ssl = ssl_context
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -116,10 +137,18 @@ class JsonApiClient:
         for attempt in range(self.retries + 1):
             try:
                 self._connection = await connect(
-                    self.uri, max_size=self.max_message_bytes, compression=None, open_timeout=self.timeout_s
+                    self.uri,
+                    max_size=self.max_message_bytes,
+                    compression=None,
+                    open_timeout=self.timeout_s,
+                    additional_headers=self._headers,
+                    **({"ssl": self._ssl} if self._ssl is not None else {}),
                 )
                 break
             except (OSError, InvalidHandshake, TimeoutError) as e:
+                if isinstance(e, InvalidStatus) and e.response.status_code in (401, 403):
+                    # Refused access (token, origin): trying again changes nothing.
+                    raise ConnectionError(f"{self.uri} refused this client: {e}") from None
                 if attempt == self.retries:
                     raise ConnectionError(f"cannot connect to {self.uri}: {e}") from e
                 log.info("connecting to %s failed (%s); retrying in %.2f s", self.uri, e, delay)
@@ -206,18 +235,16 @@ class JsonApiClient:
         state: Sequence[float] | np.ndarray | None = None,
         **options: Any,
     ) -> dict[str, Any]:
-        """One request; `actions` comes back as a (1, horizon, action_dim) float array."""
-        reply = await self.request(build_request(images, high_level_prompt, state, **options))
-        reply["actions"] = np.asarray(reply["actions"], np.float32)
-        return reply
+        """One request; `actions` comes back as a (1, horizon, action_dim) float array (and
+        `model_actions`, with `return_model_actions=True`, as (1, horizon, model action dim)).
+        Real-time chunking: `prev_actions` (an (n, action dim) array), `inference_delay`,
+        `execute_horizon` and optionally `rtc_schedule`, `max_guidance_weight` (docs/protocol.md)."""
+        return _arrays(await self.request(build_request(images, high_level_prompt, state, **options)))
 
     async def infer_batch(self, requests: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Several requests in one message (each made with `build_request`); results in order."""
         reply = await self.request({"batch": list(requests)})
-        results = reply["results"]
-        for r in results:
-            r["actions"] = np.asarray(r["actions"], np.float32)
-        return results
+        return [_arrays(r) for r in reply["results"]]
 
     def timing_stats(self) -> dict[str, float]:
         """Client-side round trips so far: count, mean, p50, p99 (ms)."""
@@ -278,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each reply")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token-file", default=None, help="a file holding the server's WebSocket token")
+    token.add_argument("--token", default=None, help="the token itself (other users may see it: prefer --token-file)")
+    p.add_argument("--ca-file", default=None, help="PEM certificate(s) to trust for a wss:// server")
     return p
 
 
@@ -396,7 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 1 or args.repeat < 1:
         parser.error("--batch and --repeat must be at least 1")
     images = _images(args, parser)
-    client = JsonApiClient(args.url, timeout_s=args.timeout)
+    try:
+        token = read_token(args.token_file) if args.token_file else args.token
+        context = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else None
+    except (ValueError, OSError, ssl.SSLError) as e:
+        parser.error(str(e))
+    client = JsonApiClient(args.url, timeout_s=args.timeout, token=token, ssl_context=context)
     report = _Report()
     code = 0
     try:

@@ -15,6 +15,11 @@ the same calls poll, so their callbacks run on the caller's thread, inside the c
 
 `AsyncPolicyClient` offers the same requests to asyncio code and `RefreshListener.run` the
 subscription.
+
+Given `keys` (`transport.curve.ClientKeys`), every socket is a CURVE client of the server's key;
+the server then knows the robot as `user/robot` (user: this client's public key), and so does
+its refresh topic. A connection counts as up once its handshake succeeded, so a server that
+refuses the key (or wants one) is reported as unreachable, with the handshake's failure named.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from policy.request import Observation, Options
+from policy.request import ChunkGuidance, Observation, Options
 from transport import codec
+from transport.curve import ClientKeys, apply_client, session_key
 from transport.errors import ProtocolError, RemoteError, RequestTimeout, TransportError
 from transport.messages import (
     ACTIONS,
@@ -43,11 +49,14 @@ from transport.messages import (
     ERROR,
     INFER,
     KEEP,
+    MODEL_ACTIONS,
     PING,
     REFRESH,
     REFRESH_INTERVAL,
     REPLY_TYPE,
     SUBTASK,
+    client_guidance,
+    guidance_to_wire,
     observation_arrays,
     options_to_wire,
 )
@@ -56,6 +65,12 @@ from transport.zmq_reader import SocketReader
 log = logging.getLogger(__name__)
 
 _HWM = 100
+_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the server refused this client's CURVE key (not on its allow-list)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the security handshake failed (a CURVE server needs --curve-key and "
+    "--curve-server-key; a plain server needs neither)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the security handshake failed (is --curve-server-key the server's key?)",
+}
 
 
 class ServerUnreachable(RequestTimeout):
@@ -84,16 +99,19 @@ def _encode_request(
     options: Options | None,
     observation: Observation | None,
     refresh_interval: Any,
+    guidance: ChunkGuidance | None = None,
+    return_model_actions: bool = False,
 ) -> list:
     header: dict[str, Any] = {"type": kind, "id": request_id, "robot": robot_id}
-    wire = options_to_wire(prompt, options, refresh_interval)
+    rtc_options, rtc_arrays = guidance_to_wire(guidance, return_model_actions)
+    wire = {**options_to_wire(prompt, options, refresh_interval), **rtc_options}
     if wire:
         header["options"] = wire
-    arrays = None
+    arrays: dict[str, np.ndarray] = {}
     if observation is not None:
         header["ts"] = observation.timestamp
         arrays = observation_arrays(observation)
-    return codec.encode(header, arrays)
+    return codec.encode(header, {**arrays, **rtc_arrays})
 
 
 def _reply_data(kind: str, header: dict[str, Any]) -> dict[str, Any]:
@@ -145,12 +163,15 @@ class PolicyClient:
         retries: int = 3,
         connect_timeout_s: float = 3.0,
         context: zmq.Context | None = None,
+        keys: ClientKeys | None = None,
     ):
         self.endpoint = zmq_endpoint(endpoint)
         self.robot_id = robot_id
         self.timeout_s = timeout_s
         self.retries = retries
         self.connect_timeout_s = connect_timeout_s
+        self.keys = keys
+        self.handshake_failure: str | None = None  # why the last security handshake failed
         self.reconnects = 0
         self._ctx = context or zmq.Context.instance()
         self._ids = itertools.count(1)
@@ -173,7 +194,12 @@ class PolicyClient:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, _HWM)
         socket.setsockopt(zmq.RCVHWM, _HWM)
-        monitor = socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED) if self._monitored else None
+        if self.keys is not None:
+            apply_client(socket, self.keys)
+        events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        for event in _HANDSHAKE_FAILURES:
+            events |= event
+        monitor = socket.get_monitor_socket(events) if self._monitored else None
         socket.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
@@ -218,11 +244,17 @@ class PolicyClient:
         *,
         timeout_s: float | None = None,
         retries: int | None = None,
+        guidance: ChunkGuidance | None = None,
+        return_model_actions: bool = False,
     ) -> concurrent.futures.Future:
         """Sends a request without waiting. The future (resolved by `poll` or `wait`) gives the reply's
-        `data` (with `actions` for an infer) or raises its error; cancel it to abandon the request."""
+        `data` (with `actions` for an infer, and `model_actions` when asked) or raises its error;
+        cancel it to abandon the request."""
         request_id = next(self._ids)
-        frames = _encode_request(kind, request_id, self.robot_id, prompt, options, observation, refresh_interval)
+        frames = _encode_request(
+            kind, request_id, self.robot_id, prompt, options, observation, refresh_interval, guidance,
+            return_model_actions,
+        )  # fmt: skip
         now = time.monotonic()
         pending = _Pending(
             concurrent.futures.Future(),
@@ -236,10 +268,18 @@ class PolicyClient:
         try:
             self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            pending.future.set_exception(_queue_full(self.endpoint))
+            pending.future.set_exception(self._not_sendable())
             return pending.future
         self._pending[request_id] = pending
         return pending.future
+
+    def _not_sendable(self) -> TransportError:
+        """Why a send found no room: a refused handshake leaves the socket no peer to queue for."""
+        if self._monitor is not None:
+            self._read_monitor()
+        if self.handshake_failure is not None:
+            return ServerUnreachable(f"cannot reach the policy server at {self.endpoint}: {self.handshake_failure}")
+        return _queue_full(self.endpoint)
 
     def wait(self, future: concurrent.futures.Future) -> dict[str, Any]:
         """Blocks until `future` (from `send`) is resolved; its result."""
@@ -271,8 +311,13 @@ class PolicyClient:
         assert self._monitor is not None
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
-            if event == zmq.EVENT_CONNECTED:
+            if event in _HANDSHAKE_FAILURES:
+                if self.handshake_failure != _HANDSHAKE_FAILURES[event]:
+                    log.warning("%s: %s", self.endpoint, _HANDSHAKE_FAILURES[event])
+                self.handshake_failure = _HANDSHAKE_FAILURES[event]
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._connected = True
+                self.handshake_failure = None
             elif event == zmq.EVENT_DISCONNECTED and self._connected:
                 self._connected = False
                 self._down_since = time.monotonic()
@@ -299,6 +344,8 @@ class PolicyClient:
                 continue
             if pending.kind == INFER:
                 data[ACTIONS] = arrays.get(ACTIONS)
+                if MODEL_ACTIONS in arrays:
+                    data[MODEL_ACTIONS] = arrays[MODEL_ACTIONS]
             pending.future.set_result(data)
 
     def _expire(self) -> None:
@@ -312,7 +359,8 @@ class PolicyClient:
                 p.future.set_exception(
                     ServerUnreachable(
                         f"cannot reach the policy server at {self.endpoint}: no connection for "
-                        f"{self.connect_timeout_s:g} s (is it running, and is the address right?)"
+                        f"{self.connect_timeout_s:g} s ("
+                        f"{self.handshake_failure or 'is it running, and is the address right?'})"
                     )
                 )
                 reset = True
@@ -377,12 +425,24 @@ class PolicyClient:
         *,
         timeout_s: float | None = None,
         retries: int | None = None,
+        prev_actions: np.ndarray | None = None,
+        inference_delay: int | None = None,
+        execute_horizon: int | None = None,
+        rtc_schedule: str | None = None,
+        max_guidance_weight: float | None = None,
+        return_model_actions: bool = False,
         **options: Any,
     ) -> concurrent.futures.Future:
-        """`infer` without waiting: a future of its result."""
+        """`infer` without waiting: a future of its result. Real-time chunking: `prev_actions` (the
+        unexecuted leftover from this observation's step on, robot units) with `inference_delay`
+        and `execute_horizon` (steps) continues the chunk being executed (docs/protocol.md)."""
         opts, interval = _split_options(options)
         obs = Observation(images, state, timestamp)
-        return self.send(INFER, high_level_prompt, opts, obs, interval, timeout_s=timeout_s, retries=retries)
+        guidance = client_guidance(prev_actions, inference_delay, execute_horizon, rtc_schedule, max_guidance_weight)
+        return self.send(
+            INFER, high_level_prompt, opts, obs, interval, timeout_s=timeout_s, retries=retries, guidance=guidance,
+            return_model_actions=return_model_actions,
+        )  # fmt: skip
 
     def infer(
         self,
@@ -392,7 +452,8 @@ class PolicyClient:
         timestamp: float | None = None,
         **options: Any,
     ) -> dict[str, Any]:
-        """An action chunk: the reply's fields (`subtask`, `timing`, ...) plus `actions` (an array)."""
+        """An action chunk: the reply's fields (`subtask`, `timing`, ...) plus `actions` (an array);
+        takes `start_infer`'s real-time chunking arguments."""
         return self.wait(self.start_infer(images, high_level_prompt, state, timestamp, **options))
 
     def subtask(
@@ -431,11 +492,8 @@ class PolicyClient:
     def listen_refreshes(self, pub_endpoint: str, callback: Callable[[dict[str, Any]], None]) -> RefreshListener:
         """Subscribes to this robot's refreshes. `callback(message)` runs inside this client's calls
         (`poll`, `wait` and the blocking requests): a caller that only waits for refreshes calls `poll`."""
-        listener = RefreshListener(pub_endpoint, self.robot_id, callback)
-        sub = self._ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, listener.topic)
-        sub.connect(listener.endpoint)
+        listener = RefreshListener(pub_endpoint, self.robot_id, callback, self._ctx, self.keys)
+        sub = listener.subscriber()
         self._listeners.append((sub, listener))
         self._poller.register(sub, zmq.POLLIN)
         return listener
@@ -473,11 +531,13 @@ class AsyncPolicyClient:
         timeout_s: float = 10.0,
         retries: int = 3,
         context: zmq.Context | None = None,
+        keys: ClientKeys | None = None,
     ):
         self.endpoint = zmq_endpoint(endpoint)
         self.robot_id = robot_id
         self.timeout_s = timeout_s
         self.retries = retries
+        self.keys = keys
         self._ctx = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
         self._reader: SocketReader | None = None
@@ -497,6 +557,8 @@ class AsyncPolicyClient:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, _HWM)
         socket.setsockopt(zmq.RCVHWM, _HWM)
+        if self.keys is not None:
+            apply_client(socket, self.keys)
         socket.connect(self.endpoint)
         self._socket = socket
         self._reader = SocketReader(asyncio.get_running_loop(), socket, self._on_reply)
@@ -557,12 +619,17 @@ class AsyncPolicyClient:
         options: Options | None = None,
         observation: Observation | None = None,
         refresh_interval: Any = KEEP,
+        guidance: ChunkGuidance | None = None,
+        return_model_actions: bool = False,
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Sends one request and waits for its reply: (reply `data`, reply arrays)."""
         if self._socket is None:
             await self.connect()
         request_id = next(self._ids)
-        frames = _encode_request(kind, request_id, self.robot_id, prompt, options, observation, refresh_interval)
+        frames = _encode_request(
+            kind, request_id, self.robot_id, prompt, options, observation, refresh_interval, guidance,
+            return_model_actions,
+        )  # fmt: skip
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = _AsyncPending(frames, future)
         try:
@@ -593,14 +660,27 @@ class AsyncPolicyClient:
         high_level_prompt: str,
         state: np.ndarray | None = None,
         timestamp: float | None = None,
+        *,
+        prev_actions: np.ndarray | None = None,
+        inference_delay: int | None = None,
+        execute_horizon: int | None = None,
+        rtc_schedule: str | None = None,
+        max_guidance_weight: float | None = None,
+        return_model_actions: bool = False,
         **options: Any,
     ) -> dict[str, Any]:
-        """An action chunk: the reply's fields (`subtask`, `timing`, ...) plus `actions` (an array)."""
+        """An action chunk: the reply's fields (`subtask`, `timing`, ...) plus `actions` (an array),
+        and `model_actions` when asked; real-time chunking as `PolicyClient.start_infer`."""
         opts, interval = _split_options(options)
+        guidance = client_guidance(prev_actions, inference_delay, execute_horizon, rtc_schedule, max_guidance_weight)
         data, arrays = await self.request(
-            INFER, high_level_prompt, opts, Observation(images, state, timestamp), interval
-        )
-        return {**data, ACTIONS: arrays.get(ACTIONS)}
+            INFER, high_level_prompt, opts, Observation(images, state, timestamp), interval, guidance,
+            return_model_actions,
+        )  # fmt: skip
+        out = {**data, ACTIONS: arrays.get(ACTIONS)}
+        if MODEL_ACTIONS in arrays:
+            out[MODEL_ACTIONS] = arrays[MODEL_ACTIONS]
+        return out
 
     async def subtask(
         self, images: Mapping[str, np.ndarray], high_level_prompt: str, state: np.ndarray | None = None, **options: Any
@@ -648,7 +728,8 @@ class RefreshListener:
     Messages are matched on the exact topic (ZMQ matches prefixes) and a message whose `seq` is not
     newer than the last one seen from the same server `epoch` is dropped, so a replayed last value is
     delivered once and a restarted server (a new epoch) is followed. `run` subscribes on an asyncio
-    loop; `PolicyClient.listen_refreshes` feeds `deliver` from its own polling instead.
+    loop; `PolicyClient.listen_refreshes` feeds `deliver` from its own polling instead. With `keys`
+    the topic is `user/robot`: under CURVE the server lets a subscriber have its own topics only.
     """
 
     def __init__(
@@ -657,9 +738,11 @@ class RefreshListener:
         robot_id: str,
         callback: Callable[[dict[str, Any]], None],
         context: zmq.Context | None = None,
+        keys: ClientKeys | None = None,
     ):
         self.endpoint = zmq_endpoint(endpoint)
-        self.topic = robot_id.encode()
+        self.topic = session_key(keys.user if keys else None, robot_id).encode()
+        self.keys = keys
         self._callback = callback
         self._ctx = context or zmq.Context.instance()
         self.last_seq = -1
@@ -686,12 +769,19 @@ class RefreshListener:
         self.received += 1
         self._callback(message)
 
-    async def run(self) -> None:
-        """Subscribes and delivers until cancelled."""
+    def subscriber(self) -> zmq.Socket:
+        """A SUB socket subscribed to this robot's topic, connected."""
         socket = self._ctx.socket(zmq.SUB)
         socket.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            apply_client(socket, self.keys)
         socket.setsockopt(zmq.SUBSCRIBE, self.topic)
         socket.connect(self.endpoint)
+        return socket
+
+    async def run(self) -> None:
+        """Subscribes and delivers until cancelled."""
+        socket = self.subscriber()
         reader = SocketReader(
             asyncio.get_running_loop(), socket, lambda frames: self.deliver([f.bytes for f in frames])
         )

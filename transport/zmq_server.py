@@ -19,6 +19,11 @@ The XPUB publishes refreshes with the robot id as topic and keeps the last messa
 (the ZeroMQ guide's last-value cache, bounded): a subscriber that joins late gets it at once. It
 runs verbose for subscriptions and unsubscriptions, so the server knows how many subscribers each
 robot's topic has: a SUB that disconnects (its process exited or was killed) unsubscribes.
+
+With `ZmqServerSettings.curve` the public ROUTER and the XPUB's tcp endpoints are CURVE servers
+behind pyzmq's ZAP authenticator (`transport.curve`): a peer whose key is not allowed never gets
+a message through. Each request's `Peer.user` is its connection's User-Id, and the XPUB runs in
+manual mode so that a subscriber is subscribed only to topics of its own user.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from transport import codec
+from transport import codec, curve
 from transport.errors import ProtocolError, TransportError
 from transport.messages import ERROR, REPLY_TYPE, Request, build_request
 from transport.zmq_reader import SocketReader
@@ -52,6 +57,8 @@ class Peer:
 
     identity: bytes
     internal: bool = False
+    # The ZAP User-Id under CURVE: the client's public key, Z85 (40 chars); None without CURVE.
+    user: str | None = None
 
 
 Handler = Callable[[Peer, Request], Awaitable[Reply]]
@@ -69,14 +76,18 @@ class ZmqServerSettings:
     # A gateway peer is one WebSocket connection; a JSON batch holds up to this many requests.
     max_in_flight_per_internal_peer: int = 64
     max_cached_topics: int = 4096  # last-value cache entries (one per robot with a refresh)
+    # CURVE with an allow-list on the public ROUTER and the XPUB's tcp endpoints (the internal
+    # ROUTER and ipc endpoints stay plain: only this server's gateways reach them).
+    curve: curve.ServerKeys | None = None
 
 
 class Publisher:
     """XPUB with a bounded last-value cache per topic and a subscriber count per topic."""
 
-    def __init__(self, socket: zmq.Socket, max_topics: int):
+    def __init__(self, socket: zmq.Socket, max_topics: int, gate: curve.SubscriptionGate | None = None):
         self._socket = socket
         self._max_topics = max_topics
+        self._gate = gate  # under CURVE: the socket is XPUB_MANUAL and the gate applies subscriptions
         self._last: collections.OrderedDict[bytes, list[bytes]] = collections.OrderedDict()
         self._subscribers: Counter[bytes] = Counter()
         self.published = 0
@@ -116,6 +127,8 @@ class Publisher:
         msg = frames[0].bytes
         if not msg or msg[0] not in (0, 1):
             return
+        if self._gate is not None and not self._gate.admit(frames[0]):
+            return
         prefix = msg[1:]
         if msg[0] == 0:
             self._subscribers[prefix] -= 1
@@ -135,6 +148,7 @@ class ZmqServer:
         self.settings = settings
         self._handler = handler
         self._ctx = zmq.Context()
+        self._auth = curve.start_authenticator(self._ctx, settings.curve) if settings.curve else None
         self._routers: list[tuple[zmq.Socket, bool]] = []
         self._xpub: zmq.Socket | None = None
         self.publisher: Publisher | None = None
@@ -152,7 +166,7 @@ class ZmqServer:
         try:
             for endpoint, internal in ((s.router_endpoint, False), (s.internal_endpoint, True)):
                 if endpoint:
-                    router = self._router_socket(endpoint)
+                    router = self._router_socket(endpoint, None if internal else s.curve)
                     self._routers.append((router, internal))
                     bound = router.getsockopt_string(zmq.LAST_ENDPOINT)
                     if internal:
@@ -164,17 +178,25 @@ class ZmqServer:
                 xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
                 xpub.setsockopt(zmq.SNDHWM, s.hwm)
                 xpub.setsockopt(zmq.LINGER, 0)
-                for endpoint in s.pub_endpoints:
+                if s.curve:
+                    xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+                # Local endpoints first: CURVE applies to the endpoints bound after it is set.
+                for endpoint in sorted(s.pub_endpoints, key=lambda e: e.startswith("tcp://")):
+                    if s.curve and endpoint.startswith("tcp://") and not xpub.getsockopt(zmq.CURVE_SERVER):
+                        curve.apply_server(xpub, s.curve)
                     xpub.bind(endpoint)
                     self.pub_endpoints.append(xpub.getsockopt_string(zmq.LAST_ENDPOINT))
-                self.publisher = Publisher(xpub, s.max_cached_topics)
+                gate = curve.SubscriptionGate(xpub) if s.curve else None
+                self.publisher = Publisher(xpub, s.max_cached_topics, gate)
         except zmq.ZMQError:
             self._close_sockets()
             raise
 
-    def _router_socket(self, endpoint: str) -> zmq.Socket:
+    def _router_socket(self, endpoint: str, keys: curve.ServerKeys | None) -> zmq.Socket:
         s = self.settings
         router = self._ctx.socket(zmq.ROUTER)
+        if keys is not None:
+            curve.apply_server(router, keys)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.SNDHWM, s.hwm)
         router.setsockopt(zmq.RCVHWM, s.hwm)
@@ -241,19 +263,30 @@ class ZmqServer:
         if self._xpub is not None:
             self._xpub.close(linger=0)
         self._routers, self._xpub = [], None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         self._ctx.term()
 
     def _receive(self, router: zmq.Socket, internal: bool, frames: list) -> None:
+        # Under CURVE every message on the public ROUTER carries its connection's ZAP User-Id.
+        user = None if internal or not self.settings.curve else curve.user_id(frames[-1])
+        peer = Peer(frames[0].bytes, internal, user)
+        self.receive(peer, frames[1:], router)
+
+    def receive(self, peer: Peer, body: list, router: Any) -> None:
+        """Serves one request message of `peer`; the reply goes out as `router.send_multipart([identity,
+        *frames])`. The ROUTERs' readers call it, and so does a fleet worker for the requests its
+        broker forwards (`runtime.worker_link`), with a sink that wraps the reply for the broker."""
         received = time.perf_counter()
-        peer = Peer(frames[0].bytes, internal)
         try:
-            request = self._admit(peer, frames[1:])
+            request = self._admit(peer, body)
         except TransportError as e:
-            self._reject(router, peer, frames[1:], e)
+            self._reject(router, peer, body, e)
             return
         except Exception as e:  # a decoder bug must not stop the server for every robot
             log.exception("unexpected failure decoding a message from %s", peer.identity.hex())
-            self._reject(router, peer, frames[1:], TransportError(f"internal error: {type(e).__name__}"))
+            self._reject(router, peer, body, TransportError(f"internal error: {type(e).__name__}"))
             return
         self._in_flight[peer.identity] += 1
         task = asyncio.create_task(self._serve(router, peer, request, received))

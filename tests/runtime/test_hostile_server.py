@@ -552,8 +552,13 @@ def json_requests(draw) -> dict[str, Any] | Any:
             request["images"] = images
         elif op == "pixel" and isinstance(request.get("images"), dict) and "base_0_rgb" in request["images"]:
             img = request["images"]["base_0_rgb"]
-            if isinstance(img, list) and img and isinstance(img[0], list) and img[0] and isinstance(img[0][0], list):
-                img[draw(st.integers(0, len(img) - 1))][0][draw(st.integers(0, 2))] = draw(
+            rows = (
+                [r for r in img if isinstance(r, list) and r and isinstance(r[0], list) and len(r[0]) == 3]
+                if isinstance(img, list)
+                else []
+            )
+            if rows:  # an earlier `ragged` may have emptied a row: pick among those with a pixel
+                draw(st.sampled_from(rows))[0][draw(st.integers(0, 2))] = draw(
                     st.sampled_from([256, -1, 1.5, "1", None, True, 2**64, "\x00raw:1e400\x00", [1, 2, 3], {}])
                 )
         elif op == "ragged" and isinstance(request.get("images"), dict) and "base_0_rgb" in request["images"]:
