@@ -23,6 +23,13 @@ The broker answers `ping` itself (the workers and their load). Every front messa
 single server checks it (size and in-flight caps first, then `codec.decode` and `build_request`), so
 the broker replies with the same typed errors and nothing a robot sends can stop it; a worker's
 malformed message is dropped and logged. The sockets are plain ZMQ sockets polled on one thread.
+
+A worker sees every request of its robots and its replies reach them, so the workers' side is as
+sensitive as the robots'. Its tcp endpoints take CURVE with an allow-list of worker keys of their own
+(`--worker-curve-secret/--worker-curve-clients`), checked by the same ZAP authenticator as the robots'
+keys but in a ZAP domain of their own, so neither list lets a key in on the other side; a worker whose
+key is not on the list fails the handshake and so is never sent a request. A front host's own workers
+join over `ipc://` (a folder only its user can enter), which stays plain.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ from transport.messages import BYE, ERROR, KEEP, PING, REFRESH_INTERVAL, REPLY_T
 log = logging.getLogger("runtime.broker")
 
 BURST = 64  # messages read from one socket before looking at the others
+WORKERS_DOMAIN = "workers"  # the ZAP domain of the workers' endpoints: worker keys only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +83,9 @@ class BrokerSettings:
     pub_endpoints: tuple[str, ...] = ("tcp://127.0.0.1:5556",)
     backend_endpoint: str = "tcp://127.0.0.1:5557"  # workers' DEALERs connect here
     xsub_endpoint: str = "tcp://127.0.0.1:5558"  # workers' XPUBs connect here (told in the READY ack)
+    # A front host's tcp pair for workers of other hosts, beside its ipc pair above (`--worker-port`).
+    remote_backend_endpoint: str | None = None
+    remote_xsub_endpoint: str | None = None
     heartbeat_s: float = DEFAULT_INTERVAL_S
     heartbeat_misses: int = DEFAULT_MISSES
     max_message_bytes: int = 32 * 1024 * 1024
@@ -84,9 +95,11 @@ class BrokerSettings:
     max_in_flight_per_internal_peer: int = 64
     max_workers: int = 64
     max_robots: int = 4096
-    # CURVE with an allow-list on the robots' tcp endpoints (`transport.curve`); the internal ROUTER,
-    # ipc endpoints and the workers' side stay plain.
+    # CURVE with an allow-list on the robots' tcp endpoints (`transport.curve`); the internal ROUTER
+    # and ipc endpoints stay plain.
     curve: curve.ServerKeys | None = None
+    # CURVE with an allow-list of worker keys (ZAP domain `WORKERS_DOMAIN`) on the workers' tcp endpoints.
+    worker_curve: curve.ServerKeys | None = None
 
 
 def _version() -> str:
@@ -103,7 +116,12 @@ class Broker:
         self.settings = settings
         self._clock = clock
         self._ctx = zmq.Context()
-        self._auth = curve.start_authenticator(self._ctx, settings.curve) if settings.curve else None
+        self._auth = None
+        for domain, keys in ((curve.DEFAULT_DOMAIN, settings.curve), (WORKERS_DOMAIN, settings.worker_curve)):
+            if keys is not None and self._auth is None:
+                self._auth = curve.start_authenticator(self._ctx, keys, domain)
+            elif keys is not None:
+                curve.allow(self._auth, keys, domain)
         self.table = WorkerTable(
             settings.max_workers, settings.max_robots, settings.heartbeat_s, settings.heartbeat_misses
         )
@@ -128,7 +146,9 @@ class Broker:
         self.internal_endpoint: str | None = None
         self.pub_endpoints: list[str] = []
         self.backend_endpoint = ""
+        self.remote_backend_endpoint: str | None = None
         self.xsub_endpoint = ""
+        self._xsub_by_scheme: dict[str, str] = {}  # what the READY ack names, by the worker's `via`
 
     # ------------------------------------------------------------------ sockets
 
@@ -138,24 +158,31 @@ class Broker:
         try:
             for endpoint, internal in ((s.router_endpoint, False), (s.internal_endpoint, True)):
                 if endpoint:
-                    sock = self._front[internal] = self._socket(zmq.ROUTER, endpoint, secure=not internal)
+                    keys = None if internal else s.curve
+                    self._front[internal], (bound,) = self._socket(zmq.ROUTER, endpoint, keys=keys)
                     if internal:
-                        self.internal_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+                        self.internal_endpoint = bound
                     else:
-                        self.router_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+                        self.router_endpoint = bound
             if s.pub_endpoints:
-                self._xpub = self._socket(zmq.XPUB, *s.pub_endpoints, secure=True)
+                self._xpub, self.pub_endpoints = self._socket(zmq.XPUB, *s.pub_endpoints, keys=s.curve)
                 self._gate = curve.SubscriptionGate(self._xpub) if s.curve else None
-            self._back = self._socket(zmq.ROUTER, s.backend_endpoint)
-            self.backend_endpoint = self._back.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._xsub = self._socket(zmq.XSUB, s.xsub_endpoint)
-            self.xsub_endpoint = self._xsub.getsockopt_string(zmq.LAST_ENDPOINT)
+            backs = [e for e in (s.backend_endpoint, s.remote_backend_endpoint) if e]
+            self._back, backs = self._socket(zmq.ROUTER, *backs, keys=s.worker_curve, domain=WORKERS_DOMAIN)
+            self.backend_endpoint, self.remote_backend_endpoint = backs[0], (backs[1:] or [None])[0]
+            xsubs = [e for e in (s.xsub_endpoint, s.remote_xsub_endpoint) if e]
+            self._xsub, xsubs = self._socket(zmq.XSUB, *xsubs, keys=s.worker_curve, domain=WORKERS_DOMAIN)
+            self.xsub_endpoint = xsubs[0]
+            self._xsub_by_scheme = {e.partition("://")[0]: e for e in reversed(xsubs)}
         except zmq.ZMQError:
             self._close_sockets()
             raise
 
-    def _socket(self, kind: int, *endpoints: str, secure: bool = False) -> zmq.Socket:
-        """A socket bound to `endpoints`; `secure`: its tcp ones are CURVE servers (under CURVE)."""
+    def _socket(
+        self, kind: int, *endpoints: str, keys: curve.ServerKeys | None = None, domain: str = curve.DEFAULT_DOMAIN
+    ) -> tuple[zmq.Socket, list[str]]:
+        """A socket bound to `endpoints`, and what each is bound to (in their order; a tcp port 0
+        resolved). With `keys` its tcp endpoints are CURVE servers admitting `domain`'s allow-list."""
         s = self.settings
         sock = self._ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
@@ -168,22 +195,22 @@ class Broker:
             # Every (un)subscription reaches the broker, which counts them and tells the workers
             # only of the first and the last per topic; under CURVE it also applies them itself.
             sock.setsockopt(zmq.XPUB_VERBOSER, 1)
-            if s.curve:
+            if keys:
                 sock.setsockopt(zmq.XPUB_MANUAL, 1)
         elif kind == zmq.XSUB:
             sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_HEADER_BYTES + 1024)  # a refresh is small
+        bound: dict[str, str] = {}
         try:
             # Local endpoints first: CURVE applies to the endpoints bound after it is set.
             for endpoint in sorted(endpoints, key=lambda e: e.startswith("tcp://")):
-                if secure and s.curve and endpoint.startswith("tcp://") and not sock.getsockopt(zmq.CURVE_SERVER):
-                    curve.apply_server(sock, s.curve)
+                if keys and endpoint.startswith("tcp://") and not sock.getsockopt(zmq.CURVE_SERVER):
+                    curve.apply_server(sock, keys, domain)
                 sock.bind(endpoint)
-                if kind == zmq.XPUB:
-                    self.pub_endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+                bound[endpoint] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError:
             sock.close(linger=0)
             raise
-        return sock
+        return sock, [bound[e] for e in endpoints]
 
     def start(self) -> None:
         """Serves on a thread of its own until `close()`."""
@@ -408,8 +435,8 @@ class Broker:
 
     def _from_worker(self, identity: bytes, command: bytes, rest: list) -> None:
         now = self._clock()
-        if command == READY:
-            self._join(identity, read_payload(rest), now)
+        if command == READY:  # under CURVE its frames carry the worker's key (the ZAP User-Id)
+            self._join(identity, read_payload(rest), now, curve.user_id(rest[-1]) if rest else None)
             return
         worker = self.table.heard(identity, now)
         if worker is None:
@@ -433,7 +460,7 @@ class Broker:
         else:
             raise FleetProtocolError(f"a worker does not send {COMMANDS[command]}")
 
-    def _join(self, identity: bytes, ready: dict[str, Any], now: float) -> None:
+    def _join(self, identity: bytes, ready: dict[str, Any], now: float, key: str | None) -> None:
         name, capacity, info = ready.get("name"), ready.get("capacity", 1), ready.get("info", {})
         if not isinstance(name, str) or not 0 < len(name) <= 64:
             raise FleetProtocolError("READY needs a name of 1..64 characters")
@@ -449,9 +476,13 @@ class Broker:
             self._to_worker(identity, message(DISCONNECT))
             return
         s = self.settings
-        ack = {"pub": self.xsub_endpoint, "heartbeat_s": s.heartbeat_s, "misses": s.heartbeat_misses}
+        pub = self._xsub_by_scheme.get(str(ready.get("via")), self.xsub_endpoint)  # its transport's XSUB
+        ack = {"pub": pub, "heartbeat_s": s.heartbeat_s, "misses": s.heartbeat_misses}
         self._to_worker(identity, message(READY, payload(ack)))
-        log.info("worker %s joined (capacity %d; %d workers)", name, capacity, len(self.table.workers))
+        log.info(
+            "worker %s joined (capacity %d; %d workers)%s",
+            name, capacity, len(self.table.workers), f", key {key}" if key else "",
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ refreshes
 
@@ -521,11 +552,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-robots", type=positive(int), default=4096, help="robots whose worker is remembered")
     p.add_argument("--curve-secret", default=None, metavar="FILE", help="the broker's CURVE .key_secret (robots' side)")
     p.add_argument("--curve-clients", default=None, metavar="DIR", help="with --curve-secret: robot public keys let in")
+    p.add_argument(
+        "--worker-curve-secret", default=None, metavar="FILE", help="the broker's CURVE .key_secret, workers' side"
+    )
+    p.add_argument(
+        "--worker-curve-clients", default=None, metavar="DIR", help="with --worker-curve-secret: worker keys let in"
+    )
     p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
     return p
 
 
+def worker_side_keys(
+    secret: str | None, clients: str | None, host: str, robot_keys: curve.ServerKeys | None
+) -> curve.ServerKeys | None:
+    """The keys of the workers' side (`--worker-curve-secret/--worker-curve-clients`), loaded now (a
+    bad file is a one-line `CurveError` before anything binds). Without them, binding the workers'
+    endpoints on `host` beyond loopback is warned about: whoever reaches them can join as a worker and
+    read robots' requests, or answer them. The two allow-lists must be different folders, or every
+    robot could join as a worker."""
+    from runtime.policy_server import _loopback
+
+    keys = curve.load_server_keys(secret, clients) if secret else None
+    if keys is None and not _loopback(host):
+        log.warning(
+            "the workers' endpoints on %s are open: anyone who reaches them can join as a worker and read robots' "
+            "requests; use --worker-curve-secret and --worker-curve-clients",
+            host,
+        )
+    if keys is not None and robot_keys is not None and keys.clients_dir.resolve() == robot_keys.clients_dir.resolve():
+        raise curve.CurveError(
+            f"{keys.clients_dir}: also the robots' allow-list; give the workers a folder of their own"
+        )
+    if keys is not None:
+        log.info("CURVE on the workers' side: %d worker keys allowed from %s", keys.clients, keys.clients_dir)
+    return keys
+
+
 def settings_from(args: argparse.Namespace) -> BrokerSettings:
+    robot_keys = curve.load_server_keys(args.curve_secret, args.curve_clients) if args.curve_secret else None
     return BrokerSettings(
         router_endpoint=f"tcp://{args.host}:{args.router_port}" if args.router_port else None,
         pub_endpoints=(f"tcp://{args.host}:{args.pub_port}",) if args.pub_port else (),
@@ -535,7 +599,10 @@ def settings_from(args: argparse.Namespace) -> BrokerSettings:
         heartbeat_misses=args.heartbeat_misses,
         max_workers=args.max_workers,
         max_robots=args.max_robots,
-        curve=curve.load_server_keys(args.curve_secret, args.curve_clients) if args.curve_secret else None,
+        curve=robot_keys,
+        worker_curve=worker_side_keys(
+            args.worker_curve_secret, args.worker_curve_clients, args.worker_host, robot_keys
+        ),
     )
 
 
@@ -544,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.curve_secret) != bool(args.curve_clients):
         parser.error("--curve-secret and --curve-clients go together")
+    if bool(args.worker_curve_secret) != bool(args.worker_curve_clients):
+        parser.error("--worker-curve-secret and --worker-curve-clients go together")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         broker = Broker(settings_from(args))
@@ -556,8 +625,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.curve_secret and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the robots' endpoints on %s are open to anyone who can reach them: use --curve-secret", args.host)
-    if args.worker_host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("any process that reaches %s can join as a worker and see robots' requests", args.worker_host)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -4,8 +4,10 @@ worker's start (`--join tcp://BROKER:PORT`).
 The front host binds what robots reach (the broker's ROUTER and XPUB, and the WebSocket ports,
 whose gateway processes stay on the front host and talk to the broker's internal endpoints as they
 would to a single server's), starts the broker on a thread and one worker process per device, and
-logs `ready` once every worker has joined. Workers join over `ipc://` unless `--worker-port` opens
-the broker's back end on TCP for workers on other hosts too (`--join tcp://FRONT:PORT`).
+logs `ready` once every worker has joined. Its own workers join over `ipc://`, plain; `--worker-port`
+also opens the broker's back end on TCP for workers on other hosts (`--join tcp://FRONT:PORT`), with
+CURVE and an allow-list of worker keys under `--worker-curve-secret/--worker-curve-clients` (such a
+worker gives `--join-curve-server-key/--join-curve-key`; docs/security.md).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from runtime.broker import Broker, BrokerSettings
+from runtime.broker import Broker, BrokerSettings, worker_side_keys
 from runtime.fleet_heartbeat import DEFAULT_INTERVAL_S, DEFAULT_MISSES
 from runtime.fleet_workers import WorkerProcess, worker_argv, worker_specs
-from runtime.worker_link import WorkerLink
+from runtime.worker_link import WorkerLink, tcp_host
+from transport import curve
 from transport.zmq_server import ZmqServer
 
 log = logging.getLogger("runtime.policy_server")
@@ -31,6 +34,7 @@ FRONT_ONLY = frozenset({
     "--workers", "--gpu-ids", "--gpu-id", "--host", "--router-port", "--pub-port", "--ws-port", "--openpi-port",
     "--openpi-layout", "--default-prompt", "--max-ws-connections", "--demo", "--demo-duration", "--worker-port",
     "--heartbeat", "--curve-secret", "--curve-clients", "--token-file", "--tls-cert", "--tls-key", "--allow-origin",
+    "--worker-curve-secret", "--worker-curve-clients",
 })  # fmt: skip
 
 
@@ -61,8 +65,18 @@ def add_fleet_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=positive(int), default=None, help="front host: broker + N CPU worker processes")
     g.add_argument("--gpu-ids", type=gpu_ids, default=(), help="front host: broker + one worker per GPU, e.g. 0,1,2,3")
     g.add_argument("--worker-port", type=port, default=0, help="front host: TCP port workers of other hosts join")
+    g.add_argument(
+        "--worker-curve-secret", default=None, metavar="FILE", help="front host: CURVE .key_secret of --worker-port"
+    )
+    g.add_argument(
+        "--worker-curve-clients", default=None, metavar="DIR", help="with --worker-curve-secret: worker keys let in"
+    )
     g.add_argument("--heartbeat", type=positive(float), default=DEFAULT_INTERVAL_S, help="fleet heartbeat interval, s")
     g.add_argument("--join", default=None, metavar="ENDPOINT", help="run as a worker of the broker at ENDPOINT")
+    g.add_argument(
+        "--join-curve-server-key", default=None, metavar="FILE", help="with --join: the broker's public worker-side key"
+    )
+    g.add_argument("--join-curve-key", default=None, metavar="FILE", help="with --join: this worker's .key_secret")
     g.add_argument("--worker-name", default=None, help="this worker's name in the broker's ping (default host-pid)")
     g.add_argument("--capacity", type=positive(int), default=1, help="this worker's share of robots, relative")
     g.add_argument("--cpus", type=cpu_list, default=None, help="pin this worker to these CPU cores, e.g. 0 or 0,1")
@@ -77,6 +91,14 @@ def check_fleet_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error("--join makes this process a worker; --workers and --gpu-ids make it a front host")
     if args.join and args.demo:
         parser.error("--demo needs the robot endpoints of a front host, not a worker's --join")
+    if bool(args.worker_curve_secret) != bool(args.worker_curve_clients):
+        parser.error("--worker-curve-secret and --worker-curve-clients go together")
+    if args.worker_curve_secret and not (front and args.worker_port):
+        parser.error("--worker-curve-secret protects a front host's --worker-port (its own workers join over ipc://)")
+    if bool(args.join_curve_server_key) != bool(args.join_curve_key):
+        parser.error("--join-curve-server-key and --join-curve-key go together")
+    if args.join_curve_key and not args.join:
+        parser.error("--join-curve-server-key and --join-curve-key are a worker's: they go with --join")
     if args.join:
         from transport.zmq_client import zmq_endpoint
 
@@ -105,7 +127,25 @@ def join_link(args: argparse.Namespace, server: ZmqServer) -> WorkerLink:
     if args.cpus:
         os.sched_setaffinity(0, args.cpus)
     name = args.worker_name or f"{socket.gethostname()}-{os.getpid()}"
-    return WorkerLink(args.join, name, server, capacity=args.capacity)
+    return WorkerLink(args.join, name, server, capacity=args.capacity, keys=join_keys(args))
+
+
+def join_keys(args: argparse.Namespace) -> curve.ClientKeys | None:
+    """A worker's CURVE keys for its link (`--join-curve-server-key/--join-curve-key`), loaded now (a
+    bad file is a one-line error); a plain link to a broker beyond loopback is warned about, since
+    the robots' requests and this worker's replies would cross the network in clear, to whoever
+    answers at that address."""
+    from runtime.policy_server import _loopback
+
+    keys = curve.load_client_keys(args.join_curve_server_key, args.join_curve_key) if args.join_curve_key else None
+    host = tcp_host(args.join)
+    if keys is None and host is not None and not _loopback(host):
+        log.warning(
+            "the link to the broker at %s is plain: robots' requests cross the network in clear and anyone "
+            "there may pose as the broker; use --join-curve-server-key and --join-curve-key",
+            args.join,
+        )
+    return keys
 
 
 # ---------------------------------------------------------------------- the front host
@@ -124,8 +164,9 @@ async def serve_front(
     `closers` at the end)."""
     from runtime import policy_server as ps
 
-    worker_back = f"tcp://{args.host}:{args.worker_port}" if args.worker_port else f"ipc://{ipc_dir}/workers"
-    worker_pub = f"tcp://{args.host}:0" if args.worker_port else f"ipc://{ipc_dir}/worker-pub"
+    worker_keys = None
+    if args.worker_port:
+        worker_keys = worker_side_keys(args.worker_curve_secret, args.worker_curve_clients, args.host, curve_keys)
     broker = Broker(
         BrokerSettings(
             router_endpoint=ps._endpoint(args.host, args.router_port) if args.router_port else None,
@@ -134,11 +175,14 @@ async def serve_front(
                 f"ipc://{ipc_dir}/pub",
                 *([ps._endpoint(args.host, args.pub_port)] if args.pub_port else []),
             ),
-            backend_endpoint=worker_back,
-            xsub_endpoint=worker_pub,
+            backend_endpoint=f"ipc://{ipc_dir}/workers",  # this host's workers: plain, this user only
+            xsub_endpoint=f"ipc://{ipc_dir}/worker-pub",
+            remote_backend_endpoint=ps._endpoint(args.host, args.worker_port) if args.worker_port else None,
+            remote_xsub_endpoint=ps._endpoint(args.host, 0) if args.worker_port else None,
             heartbeat_s=args.heartbeat,
             heartbeat_misses=DEFAULT_MISSES,
             curve=curve_keys,
+            worker_curve=worker_keys,
         )
     )
     broker.bind()
@@ -150,6 +194,9 @@ async def serve_front(
     for name, endpoint in endpoints.items():
         log.info("%s endpoint: %s", name, endpoint)
     log.info("workers join %s", broker.backend_endpoint)
+    if broker.remote_backend_endpoint:
+        how = "with an allowed CURVE key" if worker_keys else "with no key (plain)"
+        log.info("workers of other hosts join %s %s", broker.remote_backend_endpoint, how)
     broker.start()
     argv = ["--join", broker.backend_endpoint, *args.worker_argv]
     workers = [WorkerProcess(spec, argv) for spec in worker_specs(args.workers or 0, args.gpu_ids)]

@@ -12,6 +12,12 @@ broker gives in its READY acknowledgement.
 It is the ZeroMQ guide's Paranoid Pirate worker: HEARTBEAT every interval, and a broker silent for
 `misses` intervals (or one that answers DISCONNECT: it presumed this worker dead) makes the worker
 drop its sessions (their robots have been placed elsewhere), reconnect with backoff and join again.
+
+With `keys` (`--join-curve-server-key/--join-curve-key`) the DEALER and the XPUB are CURVE clients of
+the broker's worker-side key, so the link is encrypted and the worker talks only to that broker. A
+broker that refuses the key (it is not on its `--worker-curve-clients`, or CURVE is on one side only)
+is silent to this worker, as the handshake never completes: a socket monitor tells that apart from a
+broker that is away, so the log names the refusal instead of a silence.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from runtime.fleet_heartbeat import DEFAULT_INTERVAL_S, DEFAULT_MISSES, Liveness
 from runtime.fleet_protocol import (
@@ -38,6 +45,7 @@ from runtime.fleet_protocol import (
     split,
 )
 from runtime.service import PolicyService
+from transport import curve
 from transport.supervise import supervise
 from transport.zmq_reader import SocketReader
 from transport.zmq_server import Peer, Publisher, ZmqServer
@@ -45,11 +53,19 @@ from transport.zmq_server import Peer, Publisher, ZmqServer
 log = logging.getLogger("runtime.worker_link")
 
 MAX_BACKOFF_S = 8.0
+_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the broker refused this worker's CURVE key (not in its --worker-curve-clients)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the security handshake with the broker failed (CURVE on one side only: "
+    "--join-curve-server-key and --join-curve-key go with the broker's --worker-curve-secret)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the security handshake with the broker failed "
+    "(is --join-curve-server-key the broker's worker-side key?)",
+}
 
 
-def _tcp_host(endpoint: str) -> str | None:
+def tcp_host(endpoint: str) -> str | None:
+    """The host of a `tcp://host:port` endpoint (an IPv6 address without its brackets); None for another transport."""
     scheme, _, rest = endpoint.partition("://")
-    return rest.rpartition(":")[0] if scheme == "tcp" else None
+    return rest.rpartition(":")[0].strip("[]") if scheme == "tcp" else None
 
 
 class _ReplySink:
@@ -75,19 +91,25 @@ class WorkerLink:
         capacity: int = 1,
         max_cached_topics: int = 4096,
         hwm: int = 1000,
+        keys: curve.ClientKeys | None = None,
     ):
         self.broker_endpoint = broker_endpoint
+        self._keys = keys
         self.name = name
         self.capacity = capacity
         self._server = server
         self._hwm = hwm
         self._ctx = zmq.Context()
         self.socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._refused: str | None = None  # why the broker refused the last handshake, if it did
         self._reader: SocketReader | None = None
         self._xpub = self._ctx.socket(zmq.XPUB)
         self._xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
         self._xpub.setsockopt(zmq.SNDHWM, hwm)
         self._xpub.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            curve.apply_client(self._xpub, keys)
         self.publisher = Publisher(self._xpub, max_cached_topics)
         self._pub_reader: SocketReader | None = None
         self._pub_endpoint: str | None = None
@@ -130,6 +152,10 @@ class WorkerLink:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self._hwm)
         sock.setsockopt(zmq.RCVHWM, self._hwm)
+        if self._keys is not None:
+            curve.apply_client(sock, self._keys)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(_HANDSHAKE_FAILURES))
+        self._refused = None
         sock.connect(self.broker_endpoint)
         self.socket = sock
         self._reader = SocketReader(asyncio.get_running_loop(), sock, self._on_message)
@@ -137,13 +163,20 @@ class WorkerLink:
         self.acked.clear()
         assert self._service is not None
         ready = {"name": self.name, "capacity": self.capacity, "pid": os.getpid(), "info": self._service.ping()}
-        self.send(message(READY, payload(ready)))
+        ready["via"] = self.broker_endpoint.partition("://")[0]  # the broker answers with its XSUB of this transport
+        with contextlib.suppress(zmq.Again):  # no broker to queue for (a refused key): the liveness check rejoins
+            self.send(message(READY, payload(ready)))
         self.joins += 1
 
     def _close_socket(self) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        if self._monitor is not None:
+            assert self.socket is not None
+            self.socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self.socket is not None:
             self.socket.close(linger=0)
             self.socket = None
@@ -178,10 +211,11 @@ class WorkerLink:
                 pass
             now = self._now()
             if self._rejoin.is_set() or live.dead(now):
+                self._read_monitor()
                 why = (
                     "the broker asked"
                     if self._rejoin.is_set()
-                    else f"the broker is silent ({now - live.last_heard:.1f} s)"
+                    else self._refused or f"the broker is silent ({now - live.last_heard:.1f} s)"
                 )
                 self._rejoin.clear()
                 backoff = min(backoff + 1, 6)
@@ -198,8 +232,16 @@ class WorkerLink:
                 with_status = payload(self._status())
                 try:
                     self.send(message(HEARTBEAT, with_status))
-                except zmq.Again:
-                    log.warning("the broker is not reading (high-water mark); a heartbeat was dropped")
+                except zmq.Again:  # no room: a broker not reading, or none to queue for (a refused key)
+                    self._read_monitor()
+                    if self._refused is None:
+                        log.warning("the broker is not reading (high-water mark); a heartbeat was dropped")
+
+    def _read_monitor(self) -> None:
+        """Brings `_refused` up to date with the monitor's events: why the last CURVE handshake with
+        the broker failed, or None once one succeeded."""
+        while self._monitor is not None and self._monitor.poll(0):
+            self._refused = _HANDSHAKE_FAILURES.get(recv_monitor_message(self._monitor)["event"])
 
     def _status(self) -> dict[str, Any]:
         service = self._service
@@ -238,7 +280,7 @@ class WorkerLink:
         if isinstance(interval, int | float) and isinstance(misses, int):
             self._liveness = Liveness.starting(self._now(), float(interval), misses)
         if isinstance(pub, str) and pub != self._pub_endpoint:
-            host = _tcp_host(self.broker_endpoint)
+            host = tcp_host(self.broker_endpoint)
             if host is not None and pub.startswith("tcp://"):
                 pub = f"tcp://{host}:{pub.rpartition(':')[2]}"
             if self._pub_endpoint is not None:

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 USER_CHARS = 40  # Z85 text of a 32-byte key: the User-Id pyzmq's authenticator gives
+DEFAULT_DOMAIN = "*"  # pyzmq's name for the ZAP domain of sockets that set none
 
 
 class CurveError(ValueError):
@@ -130,8 +131,11 @@ def load_client_keys(server_key_file: str | Path, key_file: str | Path) -> Clien
     return ClientKeys(server_public, public, secret)
 
 
-def apply_server(socket: zmq.Socket, keys: ServerKeys) -> None:
-    """Makes the endpoints `socket` binds from now on CURVE servers."""
+def apply_server(socket: zmq.Socket, keys: ServerKeys, domain: str = DEFAULT_DOMAIN) -> None:
+    """Makes the endpoints `socket` binds from now on CURVE servers, their clients checked against
+    the allow-list of `domain` (`start_authenticator`, `allow`)."""
+    if domain != DEFAULT_DOMAIN:
+        socket.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
     socket.setsockopt(zmq.CURVE_SERVER, 1)
     socket.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
     socket.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
@@ -144,13 +148,21 @@ def apply_client(socket: zmq.Socket, keys: ClientKeys) -> None:
     socket.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
 
 
-def start_authenticator(context: zmq.Context, keys: ServerKeys) -> ThreadAuthenticator:
+def start_authenticator(context: zmq.Context, keys: ServerKeys, domain: str = DEFAULT_DOMAIN) -> ThreadAuthenticator:
     """pyzmq's ZAP handler for every CURVE socket of `context`, admitting the keys in
-    `keys.clients_dir` (as they were at start; `stop()` it when the context closes)."""
+    `keys.clients_dir` (as they were at start; `stop()` it when the context closes) to the sockets
+    of `domain`."""
     auth = ThreadAuthenticator(context, log=logging.getLogger("transport.curve.zap"))
     auth.start()
-    auth.configure_curve(domain="*", location=str(keys.clients_dir))
+    allow(auth, keys, domain)
     return auth
+
+
+def allow(auth: ThreadAuthenticator, keys: ServerKeys, domain: str) -> None:
+    """A second allow-list on a context's authenticator (a context has one), for the sockets that
+    `apply_server` gave this ZAP domain: pyzmq looks a domain's keys up by its exact name, so each
+    admits only its own folder's keys (a broker's workers and its robots)."""
+    auth.configure_curve(domain=domain, location=str(keys.clients_dir))
 
 
 def user_id(frame: zmq.Frame) -> str | None:
