@@ -69,6 +69,7 @@ from runtime.fleet_routing import InFlight, Worker, WorkerTable
 from transport import codec, curve
 from transport.errors import ProtocolError, TransportError
 from transport.messages import BYE, ERROR, KEEP, PING, REFRESH_INTERVAL, REPLY_TYPE, build_request
+from transport.zmq_server import send_to_peer
 
 log = logging.getLogger("runtime.broker")
 
@@ -380,14 +381,7 @@ class Broker:
         sock = self._front.get(internal)
         if sock is None:
             return
-        try:
-            sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            log.warning("peer %s is not reading (high-water mark); dropped its reply", identity.hex())
-        except zmq.ZMQError as e:
-            if e.errno != zmq.EHOSTUNREACH:
-                raise
-            log.info("peer %s left before its reply", identity.hex())
+        send_to_peer(sock, identity, frames)
 
     def _abandon(self, worker: Worker, reason: str) -> None:
         for flight in worker.in_flight.values():

@@ -20,6 +20,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from runtime import child_process
 from runtime.broker import Broker, BrokerSettings, worker_side_keys
 from runtime.fleet_heartbeat import DEFAULT_INTERVAL_S, DEFAULT_MISSES
 from runtime.fleet_workers import WorkerProcess, worker_argv, worker_specs
@@ -121,9 +122,7 @@ def join_link(args: argparse.Namespace, server: ZmqServer) -> WorkerLink:
     """This process as a worker (`--join`): pinned to its cores, and its link to the broker (started
     once the service exists). Called before the engine starts, so JAX's threads inherit the pinning."""
     if args.die_with_parent:  # a worker the front host started: it must not outlive it
-        from runtime.ws_gateway import _die_with_parent
-
-        _die_with_parent(os.getppid())
+        child_process.die_with_parent(os.getppid())
     if args.cpus:
         os.sched_setaffinity(0, args.cpus)
     name = args.worker_name or f"{socket.gethostname()}-{os.getpid()}"

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
 import sys
 import time
+
+from runtime import child_process
 
 log = logging.getLogger("runtime.fleet_workers")
 
@@ -82,16 +83,7 @@ class WorkerProcess:
 
     async def close(self) -> None:
         self._closing = True
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+        await child_process.stop(self._proc, STOP_TIMEOUT_S)
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)

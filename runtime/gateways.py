@@ -8,10 +8,11 @@ without a client ever finding the port closed: connections wait in the listen ba
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import sys
+
+from runtime import child_process
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class GatewayProcess:
         except TimeoutError:
             line = b""
         if line.strip() != b"ready":
-            await self._stop_process()
+            await child_process.stop(self._proc, STOP_TIMEOUT_S)
             raise RuntimeError(f"the {self.name} WebSocket gateway did not start (see its log above)")
 
     async def _watch(self) -> None:
@@ -68,17 +69,4 @@ class GatewayProcess:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
-        await self._stop_process()
-
-    async def _stop_process(self) -> None:
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        await child_process.stop(self._proc, STOP_TIMEOUT_S)

@@ -19,12 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import itertools
 import logging
 import os
-import signal
 import socket
 import sys
 from typing import Any
@@ -33,6 +30,7 @@ import numpy as np
 
 from policy.request import Observation, Options
 from robots.adapters import ADAPTERS, Adapter, get_adapter
+from runtime import child_process
 from transport.errors import BadRequest, RemoteError, TransportError
 from transport.messages import (
     ACTIONS,
@@ -58,7 +56,6 @@ ENVELOPE_BYTES = 64 * 1024
 # The internal hop has no Lazy Pirate retries (the server is the parent); the engine's own
 # deadline answers long before this.
 INTERNAL_TIMEOUT_S = 60.0
-PR_SET_PDEATHSIG = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,16 +216,6 @@ def _log_failure(task: asyncio.Task) -> None:
         log.warning("push failed: %s", task.exception())
 
 
-def _die_with_parent(parent: int) -> None:
-    """The gateway holds the server's listening socket: if the server is killed, the gateway must
-    go at once (Linux's parent-death signal), or the port stays taken and a restart fails."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before the signal was armed
-        sys.exit(0)
-
-
 async def _watch_parent(parent: int) -> None:
     """Elsewhere than Linux, the parent is polled: the gateway ends when it is gone."""
     while os.getppid() == parent:
@@ -255,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     )
     parent = os.getppid()
-    _die_with_parent(parent)
+    child_process.die_with_parent(parent)
     try:
         asyncio.run(run(args, parent))
     except KeyboardInterrupt:

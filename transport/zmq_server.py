@@ -340,11 +340,17 @@ class ZmqServer:
         return {"type": ERROR, "id": request.id, "robot": request.robot, "error": {"code": code, "message": message}}
 
     def _send(self, router: zmq.Socket, identity: bytes, header: dict[str, Any], arrays: dict | None = None) -> None:
-        try:
-            router.send_multipart([identity, *codec.encode(header, arrays)], flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            log.warning("peer %s is not reading (high-water mark); dropped its reply", identity.hex())
-        except zmq.ZMQError as e:
-            if e.errno != zmq.EHOSTUNREACH:
-                raise
-            log.info("peer %s left before its reply", identity.hex())
+        send_to_peer(router, identity, codec.encode(header, arrays))
+
+
+def send_to_peer(router: zmq.Socket, identity: bytes, frames: list) -> None:
+    """A reply through a ROUTER that never blocks the loop: a peer that does not read (its queue at
+    the high-water mark) loses this reply, and one that has left is skipped (ROUTER_MANDATORY)."""
+    try:
+        router.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        log.warning("peer %s is not reading (high-water mark); dropped its reply", identity.hex())
+    except zmq.ZMQError as e:
+        if e.errno != zmq.EHOSTUNREACH:
+            raise
+        log.info("peer %s left before its reply", identity.hex())
