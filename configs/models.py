@@ -15,12 +15,17 @@ GEMMA_VARIANTS: dict[str, GemmaConfig] = {
     "dummy": GemmaConfig(width=64, depth=4, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16),
     "gemma_300m": GemmaConfig(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256),
     "gemma_2b": GemmaConfig(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256),
+    # The demo policy's towers: two wide heads rather than eight narrow ones, because on a CPU the
+    # attention's memory traffic (heads x tokens^2) costs more than its arithmetic.
+    "demo": GemmaConfig(width=64, depth=4, mlp_dim=256, num_heads=2, num_kv_heads=1, head_dim=32),
 }
 
 SIGLIP_VARIANTS: dict[str, SiglipConfig] = {
     # The size of openpi's parity fixture: small enough for a 2-core CPU.
     "tiny/14": SiglipConfig(width=32, depth=2, mlp_dim=64, num_heads=2),
     "So400m/14": SiglipConfig(width=1152, depth=27, mlp_dim=4304, num_heads=16),
+    # The demo policy's: 48x48 renders of the simulated arm in 4x4 patches of 12 pixels.
+    "demo/12": SiglipConfig(width=64, depth=2, mlp_dim=128, num_heads=2, patch_size=12, image_size=48),
 }
 
 
@@ -67,6 +72,20 @@ _MODELS = _build_registry(
         # The CPU default and the test model: the layout of openpi's parity fixture.
         _tiny("pi05_tiny"),
         _tiny("pi05_tiny_bf16", dtype="bfloat16"),
+        # The policy trained on the simulated arm's pick-and-place task (`python -m policy.train_demo`),
+        # sized to train on 2 CPU cores in about 30 minutes: 3 x 16 image tokens and a 48-token prompt
+        # (the longest task prompt with its state and subtask is 42), 30-step chunks (0.6 s at 50 Hz)
+        # of the arm's 3 joint deltas and gripper command.
+        _tiny(
+            "pi05_demo",
+            vlm=GEMMA_VARIANTS["demo"],
+            expert=GEMMA_VARIANTS["demo"],
+            siglip=SIGLIP_VARIANTS["demo/12"],
+            max_token_len=48,
+            action_horizon=30,
+            action_dim=4,
+            asset_id="sim_pick_place",
+        ),
     ]
 )
 

@@ -1,0 +1,112 @@
+"""`policy.train_demo`: batches as the server builds its inputs, a loss that goes down, the same run
+from the same seed, and a checkpoint the server's engine loads into the same actions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import get_model_config
+from policy import phases, pi05
+from policy import train_demo as td
+from policy.engine import AsyncPi05Inference
+from policy.request import InferenceRequest, Observation, Options
+from policy.tokenizer import load_tokenizer
+from robots.sim import SimArm
+from robots.tasks import PickPlaceTask
+
+
+class _OneBatch:
+    """Always the same batch: the loss on it must fall."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def make(self, rng, batch_size):
+        return self.batch
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return get_model_config("pi05_demo")
+
+
+@pytest.fixture(scope="module")
+def setup(cfg):
+    task = PickPlaceTask()
+    demos = td.demonstrations(task, 4, cfg.action_horizon, seed=0, image_size=cfg.siglip.image_size)
+    stats = td.norm_stats(demos)
+    batches = td.BatchMaker(cfg, demos, td.normalizer(stats), load_tokenizer(cfg), task, subtask_dropout=0.1)
+    return task, demos, stats, batches
+
+
+def test_demonstrations_succeed_and_batches_hold_what_the_server_would_build(cfg, setup):
+    _, demos, stats, batches = setup
+    assert demos.successes == demos.episodes == 4
+    assert {f.subtask.split()[0] for f in demos.frames} >= {"reach", "grasp", "move", "release"}
+    assert set(stats["norm_stats"]) == {"state", "actions"} and len(stats["norm_stats"]["actions"]["q01"]) == 4
+    batch = batches.make(np.random.default_rng(0), 8)
+    assert batch.images.shape == (8, 3, 48, 48, 3) and batch.actions.shape == (8, cfg.action_horizon, 4)
+    assert batch.text_tokens.shape == (2, cfg.max_token_len)  # a quarter of the rows pay for the text
+    tok = batches.tokenizer
+    for row in range(2):
+        target = batch.text_tokens[row][batch.text_ar[row] & batch.text_mask[row]]
+        assert target[-1] == tok.eos_id
+        assert tok.decode(target).strip() in {f.subtask for f in demos.frames}
+        # Scored positions are exactly those followed by a subtask token or EOS.
+        assert batch.text_loss[row].sum() == len(target)
+        action_text = tok.decode(batch.action_tokens[row][batch.action_mask[row]][1:])
+        assert action_text.startswith("Task: put the ") and action_text.endswith("Action: ")
+
+
+def test_the_loss_falls_on_a_fixed_batch_and_a_seed_repeats_the_run(cfg, setup):
+    _, _, _, batches = setup
+    one = _OneBatch(batches.make(np.random.default_rng(1), 4))
+    result = td.train(cfg, one, steps=12, batch_size=4, seed=0, lr=3e-3, warmup=1, text_weight=1.0)
+    losses = [r["loss"] for r in result.history]
+    assert len(losses) == 12 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    again = td.train(cfg, one, steps=12, batch_size=4, seed=0, lr=3e-3, warmup=1, text_weight=1.0)
+    assert [r["loss"] for r in again.history] == losses
+
+
+def test_the_checkpoint_loads_in_the_server_engine_and_gives_the_trained_actions(cfg, setup, tmp_path):
+    task, _, stats, batches = setup
+    # The settings of the test above: its compiled step serves again.
+    result = td.train(cfg, batches, steps=12, batch_size=4, seed=2, lr=3e-3, warmup=1, text_weight=1.0)
+    out = td.save(tmp_path / "ckpt", cfg, result.params, stats)
+    assert json.loads((out / "assets" / "sim_pick_place" / "norm_stats.json").read_text()) == stats
+
+    arm = SimArm(image_size=48, seed=9, task=task)
+    obs = arm.observe()
+    request = InferenceRequest(
+        Observation(obs.images, obs.state),
+        arm.prompt,
+        Options(generate_subtask=False, low_level_prompt=arm.subtask, seed=11),
+    )
+
+    async def serve():
+        engine = AsyncPi05Inference(
+            "pi05_demo", checkpoint_dir=out, max_batch=1, batch_buckets=(1,), image_resolutions=(),
+            compile_in_background=False,
+        )  # fmt: skip
+        async with engine:
+            return await engine.submit(request)
+
+    served = asyncio.run(serve())
+
+    norm = td.normalizer(stats)
+    prompts = batches.prompts
+    tokens, mask = prompts.tokenize(prompts.action_text(arm.prompt, norm.normalize_state(obs.state), arm.subtask))
+    images = np.stack([obs.images[k] for k in cfg.image_keys])[None]
+    model_obs = pi05.Observation(images, np.ones((1, 3), bool), tokens[None], mask[None])
+    params = jax.tree.map(jnp.asarray, result.params)
+    expected = phases.action_phase(params, model_obs, np.array([11], np.uint32), np.int32(cfg.num_steps), cfg=cfg)
+    expected = norm.unnormalize_actions(np.asarray(expected)[0])
+    assert served.actions.shape == (cfg.action_horizon, 4)
+    np.testing.assert_allclose(served.actions, expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,103 @@
+"""`python -m robots.eval`: episodes through the real server and loop, a flat JSON summary, a PNG."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import numpy as np
+from PIL import Image
+
+from robots import eval as robots_eval
+from robots.sim import SimArm
+from robots.tasks import PickPlaceTask
+from runtime.fixed_backend import FixedBackend
+from tests.helpers import zmq_server_thread
+
+
+def test_one_episode_against_a_fixed_reply_server_writes_the_summary_and_the_picture(tmp_path):
+    out = tmp_path / "eval.json"
+    with zmq_server_thread(FixedBackend("pi05_demo")) as server:
+        code = robots_eval.main(
+            ["--server", server.endpoints["router"], "--pub", server.endpoints["pub"], "--episodes", "1",
+             "--seed", "3", "--json", str(out), "--max-episode-s", "1", "--latency-ms", "40"]
+        )  # fmt: skip
+    assert code == 0
+    summary = json.loads(out.read_text())
+    for key in (
+        "success_rate", "episodes", "mean_time_to_success_s", "subtask_transitions_mean",
+        "subtask_phase_agreement", "subtask_order_rate", "underruns", "chunks_received",
+    ):  # fmt: skip
+        assert key in summary and not isinstance(summary[key], dict | list)
+    # Zero actions leave the arm where it is: no success, and the server's one subtask text.
+    assert summary["episodes"] == 1 and summary["success_rate"] == 0.0
+    assert summary["mean_time_to_success_s"] is None and summary["ticks"] == 50
+    assert summary["chunks_received"] >= 1 and summary["latency_ms"] == 40.0
+    assert summary["inference_delay_ms_p50"] >= 40.0  # the injected latency is in the loop's delays
+    with Image.open(out.with_suffix(".png")) as png:
+        assert png.width > 400 and png.height >= 240
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class _FakeClient:
+    def __init__(self):
+        self.inner: list[concurrent.futures.Future] = []
+        self.closed = False
+
+    def start_infer(self, *args, **kwargs):
+        self.inner.append(concurrent.futures.Future())
+        return self.inner[-1]
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_delayed_client_holds_each_reply_until_its_latency_has_passed():
+    clock = _Clock()
+    fake = _FakeClient()
+    client = robots_eval.DelayedClient(fake, 0.2, clock=clock.now, sleep=clock.sleep)
+    future = client.start_infer({}, "task")
+    fake.inner[0].set_result({"actions": 1})
+    client.poll()
+    assert not future.done()  # the reply came, the latency has not passed
+    clock.sleep(0.21)
+    client.poll()
+    assert future.result() == {"actions": 1}
+    failing = client.start_infer({}, "task")
+    fake.inner[1].set_exception(TimeoutError("lost"))
+    clock.sleep(0.3)
+    client.poll()
+    assert isinstance(failing.exception(), TimeoutError)
+    cancelled = client.start_infer({}, "task")
+    cancelled.cancel()
+    client.poll()
+    assert fake.inner[2].cancelled()
+    client.close()  # anything else reaches the wrapped client
+    assert fake.closed
+
+
+def test_subtask_order_and_transitions_are_read_from_the_texts():
+    task = PickPlaceTask()
+    arm = SimArm(seed=0, task=task, image_size=8)
+    ep = robots_eval.Episode(0, arm.prompt, arm.scene.copy(), arm.q.copy())
+    reach, grasp, move = (task.subtask(arm.scene, p) for p in ("reach", "grasp", "move"))
+    ep.subtasks = [None, reach, reach, grasp, move, move]
+    assert ep.transitions == 2 and ep.in_order(task)
+    ep.subtasks = [reach, move, grasp]
+    assert not ep.in_order(task)
+    ep.subtasks = [reach, "something else", reach]
+    assert ep.transitions == 2 and not ep.in_order(task)
+    assert np.array_equal(ep.subtask_phases(task), [0, -1, 0])
