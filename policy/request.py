@@ -9,6 +9,7 @@ column in the engine's batch rows, nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Literal
 
@@ -66,6 +67,48 @@ class Observation:
     images: Mapping[str, np.ndarray]
     state: np.ndarray | None = None
     timestamp: float | None = None
+
+
+# Beyond this the guided velocity would dwarf the model's own: a client error, not a setting.
+MAX_GUIDANCE_WEIGHT = 100.0
+
+
+def check_guidance(guidance: object, horizon: int, action_dim: int) -> None:
+    """Real-time chunking's inputs against a model's horizon and robot action dim: the leftover
+    (n, action_dim) with 1 <= n <= horizon, finite numbers; 0 <= d and max(d, 1) <= s <= horizon - d,
+    as the paper's evaluation sweeps them (so d <= horizon / 2); a known schedule; 0 <= beta <=
+    MAX_GUIDANCE_WEIGHT. A `ValueError` names the field. Here, without JAX, so that a backend
+    without a model checks exactly what the engine checks."""
+    if not isinstance(guidance, ChunkGuidance):
+        raise ValueError(f"guidance must be a ChunkGuidance, got {type(guidance).__name__}")
+    try:  # an array or nested lists (as a JSON transport may pass them), like the state
+        prev = np.asarray(guidance.prev_actions, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("prev_actions must be an array of numbers") from None
+    if prev.ndim != 2 or not 1 <= prev.shape[0] <= horizon or prev.shape[1] != action_dim:
+        raise ValueError(
+            f"prev_actions must be (n, {action_dim}) with 1 <= n <= {horizon} (the horizon), got shape {prev.shape}"
+        )
+    if not np.isfinite(prev).all():
+        raise ValueError("prev_actions contains NaN or infinity")
+    d, s = guidance.inference_delay, guidance.execute_horizon
+    for name, value in (("inference_delay", d), ("execute_horizon", s)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not 0 <= d <= horizon // 2:
+        raise ValueError(f"inference_delay must be in 0..{horizon // 2} (half the horizon), got {d}")
+    if not max(d, 1) <= s <= horizon - d:
+        raise ValueError(
+            f"execute_horizon must be in max(inference_delay, 1)..horizon - inference_delay "
+            f"= {max(d, 1)}..{horizon - d}, got {s}"
+        )
+    if guidance.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {guidance.schedule!r}")
+    beta = guidance.max_guidance_weight
+    if isinstance(beta, bool) or not isinstance(beta, int | float | np.integer | np.floating):
+        raise ValueError(f"max_guidance_weight must be a number, got {beta!r}")
+    if not (math.isfinite(beta) and 0 <= beta <= MAX_GUIDANCE_WEIGHT):
+        raise ValueError(f"max_guidance_weight must be in [0, {MAX_GUIDANCE_WEIGHT:g}], got {beta}")
 
 
 @dataclasses.dataclass(frozen=True)

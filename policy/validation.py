@@ -17,12 +17,10 @@ from configs.model_config import ModelConfig
 from policy.images import Resizer, check_image
 from policy.normalize import Normalizer
 from policy.prompts import Prompts
-from policy.request import SCHEDULES, ChunkGuidance, InferenceRequest, Observation, Options
+from policy.request import InferenceRequest, Observation, Options, check_guidance
 
 KINDS = ("infer", "subtask")
 PRIORITIES = ("action", "refresh")
-# Beyond this the guided velocity would dwarf the model's own: a client error, not a setting.
-MAX_GUIDANCE_WEIGHT = 100.0
 
 
 class RequestValidator:
@@ -88,7 +86,7 @@ class RequestValidator:
         if request.guidance is not None:
             if request.kind != "infer":
                 raise ValueError("guidance steers actions: a subtask-only request takes none")
-            self.check_guidance(request.guidance)
+            check_guidance(request.guidance, self.cfg.action_horizon, self.action_dim)
         normalized = None if state is None else self.normalizer.normalize_state(state)
         if decodes:
             self.prompts.tokenize(self.prompts.subtask_text(request.prompt, normalized))
@@ -128,43 +126,6 @@ class RequestValidator:
         if expected is None and arr.size > self.cfg.action_dim:
             raise ValueError(f"state has {arr.size} values, more than the model's {self.cfg.action_dim}")
         return arr.astype(np.float32)
-
-    def check_guidance(self, guidance: object) -> None:
-        """Real-time chunking's inputs: the leftover (n, robot action dim) with 1 <= n <= horizon,
-        finite numbers; 0 <= d and max(d, 1) <= s <= horizon - d, as the paper's evaluation sweeps
-        them (so d <= horizon / 2); a known schedule; 0 <= beta <= MAX_GUIDANCE_WEIGHT."""
-        if not isinstance(guidance, ChunkGuidance):
-            raise ValueError(f"guidance must be a ChunkGuidance, got {type(guidance).__name__}")
-        horizon = self.cfg.action_horizon
-        try:  # an array or nested lists (as a JSON transport may pass them), like the state
-            prev = np.asarray(guidance.prev_actions, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError("prev_actions must be an array of numbers") from None
-        if prev.ndim != 2 or not 1 <= prev.shape[0] <= horizon or prev.shape[1] != self.action_dim:
-            raise ValueError(
-                f"prev_actions must be (n, {self.action_dim}) with 1 <= n <= {horizon} (the horizon), "
-                f"got shape {prev.shape}"
-            )
-        if not np.isfinite(prev).all():
-            raise ValueError("prev_actions contains NaN or infinity")
-        d, s = guidance.inference_delay, guidance.execute_horizon
-        for name, value in (("inference_delay", d), ("execute_horizon", s)):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-        if not 0 <= d <= horizon // 2:
-            raise ValueError(f"inference_delay must be in 0..{horizon // 2} (half the horizon), got {d}")
-        if not max(d, 1) <= s <= horizon - d:
-            raise ValueError(
-                f"execute_horizon must be in max(inference_delay, 1)..horizon - inference_delay "
-                f"= {max(d, 1)}..{horizon - d}, got {s}"
-            )
-        if guidance.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {guidance.schedule!r}")
-        beta = guidance.max_guidance_weight
-        if isinstance(beta, bool) or not isinstance(beta, int | float | np.integer | np.floating):
-            raise ValueError(f"max_guidance_weight must be a number, got {beta!r}")
-        if not (math.isfinite(beta) and 0 <= beta <= MAX_GUIDANCE_WEIGHT):
-            raise ValueError(f"max_guidance_weight must be in [0, {MAX_GUIDANCE_WEIGHT:g}], got {beta}")
 
 
 def decodes_subtask(request: InferenceRequest) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from configs import DEFAULT_IMAGE_RESOLUTIONS, DEFAULT_MODEL, get_model_config
-from policy.request import InferenceRequest, InferenceResult
+from policy.request import InferenceRequest, InferenceResult, check_guidance
 
 
 class FixedBackend:
@@ -55,6 +55,10 @@ class FixedBackend:
             raise ValueError("state contains NaN or infinity")
         if not request.prompt.strip():
             raise ValueError("high_level_prompt must be a non-empty string")
+        if request.guidance is not None:
+            if request.kind != "infer":
+                raise ValueError("guidance steers actions: a subtask-only request takes none")
+            check_guidance(request.guidance, self.cfg.action_horizon, self.cfg.action_dim)
 
     async def prepare_images(self, images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(images)

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from policy.request import Observation, Options
+from policy.request import ChunkGuidance, InferenceRequest, Observation, Options
 from runtime.fixed_backend import FixedBackend
 from runtime.service import PolicyService, ServiceLimits
 from transport.errors import BadRequest, TransportError
@@ -200,3 +200,26 @@ def test_pipelined_requests_of_one_robot_each_answer_for_their_own_observation()
         return [data["obs_timestamp"] for data, _ in replies]
 
     assert asyncio.run(scenario()) == [1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("guidance", "field"),
+    [
+        (ChunkGuidance(np.zeros((3, 7)), 1, 2), "prev_actions"),
+        (ChunkGuidance(np.full((3, 32), np.nan), 1, 2), "prev_actions"),
+        (ChunkGuidance(np.zeros((3, 32)), 30, 2), "inference_delay"),
+        (ChunkGuidance(np.zeros((3, 32)), 2, 1), "execute_horizon"),
+        (ChunkGuidance(np.zeros((3, 32)), 1, 2, schedule="cosine"), "schedule"),  # type: ignore[arg-type]
+        (ChunkGuidance(np.zeros((3, 32)), 1, 2, max_guidance_weight=1e9), "max_guidance_weight"),
+    ],
+)
+def test_the_fixed_backend_checks_guidance_like_the_engine(guidance, field):
+    """The wiring backend must refuse what the engine refuses, or a robot passes tests against it
+    and fails against the model."""
+    backend = FixedBackend("pi05_tiny")
+    request = InferenceRequest(Observation({"base_0_rgb": np.zeros((8, 8, 3), np.uint8)}), "go", guidance=guidance)
+    with pytest.raises(ValueError, match=field):
+        backend.check(request)
+    backend.check(dataclasses.replace(request, guidance=ChunkGuidance(np.zeros((3, 32)), 1, 2)))
+    with pytest.raises(ValueError, match="subtask-only"):
+        backend.check(dataclasses.replace(request, kind="subtask", guidance=ChunkGuidance(np.zeros((3, 32)), 1, 2)))
