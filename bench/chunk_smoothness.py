@@ -33,94 +33,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import dataclasses
-import itertools
 import logging
 from typing import Any
 
 import numpy as np
 
 from bench.report import write_section
+from configs import DEMO_MODEL, get_model_config
 from policy.engine import AsyncPi05Inference
 from policy.request import SCHEDULES
 from robots.sim import SimArm
+from robots.tasks import PickPlaceTask
 from runtime.chunk_buffer import BufferSettings
 from runtime.control_loop import ControlLoop, LoopSettings
 from runtime.server_thread import ServerThread, free_local_ports
+from runtime.virtual_time import Chunk, InjectedLatency, VirtualClock
 from transport.zmq_client import PolicyClient
 
 MODES = ("replace", "crossfade", "rtc")
-
-
-class VirtualClock:
-    """The loop's clock: time moves only when the loop sleeps (by at least 10 us a call, so a
-    spin-wait ends)."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, dt: float) -> None:
-        self.t += max(dt, 1e-5)
-
-
-@dataclasses.dataclass
-class Chunk:
-    obs_step: int
-    actions: np.ndarray
-    arrival_step: int | None = None
-
-
-class InjectedLatency:
-    """The loop's client: a real `PolicyClient`, whose replies the loop sees `latency_steps` steps
-    after the observation on the virtual clock. The real request runs to completion when it is
-    sent (virtual time stands still meanwhile), so the CPU's speed changes nothing."""
-
-    def __init__(self, client: PolicyClient, arm: SimArm, clock: VirtualClock, latency_steps: int, hz: float):
-        self.client = client
-        self.arm = arm
-        self.clock = clock
-        self.latency_s = (latency_steps + 0.5) / hz
-        self.seeds = itertools.count(1)
-        self.chunks: list[Chunk] = []
-        self.requests: list[dict[str, Any]] = []  # the options each request carried (leftover left out)
-        self._waiting: list[tuple[float, concurrent.futures.Future, Chunk, Any]] = []
-
-    def start_infer(self, images, high_level_prompt, state=None, timestamp=None, *, timeout_s=None, retries=None, **o):
-        self.requests.append({k: v for k, v in o.items() if k != "prev_actions"})
-        real = self.client.start_infer(images, high_level_prompt, state, timestamp, seed=next(self.seeds), **o)
-        try:
-            outcome: Any = self.client.wait(real)
-        except Exception as e:  # delivered to the loop as the request's error, on time
-            outcome = e
-        chunk = Chunk(self.arm.steps, np.asarray(outcome["actions"]) if isinstance(outcome, dict) else np.zeros(0))
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._waiting.append((self.clock() + self.latency_s, future, chunk, outcome))
-        return future
-
-    def poll(self, timeout_s: float = 0.0) -> None:
-        for item in [w for w in self._waiting if w[0] <= self.clock()]:
-            self._waiting.remove(item)
-            _, future, chunk, outcome = item
-            if isinstance(outcome, Exception):
-                future.set_exception(outcome)
-                continue
-            chunk.arrival_step = self.arm.steps  # polled at the start of a tick, before its action
-            self.chunks.append(chunk)
-            future.set_result(outcome)
-
-    def wait(self, future: concurrent.futures.Future) -> dict[str, Any]:
-        while not future.done():
-            self.clock.sleep(min(w[0] for w in self._waiting) - self.clock())
-            self.poll()
-        return future.result()
-
-    def bye(self, *, timeout_s=None, retries=None) -> dict[str, Any]:
-        """The loop signs off when it stops (the bench runs without subtask refreshes)."""
-        return self.client.bye()
 
 
 def _third_difference(x: np.ndarray) -> np.ndarray:
@@ -176,11 +107,14 @@ def run_one(
     server: ServerThread, mode: str, latency_steps: int, args: argparse.Namespace
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """One loop of `args.duration` virtual seconds; its metrics and the last request's options."""
-    arm = SimArm(control_hz=args.hz, seed=args.seed)
+    cfg = get_model_config(args.config)
+    # The demo policy was trained on the pick-and-place task: it runs on that task's scenes and prompt.
+    task = PickPlaceTask() if args.config == DEMO_MODEL else None
+    arm = SimArm(control_hz=args.hz, seed=args.seed, image_size=cfg.siglip.image_size, task=task)
     clock = VirtualClock()
     buffer = BufferSettings(
         blend=mode,
-        request_when_left=args.horizon - args.execute_horizon,
+        request_when_left=cfg.action_horizon - args.execute_horizon,
         crossfade_steps=args.crossfade_steps,
         safe_action=arm.safe_action,
         rtc_execute_horizon=args.execute_horizon,
@@ -188,6 +122,8 @@ def run_one(
         rtc_max_guidance_weight=args.beta,
     )
     settings = LoopSettings(hz=args.hz, buffer=buffer, max_in_flight=1, max_decoding_steps=0)
+    if task is not None:
+        settings = dataclasses.replace(settings, prompt=arm.prompt)
     with PolicyClient(server.endpoints["router"], f"smooth-{mode}-{latency_steps}", timeout_s=120.0) as client:
         injected = InjectedLatency(client, arm, clock, latency_steps, args.hz)
         loop = ControlLoop(arm, injected, settings, clock=clock, sleep=clock.sleep)
@@ -198,7 +134,7 @@ def run_one(
     return metrics(executed, injected.chunks, args.hz), injected.requests[-1]
 
 
-def _headline(results: dict[tuple[int, str], dict[str, float]]) -> str:
+def _headline(results: dict[tuple[int, str], dict[str, float]], trained: bool) -> str:
     """One sentence per latency: RTC's boundary jerk (added by the switch, and as measured) against
     the other two modes'."""
     lines = []
@@ -219,6 +155,20 @@ def _headline(results: dict[tuple[int, str], dict[str, float]]) -> str:
         / min(results[lat, m]["boundary_jerk_mean"] for m in MODES)
         for lat in {lat for lat, _ in results}
     )
+    if trained:
+        below = all(
+            results[ms, "rtc"]["boundary_jerk_mean"] < results[ms, m]["boundary_jerk_mean"]
+            for m in ("replace", "crossfade")
+        )
+        lines.append(
+            f"\nReading it: a trained policy's chunk is smooth along time (it moves {own:.3g} per step on "
+            f"average), so the jerk at a switch is what the switch adds. At {ms} ms the old plan the arm runs "
+            f"before a new chunk lands is {gap:.3g} away from what the new one meant for those steps (replace) "
+            f"and {rtc_gap:.3g} with RTC, whose new chunk continues the steps executed while it was computed: "
+            "RTC's measured boundary jerk is "
+            f"{'below' if below else 'NOT below'} both crossfade's and naive switching's."
+        )
+        return "\n".join(lines) + "\n\n"
     lines.append(
         f"\nReading it: this model's chunk moves {own:.3g} per step on average (its own step), and before a new chunk "
         f"lands, the old plan the arm runs is {gap:.3g} away from what the new one meant for those steps ({ms} ms, "
@@ -242,7 +192,7 @@ def run(args: argparse.Namespace) -> str:
         max_batch=1,
         batch_buckets=(1,),
         max_decoding_steps_limit=1,
-        image_resolutions=((224, 224),),
+        image_resolutions=((get_model_config(args.config).siglip.image_size,) * 2,),
         compile_in_background=False,
         rtc_method=args.rtc_method,
     )
@@ -279,13 +229,15 @@ def run(args: argparse.Namespace) -> str:
         'on the executed actions; "added" is the jerk of the executed actions minus the new chunk\'s own plan, '
         "from a switch to the next: what the switch contributes, the policy's own motion left out "
         "(`bench/chunk_smoothness.py` defines each column).\n\n"
-        + _headline(results)
+        + _headline(results, trained=args.checkpoint is not None)
         + "| latency ms | mode | jerk mean | jerk max | boundary jerk mean | boundary jerk max | added by the switch, "
         "mean | added, max | boundary step max | deviation from the plan, mean | switches |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
     command = (
-        f"python -m bench.chunk_smoothness --duration {args.duration:g} --execute-horizon {args.execute_horizon} "
+        f"python -m bench.chunk_smoothness --config {args.config}"
+        + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
+        + f" --duration {args.duration:g} --execute-horizon {args.execute_horizon} "
         f"--schedule {args.schedule} --beta {args.beta:g} --rtc-method {args.rtc_method}"
     )
     return write_section("chunk_smoothness", "Chunk transitions: replace, crossfade, RTC", body, command)
@@ -298,7 +250,6 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="virtual seconds per run")
     parser.add_argument("--hz", type=float, default=50.0)
     parser.add_argument("--latency-ms", type=int, nargs="+", default=[100, 200, 300])
-    parser.add_argument("--horizon", type=int, default=50, help="the model's action horizon")
     parser.add_argument("--execute-horizon", type=int, default=25, help="s: steps executed per chunk")
     parser.add_argument("--crossfade-steps", type=int, default=8)
     parser.add_argument("--schedule", choices=SCHEDULES, default="exp")

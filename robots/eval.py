@@ -41,6 +41,7 @@ from robots.sim import BASE_VIEW, SimArm
 from robots.tasks import PHASES, PickPlaceTask, Scene
 from runtime.chunk_buffer import BLENDS, BufferSettings
 from runtime.control_loop import ControlLoop, LoopSettings, LoopStatus
+from runtime.virtual_time import InjectedLatency, VirtualClock
 from transport.errors import TransportError
 from transport.zmq_client import PolicyClient
 
@@ -171,6 +172,9 @@ class EvalSettings:
     loop: LoopSettings = dataclasses.field(default_factory=LoopSettings)
     timeout_s: float = 60.0
     connect_timeout_s: float = 3.0
+    # On virtual time (`runtime.virtual_time`): replies land exactly latency_ms later in control
+    # steps, however long the model takes, so the outcome does not depend on the machine.
+    virtual_time: bool = False
 
 
 def run_episode(settings: EvalSettings, task: PickPlaceTask, index: int) -> Episode:
@@ -178,22 +182,31 @@ def run_episode(settings: EvalSettings, task: PickPlaceTask, index: int) -> Epis
     arm = SimArm(control_hz=settings.loop.hz, image_size=settings.image_size, seed=seed, task=task)
     episode = Episode(index, arm.prompt, arm.scene.copy(), arm.q.copy())
     recorder = Recorder(arm, episode, settings.loop.hz)
-    client: Any = PolicyClient(
+    real = PolicyClient(
         settings.router,
         f"eval-{settings.seed}-{index}",
         timeout_s=settings.timeout_s,
         connect_timeout_s=settings.connect_timeout_s,
     )
+    client: Any = real
     try:
-        if settings.latency_ms > 0:
-            client = DelayedClient(client, settings.latency_ms / 1e3)
         buffer = dataclasses.replace(settings.loop.buffer, safe_action=arm.safe_action)
         loop_settings = dataclasses.replace(settings.loop, prompt=arm.prompt, buffer=buffer)
-        loop = ControlLoop(arm, client, loop_settings, settings.pub, on_tick=recorder)
+        if settings.virtual_time:
+            # No refresh ticker runs on virtual time: each chunk request decodes its own subtask.
+            clock = VirtualClock()
+            steps = round(settings.latency_ms * settings.loop.hz / 1e3)
+            client = InjectedLatency(client, arm, clock, steps, settings.loop.hz)
+            loop_settings = dataclasses.replace(loop_settings, subtask_mode="per_chunk")
+            loop = ControlLoop(arm, client, loop_settings, on_tick=recorder, clock=clock, sleep=clock.sleep)
+        else:
+            if settings.latency_ms > 0:
+                client = DelayedClient(client, settings.latency_ms / 1e3)
+            loop = ControlLoop(arm, client, loop_settings, settings.pub, on_tick=recorder)
         recorder.loop = loop
         episode.loop = loop.run(settings.max_episode_s)
     finally:
-        client.close()
+        real.close()
     return episode
 
 
@@ -223,7 +236,8 @@ def summarize(episodes: list[Episode], task: PickPlaceTask, settings: EvalSettin
         "seed": settings.seed,
         "latency_ms": settings.latency_ms,
         "blend": settings.loop.buffer.blend,
-        "subtask_mode": settings.loop.subtask_mode,
+        "subtask_mode": "per_chunk" if settings.virtual_time else settings.loop.subtask_mode,
+        "virtual_time": settings.virtual_time,
         "max_episode_s": settings.max_episode_s,
         "ticks": ticks,
         "underruns": loop_sum("underruns"),
@@ -283,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", type=Path, default=None, help="trajectories and subtask timelines (default: beside --json)")
     p.add_argument("--plot-episodes", type=int, default=4)
     p.add_argument("--latency-ms", type=float, default=0.0, help="injected delay of every chunk reply")
+    p.add_argument(
+        "--virtual-time",
+        action="store_true",
+        help="run the loop on virtual time (replies land --latency-ms later, whatever the machine; subtask per chunk)",
+    )
     p.add_argument("--blend", choices=BLENDS, default="crossfade")
     p.add_argument("--crossfade-steps", type=int, default=8)
     p.add_argument("--request-when-left", type=int, default=15, help="actions left when the next chunk is requested")
@@ -335,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             timeout_s=args.timeout,
             connect_timeout_s=args.connect_timeout,
+            virtual_time=args.virtual_time,
         )
         episodes = []
         for k in range(args.episodes):

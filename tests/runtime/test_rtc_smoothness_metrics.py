@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.chunk_smoothness import Chunk, metrics
+from bench.chunk_smoothness import metrics
+from runtime.virtual_time import Chunk
 
 STEPS = 20
 
