@@ -8,6 +8,8 @@ from configs.model_config import GemmaConfig, ModelConfig, SiglipConfig
 from configs.models import (
     DEFAULT_IMAGE_RESOLUTIONS,
     DEFAULT_MODEL,
+    DEMO_MODEL,
+    SHIPPED_CHECKPOINTS,
     SHIPPED_TOKENIZERS,
     get_model_config,
     model_config_names,
@@ -16,6 +18,8 @@ from configs.models import (
 __all__ = [
     "DEFAULT_IMAGE_RESOLUTIONS",
     "DEFAULT_MODEL",
+    "DEMO_MODEL",
+    "SHIPPED_CHECKPOINTS",
     "SHIPPED_TOKENIZERS",
     "GemmaConfig",
     "ModelConfig",

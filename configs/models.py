@@ -92,10 +92,18 @@ _MODELS = _build_registry(
 # Camera resolutions (height, width) a server prepares ahead of time: common robot cameras.
 DEFAULT_IMAGE_RESOLUTIONS: tuple[tuple[int, int], ...] = ((480, 640), (240, 320), (720, 1280), (256, 256))
 DEFAULT_MODEL = "pi05_tiny"
+# What `--demo` runs: the policy trained on the simulated arm's task, shipped below.
+DEMO_MODEL = "pi05_demo"
 
 # Tokenizers small enough to ship (built by `python -m configs.build_tiny_tokenizer`). The PaliGemma
 # tokenizer of the full models is a file the user supplies.
-SHIPPED_TOKENIZERS: dict[str, Path] = {"tiny": Path(__file__).resolve().parent / "assets" / "tiny_tokenizer.model"}
+_ASSETS = Path(__file__).resolve().parent / "assets"
+SHIPPED_TOKENIZERS: dict[str, Path] = {"tiny": _ASSETS / "tiny_tokenizer.model"}
+
+# Checkpoints small enough to ship, in openpi's layout (`params/`, `assets/<asset_id>/`): a config
+# named here loads its checkpoint unless random weights are asked for. `python -m policy.train_demo`
+# writes `pi05_demo`'s.
+SHIPPED_CHECKPOINTS: dict[str, Path] = {"pi05_demo": _ASSETS / "pi05_demo"}
 
 
 def model_config_names() -> list[str]:

@@ -23,11 +23,19 @@ import sys
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import zmq
 
-from configs import DEFAULT_IMAGE_RESOLUTIONS, DEFAULT_MODEL, model_config_names
+from configs import (
+    DEFAULT_IMAGE_RESOLUTIONS,
+    DEFAULT_MODEL,
+    DEMO_MODEL,
+    SHIPPED_CHECKPOINTS,
+    get_model_config,
+    model_config_names,
+)
 from robots.adapters import ADAPTERS
 from runtime.fleet_front import add_fleet_arguments, check_fleet_arguments, is_front, join_link, serve_front
 from runtime.gateways import GatewayProcess
@@ -68,9 +76,18 @@ def positive(kind: type) -> Callable[[str], Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runtime.policy_server", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=DEFAULT_MODEL, help=f"model config: {', '.join(model_config_names())}")
     p.add_argument(
-        "--checkpoint", default=None, help="openpi checkpoint dir or URL (gs://...; default: random weights)"
+        "--config",
+        default=None,
+        help=f"model config: {', '.join(model_config_names())} (default: {DEFAULT_MODEL}; with --demo {DEMO_MODEL})",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="openpi checkpoint dir or URL (gs://...; default: the config's shipped one, else random weights)",
+    )
+    p.add_argument(
+        "--random-weights", action="store_true", help="random weights even where the config ships a checkpoint"
     )
     p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece file or URL (default: fetched)")
     p.add_argument(
@@ -153,7 +170,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     check_fleet_arguments(parser, args, sys.argv[1:] if argv is None else list(argv))
+    if args.random_weights and args.checkpoint:
+        parser.error("--random-weights and --checkpoint contradict each other")
+    if args.config is None:
+        # The demo shows the policy trained on its task unless random weights are asked for.
+        args.config = DEMO_MODEL if args.demo and not args.random_weights else DEFAULT_MODEL
+        if args.worker_argv:
+            args.worker_argv += ["--config", args.config]
+    if args.checkpoint is None and not args.random_weights and args.config in SHIPPED_CHECKPOINTS:
+        args.checkpoint = str(SHIPPED_CHECKPOINTS[args.config])
     return args
+
+
+def model_label(args: argparse.Namespace) -> str:
+    """Which model answers, in words, for the log and the demo's status line."""
+    if args.fixed_reply:
+        return f"{args.config}: fixed reply, no model"
+    if args.checkpoint is None:
+        return f"{args.config}: random weights"
+    if args.config in SHIPPED_CHECKPOINTS and Path(args.checkpoint) == SHIPPED_CHECKPOINTS[args.config]:
+        return f"{args.config}: trained demo policy"
+    return f"{args.config}: {args.checkpoint}"
 
 
 def _loopback(host: str) -> bool:
@@ -295,6 +332,7 @@ async def serve(
         endpoints = _endpoints(args, zmq_server, sockets)
         for name, endpoint in endpoints.items():
             log.info("%s endpoint: %s", name, endpoint)
+        log.info("model: %s", model_label(args))
 
         if backend is None and args.fixed_reply:
             from runtime.fixed_backend import FixedBackend
@@ -401,7 +439,8 @@ def _gateway_argv(args: argparse.Namespace, name: str, zmq_server: ZmqServer, ip
 async def _run_demo(args: argparse.Namespace, endpoints: dict[str, str], stop: asyncio.Event, closers: list) -> None:
     from runtime.demo import Demo
 
-    demo = Demo(endpoints["router"], endpoints["pub"], args.demo_duration)
+    cfg = get_model_config(args.config)
+    demo = Demo(endpoints["router"], endpoints["pub"], args.demo_duration, model_label(args), cfg.siglip.image_size)
     closers.append(lambda: asyncio.to_thread(demo.stop))
 
     async def end_with_demo() -> None:
