@@ -237,10 +237,13 @@ def run(args: argparse.Namespace) -> str:
     command = (
         f"python -m bench.chunk_smoothness --config {args.config}"
         + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
-        + f" --duration {args.duration:g} --execute-horizon {args.execute_horizon} "
+        + f" --latency-ms {' '.join(map(str, args.latency_ms))} --duration {args.duration:g}"
+        f" --execute-horizon {args.execute_horizon} "
         f"--schedule {args.schedule} --beta {args.beta:g} --rtc-method {args.rtc_method}"
     )
-    return write_section("chunk_smoothness", "Chunk transitions: replace, crossfade, RTC", body, command)
+    return write_section(
+        f"chunk_smoothness_{args.config}", f"Chunk transitions: replace, crossfade, RTC ({args.config})", body, command
+    )
 
 
 def main() -> None:
