@@ -20,12 +20,13 @@ from runtime.chunk_buffer import BufferSettings
 from runtime.control_loop import LoopSettings
 from tests.helpers import zmq_server_thread
 
-EPISODES = 10
+EPISODES = 20
 SEED = 100  # scenes the demonstrations never showed
-# Measured for the shipped checkpoint with these settings: 2 of 10 episodes succeed and 0.2 of the
-# ticks carry the simulator's phase as the subtask. Random weights do neither (0 and 0): the floors
-# sit below the measurement and above that.
-SUCCESS_FLOOR = 0.1
+# Measured for the shipped checkpoint with these settings: 2 of 20 episodes succeed (2 of 20 on seed 7
+# too) and 0.18 of the ticks carry the simulator's phase as the subtask. Random weights do neither (0
+# and 0): the floors sit below the measurement and above that. The policy is weak (docs/benchmarks.md,
+# "Demo policy"); raise the floors with a better checkpoint.
+SUCCESS_FLOOR = 0.05
 PHASE_AGREEMENT_FLOOR = 0.1
 
 
