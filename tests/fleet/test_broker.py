@@ -10,12 +10,16 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from runtime.broker import Broker, BrokerSettings
 from runtime.fleet_protocol import (
     DISCONNECT,
     HEARTBEAT,
+    PROTOCOL,
     READY,
+    REPLY,
     REQUEST,
     message,
     payload,
@@ -223,3 +227,57 @@ def test_subscriptions_reach_every_worker_once_per_topic(broker, ctx):
     assert not pub_a.poll(0)
     subs[1].close()
     assert _pump(broker, pub_a) == [b"\x00arm"]
+
+
+_front_frames = st.lists(st.binary(max_size=300), min_size=1, max_size=4) | st.builds(
+    lambda header, extra: [msgpack.packb(header, use_bin_type=True), *extra],
+    st.dictionaries(
+        st.sampled_from(["v", "type", "id", "robot", "options", "arrays", "ts", "bogus"]),
+        st.none()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.text(max_size=20)
+        | st.lists(st.integers(0, 9), max_size=3)
+        | st.binary(max_size=8),
+        max_size=6,
+    ),
+    st.lists(st.binary(max_size=64), max_size=3),
+)
+_worker_frames = st.lists(st.binary(max_size=300), min_size=1, max_size=4) | st.builds(
+    lambda command, rest: [PROTOCOL, command, *rest],
+    st.sampled_from([READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT, b"\x00", b"\x09", b""]),
+    st.lists(st.binary(max_size=80), max_size=4),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_front_frames, min_size=1, max_size=5), st.lists(_worker_frames, min_size=1, max_size=5))
+def test_random_frames_from_robots_and_workers_never_stop_the_broker(broker, ctx, front, back):
+    """Random and half-valid messages on the robots' side and on the workers' side (from a joined
+    worker): the broker answers each robot message or drops it, never raises, and answers the next
+    well-formed ping."""
+    robot = _socket(ctx, zmq.DEALER, broker.router_endpoint)
+    worker = _join(broker, ctx, name=f"w{len(broker.table.workers)}")
+    try:
+        for frames in front:
+            robot.send_multipart(frames)
+        for frames in back:
+            worker.send_multipart(frames)
+        for _ in range(len(front) + len(back)):
+            broker.step(0.01)
+        while robot.poll(50):
+            robot.recv_multipart()
+        robot.send_multipart(codec.encode({"type": "ping", "id": 7}))
+        for _ in range(MAX_STEPS):
+            broker.step(0.01)
+            if robot.poll(0):
+                reply, _ = codec.decode(robot.recv_multipart())
+                if reply.get("id") == 7:
+                    assert reply["type"] == "pong"
+                    break
+        else:
+            raise AssertionError("no pong after the hostile frames")
+    finally:
+        worker.send_multipart(message(DISCONNECT))
+        broker.step(0.01)
+        robot.close()
+        worker.close()

@@ -43,8 +43,12 @@ from runtime.server_process import ServerProcess
 from tests.runtime.servers import RawDealer, image, infer_arrays, infer_header
 from transport import codec
 from transport.errors import RemoteError
-from transport.messages import REPLY_TYPE
+from transport.messages import GUIDANCE_OPTIONS, PREV_ACTIONS, REPLY_TYPE, RETURN_MODEL_ACTIONS
+from transport.openpi_msgpack import RTC_KEYS
 from transport.zmq_client import PolicyClient
+
+# Real-time chunking's request fields, in every wire's fuzzing vocabulary.
+RTC_FIELDS = [PREV_ACTIONS, *GUIDANCE_OPTIONS, RETURN_MODEL_ACTIONS]
 
 # Codes the docs list for the ZMQ ROUTER, less `internal` (see the module docstring).
 ZMQ_CODES = frozenset(
@@ -174,7 +178,7 @@ def zmq_messages(draw, request_id: int) -> list[bytes]:
         op = draw(
             st.sampled_from(
                 ["field", "delete", "type", "option", "descriptor", "descriptors", "frames", "consistent_array",
-                 "header_bytes", "whole"]
+                 "header_bytes", "whole", "rtc"]
             )
         )  # fmt: skip
         if op == "field":
@@ -191,10 +195,21 @@ def zmq_messages(draw, request_id: int) -> list[bytes]:
             key = draw(
                 st.sampled_from(
                     ["high_level_prompt", "low_level_prompt", "generate_subtask", "max_decoding_steps", "temperature",
-                     "seed", "subtask_refresh_interval", "bogus", 1, b"high_level_prompt", None, 2.5]
+                     "seed", "subtask_refresh_interval", *RTC_FIELDS, "bogus", 1, b"high_level_prompt", None, 2.5]
                 )
             )  # fmt: skip
             options[key] = draw(msgpack_values)
+        elif op == "rtc" and isinstance(header.get("arrays"), list):
+            # Real-time chunking: a well-framed prev_actions array of any dtype and shape, with options.
+            dtype = draw(st.sampled_from(["<f4", "<f8", "|u1", "<i8", "<c8", "|b1"]))
+            shape = draw(st.sampled_from([[0, 32], [3, 32], [50, 32], [51, 32], [3, 7], [3], [1, 1, 1], [200, 32]]))
+            data = bytes(np.dtype(dtype).itemsize * int(np.prod(shape)))
+            header["arrays"].append({"name": "prev_actions", "dtype": dtype, "shape": shape})
+            frames.append(data)
+            options = header.setdefault("options", {})
+            if isinstance(options, dict):
+                options.update({"inference_delay": draw(msgpack_values | st.integers(-2, 60)),
+                                "execute_horizon": draw(msgpack_values | st.integers(-2, 60))})  # fmt: skip
         elif op == "descriptor" and isinstance(header.get("arrays"), list) and header["arrays"]:
             descs = header["arrays"]
             i = draw(st.integers(0, len(descs) - 1))
@@ -521,7 +536,7 @@ json_values = st.recursive(
 )
 JSON_FIELDS = [
     "images", "high_level_prompt", "low_level_prompt", "state", "generate_subtask", "max_decoding_steps",
-    "temperature", "seed", "subtask_refresh_interval", "batch", "type", "id", "bogus",
+    "temperature", "seed", "subtask_refresh_interval", *RTC_FIELDS, "batch", "type", "id", "bogus",
 ]  # fmt: skip
 
 
@@ -785,7 +800,7 @@ def _valid_openpi(seed: int = 0) -> dict[str, Any]:
     }
 
 
-OPENPI_KEYS = [*sorted(_valid_openpi()), "bogus", 1, b"prompt", None]
+OPENPI_KEYS = [*sorted(_valid_openpi()), *RTC_KEYS, "bogus", 1, b"prompt", None]
 
 # What a malicious sender of a 'T' (StringDType) array puts in its data: (pointer, length) pairs.
 T_DATA = struct.pack("<QQ", 0x400000, 24) * 2
