@@ -10,9 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import zmq
 
 from runtime.keys import create_pair
-from transport.curve import ClientKeys, load_client_keys
+from transport import codec
+from transport.curve import ClientKeys, apply_client, load_client_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,3 +78,22 @@ def self_signed_cert(folder: Path) -> tuple[Path, Path]:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_path, key_path
+
+
+# Waiting this long without a reply is how a refused client is recognised; a reply within it is the
+# failure (so it bounds detection, it asserts no timing).
+REFUSED_WATCH_S = 2.0
+
+
+def any_reply(endpoint: str, keys: ClientKeys | None) -> bool:
+    """Whether a raw DEALER (CURVE with `keys`, plain without) gets any reply to a ping."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        apply_client(sock, keys)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(codec.encode({"type": "ping", "id": 1}))
+        return bool(sock.poll(int(REFUSED_WATCH_S * 1e3)))
+    finally:
+        sock.close()
