@@ -227,5 +227,8 @@ def test_client_rides_through_a_server_restart(engine):
         return first, second, third
 
     first, second, third = asyncio.run(scenario())
-    np.testing.assert_array_equal(first["actions"], second["actions"])
-    np.testing.assert_array_equal(first["actions"], third["actions"])
+    # The same seed and observation give the same chunk. Not bit for bit: the waiting request and
+    # its resend can reach the new server together and run as one batch of two, whose compiled
+    # executable rounds differently (seen: 7e-7). Another seed differs by O(1).
+    np.testing.assert_allclose(first["actions"], second["actions"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(first["actions"], third["actions"], rtol=0, atol=1e-5)
