@@ -4,12 +4,16 @@
 
 1. Demonstrations: the scripted expert (`robots.expert`) runs `--episodes` randomised episodes,
    half of them with noise on the executed joint motion (labels stay the expert's), so the data
-   also shows how to come back to the path.
+   also shows how to come back to the path (`policy.demo_data`).
 2. Norm stats of the state and the actions (openpi's quantiles), for the checkpoint's assets.
 3. Training: each batch renders its frames into the three cameras (48x48 for `pi05_demo`), builds the
    server's own prompts from the normalized state and the phase's subtask, and takes one AdamW step
    on the flow-matching loss of the action chunk plus the cross-entropy of the subtask text
    (`policy.training`). A progress line on stderr; the losses in `loss.csv` and `loss.png`.
+   With `--dagger-at`, at those fractions of the steps the policy so far runs `--dagger-episodes`
+   new episodes and the expert labels every state it visits (DAgger): later batches draw from
+   those frames too, which show the way back from the policy's own mistakes. Off by default: the
+   shipped checkpoint was trained without it, and it has not yet been shown to help here.
 4. The checkpoint in openpi's layout: `params/` (orbax, float32) and
    `assets/<asset id>/norm_stats.json`, loaded unchanged by
    `python -m runtime.policy_server --config pi05_demo --checkpoint OUT`.
@@ -39,70 +43,15 @@ from configs.model_config import ModelConfig
 from policy import params as params_lib
 from policy import training
 from policy.checkpoint import save_params
+from policy.demo_data import Demonstrations, Frame, demonstrations, policy_episodes
 from policy.normalize import Normalizer, Stats
 from policy.prompts import Prompts
 from policy.tokenizer import Tokenizer, load_tokenizer
 from robots import plot
-from robots.expert import ScriptedExpert, rollout
 from robots.sim import SimArm
-from robots.tasks import PickPlaceTask, Scene
+from robots.tasks import PickPlaceTask
 
 log = logging.getLogger("policy.train_demo")
-
-
-@dataclasses.dataclass
-class Frame:
-    """One tick of a demonstration: the arm and scene before acting, and where its chunk starts."""
-
-    q: np.ndarray
-    gripper: float
-    scene: Scene
-    prompt: str
-    subtask: str
-    episode: int
-    tick: int
-
-
-@dataclasses.dataclass
-class Demonstrations:
-    frames: list[Frame]
-    actions: list[np.ndarray]  # per episode: (ticks, action dim), the expert's clean actions
-    episodes: int
-    successes: int
-
-
-def demonstrations(
-    task: PickPlaceTask,
-    episodes: int,
-    horizon: int,
-    seed: int,
-    image_size: int,
-    noise: float = 0.3,
-    done_ticks: int = 5,
-) -> Demonstrations:
-    """Runs the expert; every tick up to `done_ticks` after success is a frame, with its chunk of
-    `horizon` actions (recorded on past the last frame: the expert holds still once done). Few "done"
-    frames: enough to learn to say it and hold still, too few for "done" to be a likely guess."""
-    expert = ScriptedExpert(task)
-    frames: list[Frame] = []
-    actions: list[np.ndarray] = []
-    successes = 0
-    for e in range(episodes):
-        rng = np.random.default_rng([seed, e])
-        arm = SimArm(image_size=image_size, seed=int(rng.integers(2**31)), task=task)
-        prompt = arm.prompt
-        ep_frames: list[Frame] = []
-        ep_actions: list[np.ndarray] = []
-        ep_noise = noise if e % 2 else 0.0
-        ticks = rollout(arm, expert, 600, rng, ep_noise, after_success=horizon + done_ticks)
-        for tick, (_, action) in enumerate(ticks):
-            ep_frames.append(Frame(arm.q.copy(), arm.gripper, arm.scene.copy(), prompt, arm.subtask, e, tick))
-            ep_actions.append(action)
-        successes += arm.success
-        last = len(ep_actions) - horizon  # the last tick whose whole chunk was recorded
-        frames += [f for f in ep_frames if f.tick <= last]
-        actions.append(np.asarray(ep_actions, np.float32))
-    return Demonstrations(frames, actions, episodes, successes)
 
 
 def _stats(x: np.ndarray) -> dict[str, list[float]]:
@@ -138,7 +87,7 @@ class BatchMaker:
     def __init__(
         self,
         cfg: ModelConfig,
-        demos: Demonstrations,
+        frames: list[Frame],
         norm: Normalizer,
         tokenizer: Tokenizer,
         task: PickPlaceTask,
@@ -149,7 +98,7 @@ class BatchMaker:
         text_share: float = 0.25,
     ):
         self.cfg = cfg
-        self.demos = demos
+        self.frames = list(frames)
         self.norm = norm
         self.prompts = Prompts(cfg, tokenizer)
         self.tokenizer = tokenizer
@@ -179,8 +128,7 @@ class BatchMaker:
     def make(self, rng: np.random.Generator, batch_size: int):
         cfg = self.cfg
         keys = cfg.image_keys
-        h = cfg.action_horizon
-        idx = rng.integers(len(self.demos.frames), size=batch_size)
+        idx = rng.integers(len(self.frames), size=batch_size)
         drop = rng.random(batch_size) < self.subtask_dropout
         stale = rng.random(batch_size) < self.stale_subtask
         lags = np.where(stale, rng.integers(1, self.stale_ticks + 1, batch_size), 0)
@@ -188,7 +136,7 @@ class BatchMaker:
         images = np.zeros((batch_size, len(keys), cfg.siglip.image_size, cfg.siglip.image_size, 3), np.uint8)
         fields: dict[str, list] = {k: [] for k in ("at", "am", "tt", "tm", "ar", "tl", "act")}
         for row, i in enumerate(idx):
-            f = self.demos.frames[i]
+            f = self.frames[i]
             arm = self._arm
             arm.q, arm.gripper, arm.scene = f.q, f.gripper, f.scene
             views = arm.render()
@@ -196,12 +144,12 @@ class BatchMaker:
                 images[row, c] = views[k]
             state = self.norm.normalize_state(np.concatenate([f.q, [f.gripper]]))
             # Frames of an episode are consecutive: `tick` frames before this one is its first.
-            subtask = None if drop[row] else self.demos.frames[i - min(lags[row], f.tick)].subtask
+            subtask = None if drop[row] else self.frames[i - min(lags[row], f.tick)].subtask
             at, am = self.prompts.tokenize(self.prompts.action_text(f.prompt, state, subtask))
             if row < text_rows:
                 for k, v in zip(("tt", "tm", "ar", "tl"), self.text(f.prompt, state, f.subtask), strict=True):
                     fields[k].append(v)
-            chunk = self.norm.normalize_actions(self.demos.actions[f.episode][f.tick : f.tick + h], cfg.action_dim)
+            chunk = self.norm.normalize_actions(f.chunk, cfg.action_dim)
             for k, v in zip(("at", "am", "act"), (at, am, chunk), strict=True):
                 fields[k].append(v)
         return training.Batch(
@@ -266,7 +214,11 @@ def loss_chart(rows: list[dict[str, float]], title: str):
 class TrainResult:
     params: dict
     history: list[dict[str, float]]
-    steps_per_s: float
+    steps_per_s: float  # training steps only, not the rounds
+
+
+# A round between two steps (DAgger): called with the step and the params so far.
+Round = Callable[[int, dict], None]
 
 
 def train(
@@ -279,7 +231,10 @@ def train(
     warmup: int,
     text_weight: float,
     progress: Progress | None = None,
+    rounds: dict[int, Round] | None = None,
 ) -> TrainResult:
+    """AdamW on both losses for `steps` steps; `rounds[k]` runs before step k (and may add frames
+    to `batches`: the batches made after it draw from them)."""
     rng = np.random.default_rng([seed, 1])
     params = params_lib.init_params(cfg, seed=seed, dtype=jnp.float32)
     opt = training.OptimizerSettings(lr, warmup, steps)
@@ -289,7 +244,12 @@ def train(
     batch = batches.make(rng, batch_size)
     pending = None
     started = None
+    paused = 0.0
     for step in range(steps):
+        if rounds and step in rounds:
+            before = time.monotonic()
+            rounds[step](step, params)
+            paused += time.monotonic() - before
         params, opt_state, metrics = training.train_step(
             params, opt_state, batch, jax.random.fold_in(key, step), cfg, opt, text_weight
         )
@@ -304,7 +264,7 @@ def train(
         if progress is not None and history:
             progress.update(step, {k: history[-1][k] for k in ("loss", "flow", "text")})
     history.append(_row(*pending))
-    elapsed = time.monotonic() - started if started is not None else 0.0
+    elapsed = time.monotonic() - started - paused if started is not None else 0.0
     return TrainResult(params, history, (steps - 1) / elapsed if elapsed > 0 else 0.0)
 
 
@@ -337,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--stale-subtask", type=float, default=0.3, help="share of action prompts with a subtask up to 0.5 s old"
     )
     p.add_argument("--noise", type=float, default=0.3, help="joint noise of the noisy demonstrations (x speed limit)")
+    p.add_argument(
+        "--dagger-at",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="FRACTION",
+        help="DAgger rounds, at these fractions of the steps (none: expert frames only)",
+    )
+    p.add_argument("--dagger-episodes", type=int, default=64, help="policy episodes per DAgger round")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
     return p
 
@@ -364,10 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         time.monotonic() - start,
     )
     stats = norm_stats(demos)
+    norm = normalizer(stats)
     batches = BatchMaker(
         cfg,
-        demos,
-        normalizer(stats),
+        demos.frames,
+        norm,
         load_tokenizer(cfg),
         task,
         subtask_dropout=args.subtask_dropout,
@@ -375,8 +345,25 @@ def main(argv: list[str] | None = None) -> int:
         text_share=args.text_share,
     )
     progress = Progress(args.steps)
+    rounds_done: list[dict] = []
+
+    def dagger(step: int, params: dict) -> None:
+        began = time.monotonic()
+        first = demos.episodes + len(rounds_done) * args.dagger_episodes  # scenes the expert never saw
+        run = policy_episodes(params, cfg, norm, batches.prompts, task, args.dagger_episodes, args.seed, first)
+        batches.frames += run.frames
+        rounds_done.append(
+            {"step": step, "episodes": run.episodes, "successes": run.successes, "frames": len(run.frames)}
+        )
+        progress.out.write("\n")
+        log.info(
+            "DAgger at step %d: the policy succeeded in %d of %d episodes; %d frames labelled by the expert (%.0f s)",
+            step, run.successes, run.episodes, len(run.frames), time.monotonic() - began,
+        )  # fmt: skip
+
+    rounds = {round(f * args.steps): dagger for f in args.dagger_at if 0 < f < 1}
     result = train(
-        cfg, batches, args.steps, args.batch_size, args.seed, args.lr, args.warmup, args.text_weight, progress
+        cfg, batches, args.steps, args.batch_size, args.seed, args.lr, args.warmup, args.text_weight, progress, rounds
     )
     progress.close()
     out = save(args.out, cfg, result.params, stats)
@@ -389,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": cfg.name,
         **{k: v for k, v in vars(args).items() if k not in ("out", "log_level", "config")},
         "frames": len(demos.frames),
+        "dagger": rounds_done,
         "steps_per_s": result.steps_per_s,
         "wall_s": time.monotonic() - start,
         "final": result.history[-1],

@@ -41,7 +41,7 @@ def setup(cfg):
     task = PickPlaceTask()
     demos = td.demonstrations(task, 4, cfg.action_horizon, seed=0, image_size=cfg.siglip.image_size)
     stats = td.norm_stats(demos)
-    batches = td.BatchMaker(cfg, demos, td.normalizer(stats), load_tokenizer(cfg), task, subtask_dropout=0.1)
+    batches = td.BatchMaker(cfg, demos.frames, td.normalizer(stats), load_tokenizer(cfg), task, subtask_dropout=0.1)
     return task, demos, stats, batches
 
 
@@ -71,8 +71,14 @@ def test_the_loss_falls_on_a_fixed_batch_and_a_seed_repeats_the_run(cfg, setup):
     losses = [r["loss"] for r in result.history]
     assert len(losses) == 12 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
-    again = td.train(cfg, one, steps=12, batch_size=4, seed=0, lr=3e-3, warmup=1, text_weight=1.0)
+    # A round between steps (DAgger's) runs once, before its step, and leaves the run as it was.
+    calls = []
+    again = td.train(
+        cfg, one, steps=12, batch_size=4, seed=0, lr=3e-3, warmup=1, text_weight=1.0,
+        rounds={5: lambda step, params: calls.append((step, float(np.abs(params["action_in_proj"]["kernel"]).sum())))},
+    )  # fmt: skip
     assert [r["loss"] for r in again.history] == losses
+    assert len(calls) == 1 and calls[0][0] == 5 and np.isfinite(calls[0][1])
 
 
 def test_the_checkpoint_loads_in_the_server_engine_and_gives_the_trained_actions(cfg, setup, tmp_path):
