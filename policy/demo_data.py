@@ -18,7 +18,6 @@ an older subtask).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -103,12 +102,6 @@ def expert_chunk(arm: SimArm, expert: ScriptedExpert, horizon: int) -> np.ndarra
     return np.asarray(chunk, np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _sample(params: dict, obs: pi05.Observation, key: jax.Array, cfg: ModelConfig) -> jax.Array:
-    noise = jax.random.normal(key, (obs.tokens.shape[0], cfg.action_horizon, cfg.action_dim), jnp.float32)
-    return pi05.sample_actions(params, obs, noise, cfg)
-
-
 @dataclasses.dataclass
 class PolicyEpisodes:
     frames: list[Frame]
@@ -156,23 +149,25 @@ def policy_episodes(
             tokens = np.zeros((batch, cfg.max_token_len), np.int32)
             mask = np.zeros((batch, cfg.max_token_len), bool)
             for i, arm in enumerate(arms):
+                if done[i]:
+                    continue  # its row stays blank: rows do not affect each other
                 views = arm.render()
                 images[i] = np.stack([views[k] for k in keys])
                 state = norm.normalize_state(arm.state)
                 tokens[i], mask[i] = prompts.tokenize(prompts.action_text(prompts_[i], state, arm.subtask))
             obs = pi05.Observation(jnp.asarray(images), jnp.ones((batch, len(keys)), bool), tokens, mask)
             key, draw = jax.random.split(key)
-            chunks = np.asarray(_sample(params, obs, draw, cfg))
+            noise = jax.random.normal(draw, (batch, cfg.action_horizon, cfg.action_dim), jnp.float32)
+            chunks = np.asarray(pi05.sample_actions_jit(params, obs, noise, jnp.int32(cfg.num_steps), cfg))
             for i, arm in enumerate(arms):
                 if done[i]:
                     continue
                 actions = norm.unnormalize_actions(chunks[i])[:, : arm.action_dim]
                 for action in actions[:execute]:
-                    scene = arm.scene.copy()
                     recorded[i].append(
                         Frame(
-                            arm.q.copy(), arm.gripper, scene, prompts_[i], arm.subtask, first_index + first + i,
-                            ticks[i], expert_chunk(arm, expert, cfg.action_horizon),
+                            arm.q.copy(), arm.gripper, arm.scene.copy(), prompts_[i], arm.subtask,
+                            first_index + first + i, ticks[i], expert_chunk(arm, expert, cfg.action_horizon),
                         )
                     )  # fmt: skip
                     arm.act(action)
