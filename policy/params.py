@@ -106,9 +106,10 @@ def count_params(tree: dict) -> int:
 def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Params:
     """Random weights of a plausible scale, for the embedded default and for benchmarks.
 
-    Kernels get N(0, 1/fan_in) (fan_in: the contracted axes), norm scales and adaRMS modulation get
-    small noise rather than openpi's zeros, so every path of the network carries signal. One jitted
-    function on the default device, so full-size random weights appear in seconds on a GPU.
+    Kernels get N(0, 1/fan_in) (fan_in: the contracted axes), LayerNorm scales 1 plus small noise,
+    Gemma's norm scales (offsets from 1) and biases small noise rather than openpi's zeros, so every
+    path of the network carries signal. One jitted function on the default device, so full-size
+    random weights appear in seconds on a GPU.
     """
     return _init_jit(jax.random.key(seed), cfg, jnp.dtype(dtype))
 
@@ -128,6 +129,11 @@ def _init_jit(key: jax.Array, cfg: ModelConfig, dtype) -> Params:
         leaf = path.rsplit("/", 1)[-1]
         if leaf in ("kernel", "w", "gating_einsum", "linear", "input_embedding", "pos_embedding"):
             value = normal / np.sqrt(_fan_in(path, shape))
+        elif leaf == "scale" and path.startswith("PaliGemma/img/"):
+            # SigLIP's LayerNorms multiply by the scale itself (Gemma's RMSNorms by 1 + scale): near
+            # 1, or every camera reaches the backbone some 40 times fainter than the prompt, and a
+            # policy trained from these weights learns to ignore its cameras.
+            value = 1.0 + 0.02 * normal
         else:
             value = 0.02 * normal
         _set(out, path, value.astype(dtype))
