@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+from pathlib import Path
 
 from bench.report import write_section
 from configs import DEMO_MODEL, SHIPPED_CHECKPOINTS, get_model_config
@@ -28,6 +29,7 @@ from runtime.control_loop import LoopSettings
 from runtime.server_thread import ServerThread, free_local_ports
 
 MODES = ("replace", "crossfade", "rtc")
+_ROOT = Path(__file__).resolve().parents[1]  # the checkpoint is shown relative to the repository
 
 
 def evaluate(settings: robots_eval.EvalSettings, task: PickPlaceTask) -> dict:
@@ -39,8 +41,8 @@ def row(label: str, s: dict) -> str:
     t = s["mean_time_to_success_s"]
     return (
         f"| {label} | {s['episodes']} | {s['success_rate']:.2f} | {'-' if t is None else f'{t:.2f}'} | "
-        f"{s['subtask_transitions_mean']:.1f} | {s['subtask_phase_agreement']:.2f} | {s['subtask_order_rate']:.2f} | "
-        f"{s['underruns']:.0f} |"
+        f"{s['subtask_transitions_mean']:.1f} | {s['subtask_phase_agreement']:.2f} | "
+        f"{s['subtask_text_agreement']:.2f} | {s['subtask_order_rate']:.2f} | {s['underruns']:.0f} |"
     )
 
 
@@ -90,15 +92,18 @@ def run(args: argparse.Namespace) -> str:
                 print(results[-1], flush=True)
     finally:
         asyncio.run(engine.close())
+    checkpoint = Path(args.checkpoint).resolve()
+    shown = checkpoint.relative_to(_ROOT) if checkpoint.is_relative_to(_ROOT) else checkpoint
     body = (
-        f"`{DEMO_MODEL}` from `{args.checkpoint}` (trained by `python -m policy.train_demo`), the real engine on CPU, "
+        f"`{DEMO_MODEL}` from `{shown}` (trained by `python -m policy.train_demo`), the real engine on CPU, "
         f"{args.episodes} episodes per row (seed {args.seed}: the same scenes in every row), at most "
         f"{args.max_episode_s:g} s each, 50 Hz, a chunk requested when 15 of its 30 actions are left (RTC: every "
         f"s = {args.execute_horizon} steps, beta 10). Subtasks: decoded by the periodic refresh in the first row, with "
-        "each chunk on virtual time. Phase agreement: the share of ticks whose subtask text is the simulator's "
-        "phase's; in order: episodes whose subtasks went through at least two phases, never back.\n\n"
+        "each chunk on virtual time. Phase agreement: the share of ticks whose subtask names the simulator's phase "
+        "(the place it names aside); text agreement: the share whose subtask is the simulator's word for word, "
+        "the place included; in order: episodes whose subtasks went through at least two phases, never back.\n\n"
         "| run | episodes | success rate | mean time to success, s | subtask changes per episode | phase agreement "
-        "| in order | underruns |\n|---|---|---|---|---|---|---|---|\n"
+        "| text agreement | in order | underruns |\n|---|---|---|---|---|---|---|---|---|\n"
         + "\n".join(row(label, s) for label, s in results)
         + "\n"
     )

@@ -74,8 +74,9 @@ _MODELS = _build_registry(
         _tiny("pi05_tiny_bf16", dtype="bfloat16"),
         # The policy trained on the simulated arm's pick-and-place task (`python -m policy.train_demo`),
         # sized to train on 2 CPU cores in about 30 minutes: 3 x 16 image tokens and a 48-token prompt
-        # (the longest task prompt with its state and subtask is 42), 30-step chunks (0.6 s at 50 Hz)
-        # of the arm's 3 joint deltas and gripper command.
+        # (the longest task prompt with its state and subtask is 40), 30-step chunks (0.6 s at 50 Hz)
+        # of the task arm's 3 action values (the gripper's target x, y and its command), padded to the
+        # model's 4 as openpi pads every robot's actions to its model's dim.
         _tiny(
             "pi05_demo",
             vlm=GEMMA_VARIANTS["demo"],

@@ -4,8 +4,9 @@ Behaviour cloning on the expert's episodes alone teaches the expert's actions on
 states. A policy that errs a little drifts into states those episodes never show and errs more
 there (compounding error: the demo policy closes its gripper away from any block, then its
 subtask says it is carrying one). Two remedies, both here. Half of the expert's episodes execute
-its actions with noise on the joints (the labels stay the clean actions), so the data shows how to
-come back to the path (DART). And
+its actions with noise on the gripper's motion and with premature grasps that close on nothing (the
+labels stay the clean actions), so the data shows how to come back to the path and how to undo a
+missed grasp (DART). And
 `policy_episodes` runs the policy being trained, in-process and batched over episodes, and labels
 every state it visits with the expert's chunk from there (DAgger): the frames show the way back from
 the policy's own mistakes.
@@ -34,10 +35,12 @@ from robots.tasks import PickPlaceTask, Scene
 
 @dataclasses.dataclass
 class Frame:
-    """One tick: the arm and scene before acting, and the expert's chunk from there."""
+    """One tick: the arm and scene before acting, and the expert's chunk from there. `q` and
+    `gripper` put the arm back for rendering; `state` is what the robot reports (`SimArm.state`)."""
 
     q: np.ndarray
     gripper: float
+    state: np.ndarray
     scene: Scene
     prompt: str
     subtask: str
@@ -62,6 +65,7 @@ def demonstrations(
     image_size: int,
     noise: float = 0.3,
     done_ticks: int = 5,
+    fumble: float = 0.02,
 ) -> Demonstrations:
     """Runs the expert; every tick up to `done_ticks` after success is a frame, with its chunk of
     `horizon` actions (recorded on past the last frame: the expert holds still once done). Few "done"
@@ -76,10 +80,12 @@ def demonstrations(
         prompt = arm.prompt
         ep_frames: list[Frame] = []
         ep_actions: list[np.ndarray] = []
-        ep_noise = noise if e % 2 else 0.0
-        ticks = rollout(arm, expert, 600, rng, ep_noise, after_success=horizon + done_ticks)
+        ep_noise, ep_fumble = (noise, fumble) if e % 2 else (0.0, 0.0)
+        ticks = rollout(arm, expert, 600, rng, ep_noise, after_success=horizon + done_ticks, fumble=ep_fumble)
         for tick, (_, action) in enumerate(ticks):
-            ep_frames.append(Frame(arm.q.copy(), arm.gripper, arm.scene.copy(), prompt, arm.subtask, e, tick, action))
+            ep_frames.append(
+                Frame(arm.q.copy(), arm.gripper, arm.state, arm.scene.copy(), prompt, arm.subtask, e, tick, action)
+            )
             ep_actions.append(action)
         successes += arm.success
         ep = np.asarray(ep_actions, np.float32)
@@ -166,7 +172,7 @@ def policy_episodes(
                 for action in actions[:execute]:
                     recorded[i].append(
                         Frame(
-                            arm.q.copy(), arm.gripper, arm.scene.copy(), prompts_[i], arm.subtask,
+                            arm.q.copy(), arm.gripper, arm.state, arm.scene.copy(), prompts_[i], arm.subtask,
                             first_index + first + i, ticks[i], expert_chunk(arm, expert, cfg.action_horizon),
                         )
                     )  # fmt: skip

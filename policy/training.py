@@ -37,7 +37,8 @@ class Batch:
     text_tokens, text_mask: (T, L) the subtask-stage prompt followed by the subtask tokens and EOS,
     for the first T <= B rows (the text is learnt faster than the actions, so fewer rows pay for it);
     text_ar: (T, L) True from the first subtask token on (causal), False on the prompt;
-    text_loss: (T, L) True where the next token is a subtask token or EOS (the positions scored);
+    text_loss: (T, L) float32, the weight of the next token's cross-entropy: > 0 where it is a subtask
+    token or EOS (the positions scored), 0 elsewhere; the loss is the weighted mean;
     actions: (B, A, E) float32, normalized and padded to the model's action dim.
     """
 
@@ -70,7 +71,8 @@ def flow_loss(params: dict, batch: Batch, key: jax.Array, cfg: ModelConfig) -> j
 
 
 def text_loss(params: dict, batch: Batch, cfg: ModelConfig) -> jax.Array:
-    """Cross-entropy of each subtask token (and the final EOS) given everything before it."""
+    """Cross-entropy of each subtask token (and the final EOS) given everything before it, the
+    weighted mean by `batch.text_loss`."""
     llm = params["PaliGemma"]["llm"]
     rows = batch.text_tokens.shape[0]
     obs = pi05.Observation(batch.images[:rows], batch.image_mask[:rows], batch.text_tokens, batch.text_mask)
@@ -81,7 +83,7 @@ def text_loss(params: dict, batch: Batch, cfg: ModelConfig) -> jax.Array:
     hidden, _ = gemma.forward(llm, tokens, positions, make_attn_mask(mask, ar), cfg.vlm, suffix="")
     logits = gemma.logits(llm, hidden[:, n_img:-1])
     targets = batch.text_tokens[:, 1:]
-    weights = batch.text_loss[:, :-1].astype(jnp.float32)
+    weights = batch.text_loss[:, :-1]
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 

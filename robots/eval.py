@@ -10,7 +10,9 @@ every chunk reply by that much on the robot's side, as a slower inference would.
 
 The JSON summary has flat keys: `success_rate`, `episodes`, `successes`, `mean_time_to_success_s`,
 `subtask_transitions_mean` (changes of the model's subtask text per episode),
-`subtask_phase_agreement` (the share of ticks whose subtask text is the simulator's phase's),
+`subtask_phase_agreement` (the share of ticks whose subtask names the simulator's phase, for the
+named block and plate, wherever it says they are), `subtask_text_agreement` (the share whose subtask
+text is the simulator's exactly, the place included),
 `subtask_order_rate` (episodes whose subtasks went through the phases in order), and the loop's own
 counts summed or averaged over episodes. The PNG shows the first few episodes: the gripper's path
 over the overhead view, and the simulator's phase beside the model's subtask over time.
@@ -38,7 +40,7 @@ from robots import plot
 from robots.adapters import BASE
 from robots.run import _endpoint, default_pub
 from robots.sim import BASE_VIEW, SimArm
-from robots.tasks import PHASES, PickPlaceTask, Scene
+from robots.tasks import PHASES, PickPlaceTask, Scene, without_place
 from runtime.chunk_buffer import BLENDS, BufferSettings
 from runtime.control_loop import ControlLoop, LoopSettings, LoopStatus
 from runtime.virtual_time import InjectedLatency, VirtualClock
@@ -125,9 +127,10 @@ class Episode:
         return sum(a != b for a, b in itertools.pairwise(seen))
 
     def subtask_phases(self, task: PickPlaceTask) -> list[int]:
-        """The phase index of each tick's subtask text (-1 for text that names no phase)."""
-        texts = {task.subtask(self.scene, p): i for i, p in enumerate(PHASES)}
-        return [texts.get(s, -1) if s is not None else -1 for s in self.subtasks]
+        """The phase index of each tick's subtask text, the place it names aside (-1 for text that
+        names no phase of this episode's task)."""
+        texts = {without_place(task.subtask(self.scene, p)): i for i, p in enumerate(PHASES)}
+        return [texts.get(without_place(s), -1) if s is not None else -1 for s in self.subtasks]
 
     def in_order(self, task: PickPlaceTask) -> bool:
         """The subtasks named at least two phases, and never went back to an earlier one."""
@@ -215,7 +218,10 @@ def summarize(episodes: list[Episode], task: PickPlaceTask, settings: EvalSettin
     n = len(episodes)
     times = [e.time_to_success_s for e in episodes if e.success]
     ticks = sum(len(e.phases) for e in episodes)
-    agree = sum(s == x for e in episodes for s, x in zip(e.subtasks, e.expected, strict=True))
+    exact = sum(s == x for e in episodes for s, x in zip(e.subtasks, e.expected, strict=True))
+    agree = sum(
+        said == PHASES.index(p) for e in episodes for said, p in zip(e.subtask_phases(task), e.phases, strict=True)
+    )
 
     def loop_sum(key: str) -> float:
         return float(sum(e.loop.get(key) or 0 for e in episodes))
@@ -232,6 +238,7 @@ def summarize(episodes: list[Episode], task: PickPlaceTask, settings: EvalSettin
         "subtask_transitions_mean": float(np.mean([e.transitions for e in episodes])) if n else 0.0,
         "subtask_transitions_total": sum(e.transitions for e in episodes),
         "subtask_phase_agreement": agree / ticks if ticks else 0.0,
+        "subtask_text_agreement": exact / ticks if ticks else 0.0,
         "subtask_order_rate": sum(e.in_order(task) for e in episodes) / n if n else 0.0,
         "seed": settings.seed,
         "latency_ms": settings.latency_ms,

@@ -1,16 +1,14 @@
 """The scripted expert of the pick-and-place task: what the demonstrations show the policy.
 
-It reads the simulator's state (the scene, the joint angles and the gripper) and acts by the task's
-phase: reach moves the gripper to the named block, grasp keeps centring on it while closing the
-gripper, move carries it to the named plate, release keeps centring on the plate while opening,
-done holds still with the gripper open. Gripper commands ramp over `gripper_ticks` ticks rather
-than jump, so the closing and opening are visible in a few frames of the demonstrations.
+It reads the simulator's state (the scene, the gripper's position and closure) and acts by the
+task's phase: reach moves the gripper to the named block, grasp keeps centring on it while closing
+the gripper, move carries it to the named plate, release keeps centring on the plate while opening,
+done holds still with the gripper open. Fingers that closed on nothing (closure past the task's
+`grip_at` with no block held) open again before the next try: the way back from a missed grasp.
 
-Motion is in joint space: analytic inverse kinematics gives the joint angles that put the
-gripper on the goal with the last link pointing away from the base and the elbow bent one way (so
-the same goal always gets the same arm shape), and the joints move toward them at a rate
-proportional to the remaining angle, scaled as a whole to the arm's joint speed limit. Everything is
-a function of the state, so the same state always gets the same action. Arms of 2 or 3 joints.
+Its action is the task arm's (`robots.sim`): where the gripper should go, the goal of the phase
+itself; the arm's controller gets it there at its own speed. Everything is a function of the state,
+so the same state always gets the same action.
 """
 
 from __future__ import annotations
@@ -19,54 +17,29 @@ import dataclasses
 
 import numpy as np
 
-from robots.sim import SimArm, forward_kinematics
+from robots.sim import SimArm
 from robots.tasks import PickPlaceTask, Scene
 
 
 @dataclasses.dataclass(frozen=True)
 class ScriptedExpert:
     task: PickPlaceTask
-    gain: float = 6.0  # 1/s: joint rates are gain * the remaining angle, below the speed limit
-    gripper_ticks: int = 8
 
     def act(self, arm: SimArm) -> np.ndarray:
-        """The action (joint deltas, gripper command) for the arm's current state."""
-        return self.action(arm.scene, arm.q, arm.gripper, arm.link_length, arm.max_step, arm.control_hz)
+        """The action (target x, target y, gripper command) for the arm's current state."""
+        return self.action(arm.scene, arm.joint_positions()[-1], arm.gripper)
 
-    def action(
-        self, scene: Scene, q: np.ndarray, gripper: float, link_length: float, max_step: float, control_hz: float
-    ) -> np.ndarray:
-        ee = forward_kinematics(q, link_length)[-1]
+    def action(self, scene: Scene, ee: np.ndarray, gripper: float) -> np.ndarray:
         phase = self.task.phase(scene, ee)
-        ramp = 1.0 / self.gripper_ticks
         if phase in ("reach", "grasp"):
-            target = inverse_kinematics(scene.blocks[scene.target], q.shape[0], link_length)
+            goal = scene.blocks[scene.target]
         elif phase in ("move", "release"):
-            target = inverse_kinematics(scene.plates[scene.goal], q.shape[0], link_length)
+            goal = scene.plates[scene.goal]
         else:
-            target = q
-        close = {"reach": 0.0, "grasp": min(1.0, gripper + ramp), "move": 1.0}.get(phase, max(0.0, gripper - ramp))
-        dq = self.gain * (target - q) / control_hz
-        limit = 0.95 * max_step
-        biggest = float(np.max(np.abs(dq)))
-        if biggest > limit:
-            dq *= limit / biggest
-        return np.concatenate([dq, [close]])
-
-
-def inverse_kinematics(goal: np.ndarray, n_joints: int, link_length: float) -> np.ndarray:
-    """Joint angles in (-pi, pi] that put the end effector on `goal`: with 3 joints the last link
-    points away from the base; the elbow bends counterclockwise. Out of reach: as far as it goes."""
-    if n_joints not in (2, 3):
-        raise ValueError(f"the scripted expert drives arms of 2 or 3 joints, not {n_joints}")
-    goal = np.asarray(goal, np.float64)
-    bearing = float(np.arctan2(goal[1], goal[0]))
-    wrist = goal - link_length * np.array([np.cos(bearing), np.sin(bearing)]) if n_joints == 3 else goal
-    d2 = float(wrist @ wrist)
-    elbow = float(np.arccos(np.clip((d2 - 2 * link_length**2) / (2 * link_length**2), -1.0, 1.0)))
-    shoulder = float(np.arctan2(wrist[1], wrist[0]) - np.arctan2(np.sin(elbow), 1 + np.cos(elbow)))
-    q = [shoulder, elbow] if n_joints == 2 else [shoulder, elbow, bearing - shoulder - elbow]
-    return np.angle(np.exp(1j * np.asarray(q)))  # wrapped into (-pi, pi]
+            goal = ee
+        # Grasp closes the fingers, unless they already closed on nothing: then open, and close again.
+        close = {"grasp": float(gripper < self.task.grip_at), "move": 1.0}.get(phase, 0.0)
+        return np.concatenate([goal, [close]])
 
 
 def rollout(
@@ -76,14 +49,18 @@ def rollout(
     rng: np.random.Generator | None = None,
     noise: float = 0.0,
     after_success: int = 0,
+    fumble: float = 0.0,
 ):
     """Runs the expert from the arm's current state until success (then `after_success` ticks more,
     holding still) or `max_ticks`.
 
-    Yields (phase, expert action) per tick before acting. With `noise` > 0 the executed joint
-    deltas get Gaussian noise of that many times the joint speed limit (the labels stay clean), so
-    demonstrations also show how to come back to the path."""
+    Yields (phase, expert action) per tick before acting. With `noise` > 0 the executed target gets
+    Gaussian noise of `noise` x 10 cm (the labels stay clean), so demonstrations also show how to
+    come back to the path. With `fumble` > 0, each tick of the reach phase starts a premature grasp
+    with that probability: the executed gripper command closes for 10 to 25 ticks, on nothing (the
+    labels stay open), so demonstrations also show how a missed grasp is undone."""
     left = None
+    fumbling = 0
     for _ in range(max_ticks):
         if left is None and arm.success:
             left = after_success
@@ -94,6 +71,12 @@ def rollout(
         action = expert.act(arm)
         yield arm.phase, action
         executed = action.copy()
-        if noise > 0 and rng is not None and left is None:
-            executed[: arm.n_joints] += rng.normal(0.0, noise * arm.max_step, arm.n_joints)
+        if rng is not None and left is None:
+            if noise > 0:
+                executed[:2] += rng.normal(0.0, noise * 0.1, 2)
+            if fumbling == 0 and fumble > 0 and arm.phase == "reach" and rng.random() < fumble:
+                fumbling = int(rng.integers(10, 26))
+            if fumbling > 0:
+                executed[-1] = 1.0
+                fumbling -= 1
         arm.act(executed)

@@ -10,6 +10,20 @@ With a `task` (`robots.tasks`), the table holds that task's scene instead of the
 reset draws a new scene, the gripper grasps, carries and releases blocks, the cameras show the
 scene (the right close-up then follows the gripper with a wider view), and `prompt`, `phase`,
 `subtask` and `success` say what the task asks and how far it got.
+
+A task's arm is position-controlled in end-effector space, as many robot-learning datasets' arms
+are: an action is where the gripper should be (x, y) in metres plus the gripper command, and the
+state is the gripper's position and closure. The controller moves the gripper toward its target at
+up to `max_ee_speed` (an inverse-kinematics posture per point, within the joint speed limit), and
+with no new action the arm holds its last target. Its fingers move toward the gripper command at
+`gripper_speed` (closure per second) and report where they are, as a real gripper reports its
+width: closed on a block they stop at the block's width (the task's `grip_at`), closed on nothing
+they go on to 1. A policy can then tell a missed grasp from a held block; when the state said only
+what was commanded, a closed gripper always meant "carrying" in the demonstrations, and a policy
+that closed a few centimetres short went on to "move" with nothing in its fingers. A small policy
+learns this from its cameras far faster than joint deltas: the action is where the named block is,
+not a motion that also depends on where the gripper and the joints are now (the demo policy trained
+on joint deltas used neither its cameras nor its prompt). Without a task the arm takes joint deltas.
 """
 
 from __future__ import annotations
@@ -27,16 +41,19 @@ if TYPE_CHECKING:
     from robots.tasks import PickPlaceTask, Scene
 
 _BACKGROUND = np.array([235, 228, 214], np.float32)
-_LINK = np.array([60, 90, 160], np.float32)
-_GRIPPER_OPEN = np.array([40, 170, 80], np.float32)
-_GRIPPER_CLOSED = np.array([200, 60, 50], np.float32)
+# Arm colours unlike any block's (red, blue, green, black), so a camera never mistakes the arm for one.
+_LINK = np.array([150, 140, 130], np.float32)
+_GRIPPER_OPEN = np.array([250, 200, 40], np.float32)
+_GRIPPER_CLOSED = np.array([180, 70, 210], np.float32)
 _BLOCK = np.array([230, 160, 30], np.float32)
 
 # Camera views: (centre, half width) in metres. The overhead camera is fixed; the others follow the gripper
 # (or, without a task, the block).
-BASE_VIEW = (np.array([0.0, 0.5]), 1.1)
+BASE_VIEW = (np.array([0.0, 0.5]), 0.8)
 _WRIST_HALF_WIDTH = 0.3
-_TASK_WIDE_HALF_WIDTH = 0.6
+_TASK_WIDE_HALF_WIDTH = 1.3
+# Metres: how far `inverse_kinematics` keeps the wrist off the point one link short of the goal.
+_WRIST_SLACK = 0.15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +75,20 @@ class SimArm:
         max_joint_speed: float = 2.0,
         seed: int = 0,
         task: PickPlaceTask | None = None,
+        max_ee_speed: float = 0.5,
+        gripper_speed: float = 3.0,
     ):
         self.n_joints = n_joints
         self.control_hz = control_hz
-        self.action_dim = n_joints + 1
-        # With no plan left the arm stands still (no joint motion) with its gripper open.
-        self.safe_action = (0.0,) * self.action_dim
+        # With a task: the gripper's target (x, y) and command; without: joint deltas and gripper.
+        self.action_dim = 3 if task is not None else n_joints + 1
+        # With no plan left a joint-driven arm stands still (no motion) with its gripper open; a
+        # position-controlled one holds its last target (None: the chunk buffer repeats it).
+        self.safe_action: tuple[float, ...] | None = None if task is not None else (0.0,) * self.action_dim
         self.image_size = image_size
         self.max_step = max_joint_speed / control_hz  # rad per tick
+        self.max_ee_step = max_ee_speed / control_hz  # metres per tick
+        self.gripper_step = gripper_speed / control_hz  # closure per tick, a task arm's fingers
         self.link_length = 1.0 / n_joints
         self.task = task
         self.scene: Scene | None = None
@@ -75,18 +98,26 @@ class SimArm:
         self.reset()
 
     def reset(self) -> RobotObservation:
-        self.q = self._rng.uniform(-0.5, 0.5, self.n_joints)
         self.gripper = 0.0
         if self.task is None:
+            self.q = self._rng.uniform(-0.5, 0.5, self.n_joints)
             angle, radius = self._rng.uniform(0, np.pi), self._rng.uniform(0.3, 0.9)
             self.block = np.array([np.cos(angle), np.sin(angle)]) * radius
         else:
+            # The gripper starts anywhere over the table, the arm in its controller's posture.
+            angle, radius = self._rng.uniform(0.1 * np.pi, 0.9 * np.pi), self._rng.uniform(0.3, 0.9)
+            start = np.array([np.cos(angle), np.sin(angle)]) * radius
+            self.q = inverse_kinematics(start, self.n_joints, self.link_length)
             self.scene = self.task.new_scene(self._rng)
         self.steps = 0
         return self.observe()
 
     @property
     def state(self) -> np.ndarray:
+        """Joint angles and gripper; with a task, the gripper's position (x, y) and its fingers'
+        closure, as a real gripper reports its width: 1 closed on nothing, `grip_at` on a block."""
+        if self.task is not None:
+            return np.concatenate([self.joint_positions()[-1], [self.gripper]]).astype(np.float32)
         return np.concatenate([self.q, [self.gripper]]).astype(np.float32)
 
     def joint_positions(self) -> np.ndarray:
@@ -97,12 +128,31 @@ class SimArm:
         action = np.asarray(action, np.float64).ravel()
         if action.shape[0] < self.action_dim:
             raise ValueError(f"the sim arm takes {self.action_dim} action values, got {action.shape[0]}")
-        delta = np.clip(np.nan_to_num(action[: self.n_joints]), -self.max_step, self.max_step)
-        self.q = np.clip(self.q + delta, -np.pi, np.pi)
-        self.gripper = float(np.clip(np.nan_to_num(action[self.n_joints]), 0.0, 1.0))
+        if self.task is None:
+            delta = np.clip(np.nan_to_num(action[: self.n_joints]), -self.max_step, self.max_step)
+            self.q = np.clip(self.q + delta, -np.pi, np.pi)
+        else:
+            # The controller: at most `max_ee_step` toward the target (a non-finite one is where the
+            # gripper is), by joint motion toward the posture that puts the gripper there, the short
+            # way round (its joints turn freely).
+            ee = self.joint_positions()[-1]
+            move = np.nan_to_num(action[:2] - ee)
+            length = float(np.hypot(*move))
+            if length > self.max_ee_step:
+                move *= self.max_ee_step / length
+            goal = inverse_kinematics(ee + move, self.n_joints, self.link_length)
+            delta = np.clip(_wrap(goal - self.q), -self.max_step, self.max_step)
+            self.q = _wrap(self.q + delta)
+        command = float(np.clip(np.nan_to_num(action[self.action_dim - 1]), 0.0, 1.0))
+        if self.task is None:
+            self.gripper = command
+        else:
+            # The fingers move toward the command at `gripper_step` per tick; the task says where
+            # they stop (on a block they grasp) and what they hold.
+            before = self.gripper
+            closure = before + float(np.clip(command - before, -self.gripper_step, self.gripper_step))
+            self.gripper = self.task.update(self.scene, self.joint_positions()[-1], before, closure)
         self.steps += 1
-        if self.task is not None:
-            self.task.update(self.scene, self.joint_positions()[-1], self.gripper)
 
     def observe(self) -> RobotObservation:
         return RobotObservation(images=self.render(), state=self.state)
@@ -151,6 +201,36 @@ def forward_kinematics(q: np.ndarray, link_length: float) -> np.ndarray:
     angles = np.cumsum(q)
     steps = link_length * np.stack([np.cos(angles), np.sin(angles)], axis=1)
     return np.concatenate([np.zeros((1, 2)), np.cumsum(steps, axis=0)])
+
+
+def inverse_kinematics(goal: np.ndarray, n_joints: int, link_length: float) -> np.ndarray:
+    """Joint angles in (-pi, pi] that put the end effector on `goal`, one posture per goal (so the
+    controller never flips the arm) that changes smoothly with it. With 3 joints the last link
+    points away from the base, turned counterclockwise so that the wrist lies `_WRIST_SLACK` off the
+    point one link short of the goal: pointing straight away would fold the arm onto itself for a
+    goal one link from the base, where it cannot move. The elbow bends counterclockwise. Out of
+    reach: as far as it goes."""
+    if n_joints not in (2, 3):
+        raise ValueError(f"the end-effector controller drives arms of 2 or 3 joints, not {n_joints}")
+    goal = np.asarray(goal, np.float64)
+    bearing = float(np.arctan2(goal[1], goal[0]))
+    wrist, last = goal, bearing
+    if n_joints == 3:
+        r = float(np.hypot(*goal))
+        w = float(np.hypot(r - link_length, _WRIST_SLACK))
+        cos_turn = (r**2 + link_length**2 - w**2) / max(2 * r * link_length, 1e-12)
+        last = bearing + float(np.arccos(np.clip(cos_turn, -1.0, 1.0)))
+        wrist = goal - link_length * np.array([np.cos(last), np.sin(last)])
+    d2 = float(wrist @ wrist)
+    elbow = float(np.arccos(np.clip((d2 - 2 * link_length**2) / (2 * link_length**2), -1.0, 1.0)))
+    shoulder = float(np.arctan2(wrist[1], wrist[0]) - np.arctan2(np.sin(elbow), 1 + np.cos(elbow)))
+    q = [shoulder, elbow] if n_joints == 2 else [shoulder, elbow, last - shoulder - elbow]
+    return _wrap(np.asarray(q))
+
+
+def _wrap(angles: np.ndarray) -> np.ndarray:
+    """Angles wrapped into (-pi, pi]."""
+    return np.angle(np.exp(1j * angles))
 
 
 def render_view(

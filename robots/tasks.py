@@ -1,15 +1,25 @@
 """The pick-and-place task family of the simulated arm: scenes, physics, phases and success.
 
-A scene holds a few coloured blocks and a few coloured plates on the table; the prompt names one
-block and one plate ("put the red block on the blue plate"), the others are distractors. The
-gripper grasps the block nearest to it when it closes within reach of one, carries it, and drops
-it where it opens. The task is done when the named block rests on the named plate.
+A scene holds three coloured blocks and a coloured plate on the table; the prompt names one block
+and the plate ("put the red block on the blue plate"), the other blocks are distractors. The
+blocks stand in three of four places along the back of the table and the plate in one of two
+places in front, each moved by up to `jitter`, places and colours drawn per episode, as a lab
+bench has its stations (LIBERO-Goal's scenes are laid out this way): which place holds the named
+colour is for the cameras to find. Closing fingers that reach `grip_at` with a block within
+`grasp_radius` grasp the nearest one and stop on it; the gripper carries it and drops it where its
+fingers open past `open_at`. Fingers that close on nothing close fully, and must open before they
+can grasp. The task is done when the named block rests
+on the named plate.
 
 The phase is the simulator's own account of progress, a function of the scene and the gripper's
 position alone: reach (the named block is out of the gripper's reach), grasp (within reach), move
 (held, away from the plate), release (held over the plate), done. Each phase has a subtask text, the
-language Pi0.5 learns to generate and to condition its actions on. Colour, block and plate names are
-pieces of the shipped tiny tokenizer, so the texts stay short.
+language Pi0.5 learns to generate and to condition its actions on. The texts of the phases that go
+somewhere name the place, numbered from the left ("reach for the red block at 3"): to say it the
+backbone must find the named colour in the cameras, a cross-entropy signal on exactly the grounding
+the policy needs (PaliGemma's localisation output in miniature), and the action expert then knows
+where to go. Colour, block and plate names and the digits are pieces of the shipped tiny tokenizer,
+so the texts stay short.
 """
 
 from __future__ import annotations
@@ -27,12 +37,28 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (25, 25, 25),
 }
 PHASES = ("reach", "grasp", "move", "release", "done")
+# Where blocks and plates stand (metres, the arm's base at the origin), numbered from the left: a
+# row of four block places (three hold a block) and two plate places in front (one holds the plate),
+# each at the centre of a 12-pixel patch of the overhead camera at 48 pixels (`robots.sim.BASE_VIEW`),
+# so a patch shows one object whole.
+BLOCK_PLACES = np.array([[-0.6, 0.7], [-0.2, 0.7], [0.2, 0.7], [0.6, 0.7]])
+PLATE_PLACES = np.array([[-0.6, 0.3], [0.6, 0.3]])
+N_BLOCKS = 3
+N_PLATES = 1
+
+
+def without_place(text: str) -> str:
+    """A subtask text without the place it names ("reach for the red block at 3" -> "reach for the
+    red block"): what says which phase it is."""
+    head, _, place = text.rpartition(" at ")
+    return head if head and place.isdigit() else text
 
 
 @dataclasses.dataclass
 class Scene:
     """Where everything is. blocks: (N, 2) centres in metres; plates: (M, 2); `target` and `goal`
-    index the named block and plate; `held` is the index of the block in the gripper, if any."""
+    index the named block and plate; `places` and `plate_places` say which place each block stood in
+    at the start and each plate lies in; `held` is the index of the block in the gripper, if any."""
 
     blocks: np.ndarray
     block_colours: tuple[str, ...]
@@ -40,6 +66,8 @@ class Scene:
     plate_colours: tuple[str, ...]
     target: int
     goal: int
+    places: tuple[int, ...]  # the block places (`BLOCK_PLACES` rows) the blocks stand in
+    plate_places: tuple[int, ...]  # and the plate places (`PLATE_PLACES` rows) the plates lie in
     held: int | None = None
 
     def copy(self) -> Scene:
@@ -48,46 +76,34 @@ class Scene:
 
 @dataclasses.dataclass(frozen=True)
 class PickPlaceTask:
-    """Put the named block on the named plate, among distractors.
+    """Put the named block on the named plate, among distractors. Sizes in metres."""
 
-    Sizes in metres. Blocks and plates are placed in the arm's reach (`min_radius`..`max_radius`
-    from the base, in the half-plane in front of it), apart from each other by `min_gap`.
-    """
-
-    n_blocks: int = 3
-    n_plates: int = 2
-    block_half: float = 0.07
+    block_half: float = 0.11
     plate_radius: float = 0.13
-    grasp_radius: float = 0.07  # the gripper grasps a block whose centre is this close
-    min_radius: float = 0.35
-    max_radius: float = 0.85
-    min_gap: float = 0.3
-    close_at: float = 0.9  # gripper command at or above which it holds
-    open_at: float = 0.3  # at or below which it lets go
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.n_blocks <= len(COLOURS) or not 1 <= self.n_plates <= len(COLOURS):
-            raise ValueError(f"a scene has 1..{len(COLOURS)} blocks and plates, got {self.n_blocks}, {self.n_plates}")
+    grasp_radius: float = 0.1  # the gripper grasps a block whose centre is this close (it is over it)
+    jitter: float = 0.04  # each block and plate lies up to this far from its place, in x and in y
+    grip_at: float = 0.6  # closure at which closing fingers meet a block (and stop, holding it)
+    open_at: float = 0.3  # closure at or below which opening fingers let go
 
     def new_scene(self, rng: np.random.Generator) -> Scene:
-        """A random scene: positions apart from each other, colours distinct among blocks and plates."""
-        while True:
-            angles = rng.uniform(0.12 * np.pi, 0.88 * np.pi, self.n_blocks + self.n_plates)
-            radii = rng.uniform(self.min_radius, self.max_radius, self.n_blocks + self.n_plates)
-            points = np.stack([np.cos(angles), np.sin(angles)], axis=1) * radii[:, None]
-            gaps = np.linalg.norm(points[:, None] - points[None], axis=-1) + np.eye(len(points)) * 1e9
-            if gaps.min() >= self.min_gap:
-                break
+        """A random scene: colours drawn for the places (distinct among blocks and among plates),
+        each object jittered about its place, one block and one plate named."""
         names = list(COLOURS)
-        block_colours = tuple(names[i] for i in rng.permutation(len(names))[: self.n_blocks])
-        plate_colours = tuple(names[i] for i in rng.permutation(len(names))[: self.n_plates])
+        places = np.sort(rng.permutation(len(BLOCK_PLACES))[:N_BLOCKS])
+        plate_places = np.sort(rng.permutation(len(PLATE_PLACES))[:N_PLATES])
+        blocks = BLOCK_PLACES[places] + rng.uniform(-self.jitter, self.jitter, (N_BLOCKS, 2))
+        plates = PLATE_PLACES[plate_places] + rng.uniform(-self.jitter, self.jitter, (N_PLATES, 2))
+        block_colours = tuple(names[i] for i in rng.permutation(len(names))[:N_BLOCKS])
+        plate_colours = tuple(names[i] for i in rng.permutation(len(names))[:N_PLATES])
         return Scene(
-            blocks=points[: self.n_blocks],
+            blocks=blocks,
             block_colours=block_colours,
-            plates=points[self.n_blocks :],
+            plates=plates,
             plate_colours=plate_colours,
-            target=int(rng.integers(self.n_blocks)),
-            goal=int(rng.integers(self.n_plates)),
+            target=int(rng.integers(N_BLOCKS)),
+            goal=int(rng.integers(N_PLATES)),
+            places=tuple(int(i) for i in places),
+            plate_places=tuple(int(i) for i in plate_places),
         )
 
     # ------------------------------------------------------------------ language
@@ -96,12 +112,13 @@ class PickPlaceTask:
         return f"put the {scene.block_colours[scene.target]} block on the {scene.plate_colours[scene.goal]} plate"
 
     def subtask(self, scene: Scene, phase: str) -> str:
+        """The phase's text; reach and move name the place they go to (1 = leftmost)."""
         block = f"the {scene.block_colours[scene.target if scene.held is None else scene.held]} block"
         plate = f"the {scene.plate_colours[scene.goal]} plate"
         texts = {
-            "reach": f"reach for {block}",
+            "reach": f"reach for {block} at {scene.places[scene.target] + 1}",
             "grasp": f"grasp {block}",
-            "move": f"move {block} to {plate}",
+            "move": f"move {block} to {plate} at {scene.plate_places[scene.goal] + 1}",
             "release": f"release {block}",
             "done": "done",
         }
@@ -109,19 +126,26 @@ class PickPlaceTask:
 
     # ------------------------------------------------------------------ physics and progress
 
-    def update(self, scene: Scene, ee: np.ndarray, gripper: float) -> None:
-        """One tick after the arm moved: a held block follows the gripper; a closing gripper grasps
-        the nearest block in reach; an opening one drops its block where it is."""
+    def update(self, scene: Scene, ee: np.ndarray, before: float, closure: float) -> float:
+        """One tick after the arm moved and its fingers went from closure `before` toward `closure`:
+        a held block follows the gripper; fingers closing through `grip_at` grasp the nearest block
+        in reach and stop on it; opening ones drop their block where it is. Returns where the
+        fingers are: fingers that closed on nothing go on to 1, so the robot can tell (its state
+        says so) and so can the policy."""
         if scene.held is not None:
             scene.blocks[scene.held] = ee
-            if gripper <= self.open_at:
+            if closure <= self.open_at:
                 scene.held = None
-        elif gripper >= self.close_at:
+                return closure
+            return min(closure, self.grip_at)
+        if before < self.grip_at <= closure:
             dist = np.linalg.norm(scene.blocks - ee, axis=1)
             nearest = int(np.argmin(dist))
             if dist[nearest] <= self.grasp_radius:
                 scene.held = nearest
                 scene.blocks[nearest] = ee
+                return self.grip_at
+        return closure
 
     def on_goal(self, scene: Scene, block: int) -> bool:
         return bool(np.linalg.norm(scene.blocks[block] - scene.plates[scene.goal]) <= self.plate_radius)

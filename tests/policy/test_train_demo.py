@@ -41,7 +41,9 @@ def setup(cfg):
     task = PickPlaceTask()
     demos = td.demonstrations(task, 4, cfg.action_horizon, seed=0, image_size=cfg.siglip.image_size)
     stats = td.norm_stats(demos)
-    batches = td.BatchMaker(cfg, demos.frames, td.normalizer(stats), load_tokenizer(cfg), task, subtask_dropout=0.1)
+    batches = td.BatchMaker(
+        cfg, demos.frames, td.normalizer(stats), load_tokenizer(cfg), task, subtask_dropout=0.1, place_weight=5.0
+    )
     return task, demos, stats, batches
 
 
@@ -49,19 +51,36 @@ def test_demonstrations_succeed_and_batches_hold_what_the_server_would_build(cfg
     _, demos, stats, batches = setup
     assert demos.successes == demos.episodes == 4
     assert {f.subtask.split()[0] for f in demos.frames} >= {"reach", "grasp", "move", "release"}
-    assert set(stats["norm_stats"]) == {"state", "actions"} and len(stats["norm_stats"]["actions"]["q01"]) == 4
-    batch = batches.make(np.random.default_rng(0), 8)
-    assert batch.images.shape == (8, 3, 48, 48, 3) and batch.actions.shape == (8, cfg.action_horizon, 4)
-    assert batch.text_tokens.shape == (2, cfg.max_token_len)  # a quarter of the rows pay for the text
+    assert set(stats["norm_stats"]) == {"state", "actions"} and len(stats["norm_stats"]["actions"]["q01"]) == 3
+    batch = batches.make(np.random.default_rng(0), 40)
+    assert batch.images.shape == (40, 3, 48, 48, 3) and batch.actions.shape == (40, cfg.action_horizon, 4)
+    assert not batch.actions[..., 3].any()  # the arm's 3 action values, padded to the model's dim
+    assert batch.text_tokens.shape == (10, cfg.max_token_len)  # a quarter of the rows pay for the text
     tok = batches.tokenizer
-    for row in range(2):
+    places = 0
+    for row in range(10):
         target = batch.text_tokens[row][batch.text_ar[row] & batch.text_mask[row]]
         assert target[-1] == tok.eos_id
         assert tok.decode(target).strip() in {f.subtask for f in demos.frames}
-        # Scored positions are exactly those followed by a subtask token or EOS.
-        assert batch.text_loss[row].sum() == len(target)
+        # Scored positions are exactly those followed by a subtask token or EOS; the one followed by
+        # the place a subtask names ("... at 3") weighs place_weight.
+        weights = batch.text_loss[row]
+        assert (weights > 0).sum() == len(target)
+        heavy = np.flatnonzero(weights == 5.0)
+        if tok.decode(target).strip()[-1].isdigit():
+            places += 1
+            assert len(heavy) == 1 and tok.decode([batch.text_tokens[row][heavy[0] + 1]]).strip().isdigit()
+        else:
+            assert len(heavy) == 0 and set(weights[weights > 0]) == {1.0}
         action_text = tok.decode(batch.action_tokens[row][batch.action_mask[row]][1:])
         assert action_text.startswith("Task: put the ") and action_text.endswith("Action: ")
+    assert places > 0
+    # A subtask without a place weighs every token alike.
+    prompt, state = demos.frames[0].prompt, np.zeros(3, np.float32)
+    weights = batches.text(prompt, state, "grasp the red block")[3]
+    assert set(weights[weights > 0]) == {1.0}
+    weights = batches.text(prompt, state, "reach for the red block at 2")[3]
+    assert sorted(set(weights[weights > 0])) == [1.0, 5.0]
 
 
 def test_the_loss_falls_on_a_fixed_batch_and_a_seed_repeats_the_run(cfg, setup):
@@ -114,5 +133,5 @@ def test_the_checkpoint_loads_in_the_server_engine_and_gives_the_trained_actions
     params = jax.tree.map(jnp.asarray, result.params)
     expected = phases.action_phase(params, model_obs, np.array([11], np.uint32), np.int32(cfg.num_steps), cfg=cfg)
     expected = norm.unnormalize_actions(np.asarray(expected)[0])
-    assert served.actions.shape == (cfg.action_horizon, 4)
-    np.testing.assert_allclose(served.actions, expected, rtol=1e-4, atol=1e-5)
+    assert served.actions.shape == (cfg.action_horizon, 3)  # the arm's 3: the norm stats' dims
+    np.testing.assert_allclose(served.actions, expected[:, :3], rtol=1e-4, atol=1e-5)

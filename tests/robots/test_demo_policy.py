@@ -22,12 +22,15 @@ from tests.helpers import zmq_server_thread
 
 EPISODES = 20
 SEED = 100  # scenes the demonstrations never showed
-# Measured for the shipped checkpoint with these settings: 2 of 20 episodes succeed (2 of 20 on seed 7
-# too) and 0.18 of the ticks carry the simulator's phase as the subtask. Random weights do neither (0
-# and 0): the floors sit below the measurement and above that. The policy is weak (docs/benchmarks.md,
-# "Demo policy"); raise the floors with a better checkpoint.
-SUCCESS_FLOOR = 0.05
-PHASE_AGREEMENT_FLOOR = 0.1
+# Measured for the shipped checkpoint with these settings (python 3.11, jax 0.10.2, CPU): 19 of 20
+# episodes succeed (20 of 20 on seed 7), 0.80 of the ticks carry a subtask that names the simulator's
+# phase, 2.75 subtask changes per episode (2.4 on seed 7). Random weights do none of it (0 and 0). The
+# floors sit well below the measurement, so that another jax version's numerics (a different argmax
+# in a close call changes an episode) cannot fail a sound checkpoint, and far above what a policy
+# that ignores its cameras or its phases gets (the previous checkpoint: 2 of 20, 0.18).
+SUCCESS_FLOOR = 0.6
+PHASE_AGREEMENT_FLOOR = 0.5
+TRANSITIONS_FLOOR = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,7 @@ def test_the_demo_policy_does_the_task_and_its_subtasks_follow_the_phases(demo_s
     summary = robots_eval.summarize(episodes, task, settings)
     assert summary["success_rate"] >= SUCCESS_FLOOR, summary
     # The generated subtask changes as the task moves on and tracks the simulator's phase.
-    assert summary["subtask_transitions_mean"] >= 2, summary
+    assert summary["subtask_transitions_mean"] >= TRANSITIONS_FLOOR, summary
     assert summary["subtask_phase_agreement"] >= PHASE_AGREEMENT_FLOOR, summary
     for episode in episodes:
         if episode.success:

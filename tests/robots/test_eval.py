@@ -10,7 +10,7 @@ from PIL import Image
 
 from robots import eval as robots_eval
 from robots.sim import SimArm
-from robots.tasks import PickPlaceTask
+from robots.tasks import COLOURS, PickPlaceTask
 from runtime.fixed_backend import FixedBackend
 from tests.helpers import zmq_server_thread
 
@@ -26,10 +26,10 @@ def test_one_episode_against_a_fixed_reply_server_writes_the_summary_and_the_pic
     summary = json.loads(out.read_text())
     for key in (
         "success_rate", "episodes", "mean_time_to_success_s", "subtask_transitions_mean",
-        "subtask_phase_agreement", "subtask_order_rate", "underruns", "chunks_received",
+        "subtask_phase_agreement", "subtask_text_agreement", "subtask_order_rate", "underruns", "chunks_received",
     ):  # fmt: skip
         assert key in summary and not isinstance(summary[key], dict | list)
-    # Zero actions leave the arm where it is: no success, and the server's one subtask text.
+    # Zero actions send the gripper to the arm's base: no success, and the server's one subtask text.
     assert summary["episodes"] == 1 and summary["success_rate"] == 0.0
     assert summary["mean_time_to_success_s"] is None and summary["ticks"] == 50
     assert summary["chunks_received"] >= 1 and summary["latency_ms"] == 40.0
@@ -101,3 +101,8 @@ def test_subtask_order_and_transitions_are_read_from_the_texts():
     ep.subtasks = [reach, "something else", reach]
     assert ep.transitions == 2 and not ep.in_order(task)
     assert np.array_equal(ep.subtask_phases(task), [0, -1, 0])
+    # The phase is read without the place: a wrong place still names the phase; another block does not.
+    wrong_place = reach.rsplit(" ", 1)[0] + " 9"
+    other = next(c for c in COLOURS if c not in reach)
+    ep.subtasks = [wrong_place, reach.replace(arm.scene.block_colours[arm.scene.target], other), "done"]
+    assert np.array_equal(ep.subtask_phases(task), [0, -1, 4])
