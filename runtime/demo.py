@@ -43,7 +43,7 @@ class StatusLine:
 def format_status(label: str, st: LoopStatus) -> str:
     """One line: the subtask, chunk latency, buffer depth, loop rate, underruns and outages."""
     delay = "-" if st.last_delay_ms is None else f"{st.last_delay_ms:.0f} ms"
-    subtask = (st.subtask or "-")[:40]
+    subtask = (st.subtask or "-")[:48]  # the demo task's longest, with its place, is 44 characters
     service = f"outages {st.outages} ({st.outage_s:.1f} s without service)"
     if st.in_outage:
         service = f"NO SERVER: holding the safe action | {service}"

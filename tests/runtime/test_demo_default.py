@@ -5,6 +5,10 @@ from pathlib import Path
 import pytest
 
 from configs import DEFAULT_MODEL, DEMO_MODEL, SHIPPED_CHECKPOINTS
+from robots.sim import SimArm
+from robots.tasks import PickPlaceTask
+from runtime.control_loop import LoopStatus
+from runtime.demo import format_status
 from runtime.policy_server import model_label, parse_args
 
 
@@ -36,3 +40,11 @@ def test_random_weights_and_a_checkpoint_contradict(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--random-weights", "--checkpoint", "x"])
     assert "contradict" in capsys.readouterr().err
+
+
+def test_the_status_line_shows_the_demo_tasks_longest_subtask_whole():
+    longest = max(
+        (PickPlaceTask().subtask(SimArm(seed=s, task=PickPlaceTask(), image_size=8).scene, "move") for s in range(60)),
+        key=len,
+    )
+    assert repr(longest) in format_status("pi05_demo", LoopStatus(subtask=longest))
