@@ -69,6 +69,10 @@ def measure(params: dict, args: argparse.Namespace) -> dict:
     return {"named": named, "other": other, "successes": run.successes}
 
 
+_PLACE = 2.0  # any weight but the other tokens' 1
+_text_loss = jax.jit(training.text_loss, static_argnames="cfg")
+
+
 def contradicting(scene: Scene, phase: str) -> Scene:
     """The scene with cameras that contradict the subtask's place: the named block's colour swapped
     with the next block's (reach), or the plate in its other place (move)."""
@@ -89,7 +93,8 @@ def place_nll(params: dict, frames: list[Frame], norm: Normalizer, contradict: b
     """Mean cross-entropy (nats) of the place token of the frames' subtasks."""
     cfg = get_model_config(DEMO_MODEL)
     task = PickPlaceTask()
-    maker = BatchMaker(cfg, [], norm, load_tokenizer(cfg), task)  # the training's own subtask rows
+    # The training's own subtask rows; its place weight marks the position scored on the place.
+    maker = BatchMaker(cfg, [], norm, load_tokenizer(cfg), task, place_weight=_PLACE)
     arm = SimArm(image_size=cfg.siglip.image_size, task=task)
     images, rows = [], []
     for f in frames:
@@ -97,10 +102,8 @@ def place_nll(params: dict, frames: list[Frame], norm: Normalizer, contradict: b
         arm.q, arm.gripper, arm.scene = f.q, f.gripper, scene
         views = arm.render()
         images.append(np.stack([views[k] for k in cfg.image_keys]))
-        tokens, mask, ar, _ = maker.text(f.prompt, norm.normalize_state(f.state), f.subtask)
-        weights = np.zeros(mask.shape, np.float32)
-        weights[int(mask.sum()) - 3] = 1.0  # the position scored on the place, the token before EOS
-        rows.append((tokens, mask, ar, weights))
+        tokens, mask, ar, weights = maker.text(f.prompt, norm.normalize_state(f.state), f.subtask)
+        rows.append((tokens, mask, ar, (weights == _PLACE).astype(np.float32)))
     tokens, mask, ar, weights = (np.stack(x) for x in zip(*rows, strict=True))
     n = len(frames)
     batch = training.Batch(
@@ -114,7 +117,7 @@ def place_nll(params: dict, frames: list[Frame], norm: Normalizer, contradict: b
         text_loss=weights,
         actions=np.zeros((n, cfg.action_horizon, cfg.action_dim), np.float32),
     )
-    return float(jax.jit(training.text_loss, static_argnames="cfg")(params, batch, cfg))
+    return float(_text_loss(params, batch, cfg))
 
 
 def naming(params: dict, args: argparse.Namespace) -> dict:

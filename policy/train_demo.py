@@ -331,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.place_weight <= 0 or not 0 <= args.fumble <= 1:
+        parser.error(f"--place-weight must be > 0 and --fumble in [0, 1], got {args.place_weight} and {args.fumble}")
     # force: JAX's import has already given the root logger a handler.
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)

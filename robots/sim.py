@@ -128,9 +128,11 @@ class SimArm:
         action = np.asarray(action, np.float64).ravel()
         if action.shape[0] < self.action_dim:
             raise ValueError(f"the sim arm takes {self.action_dim} action values, got {action.shape[0]}")
+        command = float(np.clip(np.nan_to_num(action[self.action_dim - 1]), 0.0, 1.0))
         if self.task is None:
             delta = np.clip(np.nan_to_num(action[: self.n_joints]), -self.max_step, self.max_step)
             self.q = np.clip(self.q + delta, -np.pi, np.pi)
+            self.gripper = command
         else:
             # The controller: at most `max_ee_step` toward the target (a non-finite one is where the
             # gripper is), by joint motion toward the posture that puts the gripper there, the short
@@ -143,10 +145,6 @@ class SimArm:
             goal = inverse_kinematics(ee + move, self.n_joints, self.link_length)
             delta = np.clip(_wrap(goal - self.q), -self.max_step, self.max_step)
             self.q = _wrap(self.q + delta)
-        command = float(np.clip(np.nan_to_num(action[self.action_dim - 1]), 0.0, 1.0))
-        if self.task is None:
-            self.gripper = command
-        else:
             # The fingers move toward the command at `gripper_step` per tick; the task says where
             # they stop (on a block they grasp) and what they hold.
             before = self.gripper

@@ -135,3 +135,12 @@ def test_the_checkpoint_loads_in_the_server_engine_and_gives_the_trained_actions
     expected = norm.unnormalize_actions(np.asarray(expected)[0])
     assert served.actions.shape == (cfg.action_horizon, 3)  # the arm's 3: the norm stats' dims
     np.testing.assert_allclose(served.actions, expected[:, :3], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags", [["--place-weight", "0"], ["--fumble", "1.5"], ["--fumble", "-0.1"]])
+def test_out_of_range_settings_are_refused_before_any_work(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        td.main(["--out", str(tmp_path / "ckpt"), *flags])
+    assert exit_info.value.code == 2
+    assert "--place-weight must be > 0 and --fumble in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
