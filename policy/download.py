@@ -84,7 +84,7 @@ def maybe_download(location: str | os.PathLike, *, progress: TextIO | None = sys
             scratch.rename(local)
         except BaseException as e:
             _remove(scratch)
-            if isinstance(e, Exception) and not isinstance(e, FileNotFoundError):
+            if isinstance(e, Exception) and not isinstance(e, FileNotFoundError | DownloadError):
                 raise DownloadError(f"cannot fetch {url}: {type(e).__name__}: {e}") from e
             raise
     log.info("downloaded %s to %s", url, local)
@@ -119,7 +119,7 @@ def _download(url: str, scratch: Path, progress: TextIO | None) -> None:
         if not found:
             raise FileNotFoundError(f"{url}: an empty folder")
         prefix = root.rstrip("/") + "/"
-        files = [(p, scratch / p.removeprefix(prefix), int(i["size"])) for p, i in sorted(found.items())]
+        files = [(p, _destination(scratch, prefix, p), int(i["size"])) for p, i in sorted(found.items())]
         scratch.mkdir(parents=True)
     bar = Progress(url, sum(size for *_, size in files), progress)
     stop = threading.Event()
@@ -133,18 +133,37 @@ def _download(url: str, scratch: Path, progress: TextIO | None) -> None:
     bar.close()
 
 
+def _destination(scratch: Path, prefix: str, name: str) -> Path:
+    """Where the remote object `name` of a folder listed under `prefix` lands: inside `scratch`, or a
+    `DownloadError` naming it. A listing is the remote's word: a name with `..`, an absolute part
+    or outside the prefix would otherwise be written wherever it points. Checked for every name
+    before anything is written."""
+    relative = name.removeprefix(prefix)
+    parts = relative.split("/")
+    if (
+        not name.startswith(prefix)
+        or any(part in ("", ".", "..") or "\0" in part for part in parts)
+        or not (target := scratch.joinpath(*parts)).resolve().is_relative_to(scratch.resolve())
+    ):
+        raise DownloadError(
+            f"the remote folder {prefix!r} lists {name!r}, not a plain name inside it (a '..', '.', empty or "
+            f"absolute part); nothing was written"
+        )
+    return target
+
+
 def _copy(fs, src: str, dst: Path, size: int, bar: Progress, stop: threading.Event) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     done = 0
     with fs.open(src, "rb") as fin, open(dst, "wb") as fout:
         while chunk := fin.read(_CHUNK):
             if stop.is_set():
-                raise InterruptedError(f"download of {src} stopped: another file failed")
+                raise InterruptedError(f"download of {src!r} stopped: another file failed")
             fout.write(chunk)
             done += len(chunk)
             bar.add(len(chunk))
     if done != size:
-        raise OSError(f"{src}: {done} bytes arrived, {size} expected")
+        raise OSError(f"{src!r}: {done} bytes arrived, {size} expected")
 
 
 @contextlib.contextmanager

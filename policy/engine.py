@@ -21,6 +21,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,9 @@ class AsyncPi05Inference:
     `gpu_id` picks the device. `deadline_s` is the deadline of a request that carries none;
     `max_queue` bounds the requests in flight; `decode_segment_tokens` is how many subtask tokens
     run between two chances for an action batch; `image_resolutions` are the camera resolutions
-    whose resize compiles at start. `rtc_method` is how real-time chunking guides the flow
+    whose resize compiles at start, `max_image_resolutions` how many stay compiled in all (another
+    evicts the least recently used undeclared one; new ones compile at a bounded rate:
+    `policy.images.Resizer`). `rtc_method` is how real-time chunking guides the flow
     (`policy.rtc`): "vjp", the exact vector-Jacobian product through the action expert (a backward
     pass per step, only in batches with a guided row), or "identity", the cheaper approximation;
     compiled once, for every request. `clock` (monotonic seconds) is injectable for tests.
@@ -118,7 +121,7 @@ class AsyncPi05Inference:
         self._init_seed = seed
         self._seed_rng = np.random.default_rng(seed)
         self._clock = clock
-        self.resizer = Resizer(self.cfg.siglip.image_size, image_resolutions, max_image_resolutions)
+        self.resizer = Resizer(self.cfg.siglip.image_size, image_resolutions, max_image_resolutions, clock=clock)
         self._max_image_side = max_image_side
         # Set by `_load_host` at start (the tokenizer, norm stats and checkpoint may need a download).
         self.tokenizer = None
@@ -216,6 +219,7 @@ class AsyncPi05Inference:
             "in_flight": self._in_flight,
             "queued": self._scheduler.depth(),
             "failed_batches": self._worker.failed_batches if self._worker else 0,
+            "nonfinite_rows": self._worker.nonfinite_rows if self._worker else 0,
             "healthy": self.healthy,
         }
 
@@ -295,7 +299,10 @@ class AsyncPi05Inference:
             self._scheduler.unexpect(ticket)
             return
         except Exception as e:
-            log.exception("preparing a request failed")
+            # The message may carry a client's text: quoted, so that it cannot forge log lines, and
+            # the traceback's frames without it.
+            log.error("preparing a request failed: %s: %r", type(e).__name__, str(e))
+            log.debug("where it failed:\n%s", "".join(traceback.format_tb(e.__traceback__)).rstrip())
             fail(ticket, EngineError(f"preparing the request failed: {type(e).__name__}: {e}"))
             self._scheduler.unexpect(ticket)
             return

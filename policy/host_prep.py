@@ -38,7 +38,7 @@ class HostPrep:
 
     def images(self, images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Each camera at the model's input resolution (an image already there passes unchanged)."""
-        return {name: self.resizer(image) for name, image in images.items()}
+        return {name: self.resizer(image, name) for name, image in images.items()}
 
     def prepare(self, ticket: Ticket) -> None:
         """Fills the ticket's state and its first phase's `Row` (raises `ValueError` on bad input)."""

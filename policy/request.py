@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import numpy as np
@@ -71,14 +71,26 @@ class Observation:
 
 # Beyond this the guided velocity would dwarf the model's own: a client error, not a setting.
 MAX_GUIDANCE_WEIGHT = 100.0
+# The largest |value| of a leftover in model space. The model's actions live in about [-1, 1]
+# (quantile-normalized; a few units z-scored), so this is 1000 times beyond any chunk it produced;
+# leftovers far past it made the guided flow overflow float32 into NaN (from 1e19 on with the
+# exact VJP, measured on the tiny model), and a chunk guided toward them means nothing anyway.
+MAX_MODEL_SPACE_ACTION = 1000.0
 
 
-def check_guidance(guidance: object, horizon: int, action_dim: int) -> None:
+def check_guidance(
+    guidance: object,
+    horizon: int,
+    action_dim: int,
+    to_model: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> None:
     """Real-time chunking's inputs against a model's horizon and robot action dim: the leftover
-    (n, action_dim) with 1 <= n <= horizon, finite numbers; 0 <= d and max(d, 1) <= s <= horizon - d,
-    as the paper's evaluation sweeps them (so d <= horizon / 2); a known schedule; 0 <= beta <=
-    MAX_GUIDANCE_WEIGHT. A `ValueError` names the field. Here, without JAX, so that a backend
-    without a model checks exactly what the engine checks."""
+    (n, action_dim) with 1 <= n <= horizon, finite numbers, within MAX_MODEL_SPACE_ACTION in model
+    space (`to_model` maps robot units there, as the engine's norm stats do; None: they are model
+    space, as float32); 0 <= d and max(d, 1) <= s <= horizon - d, as the paper's evaluation sweeps them (so
+    d <= horizon / 2); a known schedule; 0 <= beta <= MAX_GUIDANCE_WEIGHT. A `ValueError` names
+    the field. Here, without JAX, so that a backend without a model checks exactly what the
+    engine checks."""
     if not isinstance(guidance, ChunkGuidance):
         raise ValueError(f"guidance must be a ChunkGuidance, got {type(guidance).__name__}")
     try:  # an array or nested lists (as a JSON transport may pass them), like the state
@@ -91,6 +103,15 @@ def check_guidance(guidance: object, horizon: int, action_dim: int) -> None:
         )
     if not np.isfinite(prev).all():
         raise ValueError("prev_actions contains NaN or infinity")
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is what is looked for here
+        model = prev.astype(np.float32) if to_model is None else np.asarray(to_model(prev))
+    outside = ~(np.abs(model) <= MAX_MODEL_SPACE_ACTION)  # NaN and infinity included
+    if outside.any():
+        i, j = (int(k) for k in np.argwhere(outside)[0])
+        raise ValueError(
+            f"prev_actions[{i}][{j}] is {prev[i, j]:.6g}, {model[i, j]:.6g} in the model's normalized space: "
+            f"beyond +-{MAX_MODEL_SPACE_ACTION:g}, far outside the range of the actions it produces"
+        )
     d, s = guidance.inference_delay, guidance.execute_horizon
     for name, value in (("inference_delay", d), ("execute_horizon", s)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer):

@@ -1,9 +1,10 @@
 """Checks an `InferenceRequest` against one engine's model before any device or heavy host work.
 
 Every error is a `ValueError` naming the field, so a transport can answer `bad_request` with it.
-The checks are cheap: shapes and dtypes, option ranges, the state against the norm stats, and the
-token budget of the prompt the request will certainly need (tokenized once: `Prompts` remembers
-it for the host preparation).
+The checks are cheap: shapes and dtypes, option ranges, the state against the norm stats, real-time
+chunking's leftover in model space (normalized as the engine will guide toward it), and the token
+budget of the prompt the request will certainly need (tokenized once: `Prompts` remembers it for
+the host preparation).
 """
 
 from __future__ import annotations
@@ -86,12 +87,16 @@ class RequestValidator:
         if request.guidance is not None:
             if request.kind != "infer":
                 raise ValueError("guidance steers actions: a subtask-only request takes none")
-            check_guidance(request.guidance, self.cfg.action_horizon, self.action_dim)
+            check_guidance(request.guidance, self.cfg.action_horizon, self.action_dim, self._leftover_to_model)
         normalized = None if state is None else self.normalizer.normalize_state(state)
         if decodes:
             self.prompts.tokenize(self.prompts.subtask_text(request.prompt, normalized))
         else:
             self.prompts.tokenize(self.prompts.action_text(request.prompt, normalized, low))
+
+    def _leftover_to_model(self, leftover: np.ndarray) -> np.ndarray:
+        """A leftover in model space, exactly as the host preparation will guide toward it."""
+        return self.normalizer.normalize_actions(leftover, self.cfg.action_dim)
 
     def check_images(self, images: object) -> None:
         if not isinstance(images, Mapping) or not images:

@@ -3,7 +3,8 @@
 Only this thread touches the device. It stacks prepared `Row`s, puts them on the device, runs a
 compiled executable and turns the outputs into `InferenceResult`s. A failure inside one batch fails
 exactly that batch's requests (`EngineError` code `internal`, logged with its traceback) and the
-thread goes on with the next.
+thread goes on with the next. A row whose actions come out NaN or infinite fails alone, the
+same way: a robot must never execute such a chunk, and its batch mates are answered as usual.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class DeviceWorker:
         # (phase, real rows) -> executed batches: how well requests are being batched.
         self.batch_counts: collections.Counter[tuple[str, int]] = collections.Counter()
         self.failed_batches = 0
+        self.nonfinite_rows = 0
 
     def run(self) -> None:
         while (work := self.scheduler.next()) is not None:
@@ -104,7 +106,7 @@ class DeviceWorker:
         self.batch_counts[("action", len(tickets))] += 1
         for i, t in enumerate(tickets):
             t.action_ms = ms
-            self._answer(t, actions[i])
+            self._answer(t, actions[i], i, len(tickets))
 
     def _start_decode(self, work: StartDecode) -> None:
         tickets = work.tickets
@@ -177,7 +179,7 @@ class DeviceWorker:
         for i in rows:
             t = job.tickets[i]
             t.action_ms = ms
-            self._answer(t, actions[i])
+            self._answer(t, actions[i], i, len(job.tickets))
 
     # ------------------------------------------------------------------ helpers
 
@@ -195,10 +197,15 @@ class DeviceWorker:
         for t in tickets:
             t.started = now
 
-    def _answer(self, t: Ticket, model_actions: np.ndarray | None) -> None:
+    def _answer(self, t: Ticket, model_actions: np.ndarray | None, row: int = 0, batch: int = 1) -> None:
+        """Resolves the ticket with its result; `model_actions` is its row `row` of a batch of `batch`."""
         actions = None
         if model_actions is not None:
-            actions = self.normalizer.unnormalize_actions(model_actions)[:, : self.robot_action_dim]
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
+                actions = self.normalizer.unnormalize_actions(model_actions)[:, : self.robot_action_dim]
+            if not (np.isfinite(model_actions).all() and np.isfinite(actions).all()):
+                self._fail_nonfinite(t, model_actions, actions, row, batch)
+                return
         now = self.clock()
         started = t.started if t.started is not None else now
         timing = {
@@ -215,6 +222,29 @@ class DeviceWorker:
             t.future.set_result(result)
         except concurrent.futures.InvalidStateError:  # its waiter gave up (deadline) and cancelled it
             pass
+
+    def _fail_nonfinite(self, t: Ticket, model_actions: np.ndarray, actions: np.ndarray, row: int, batch: int) -> None:
+        """Answers `internal` for a row whose chunk holds NaN or infinity (in the model's output, or
+        after unnormalizing it), naming the row and the first bad step and dim."""
+        self.nonfinite_rows += 1
+        where, values = ("model", model_actions) if not np.isfinite(model_actions).all() else ("robot", actions)
+        step, dim = (int(k) for k in np.argwhere(~np.isfinite(values))[0])
+        log.error(
+            "row %d of a batch of %d came out with non-finite actions (%s space, step %d, dim %d); answering it "
+            "`internal`",
+            row,
+            batch,
+            where,
+            step,
+            dim,
+        )
+        fail(
+            t,
+            EngineError(
+                f"the model's actions for this request (row {row} of its batch of {batch}) are not finite: NaN or "
+                f"infinity at step {step}, dim {dim} in {where} space; not answered as a success"
+            ),
+        )
 
 
 def _tickets(work: Work) -> list[Ticket]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import uuid
 from pathlib import Path
 
@@ -139,6 +140,46 @@ def test_a_partial_left_by_a_killed_process_is_replaced(cache, remote):
     (stale / "params" / "_METADATA").write_bytes(b"half")
     assert _local_files(download.maybe_download(remote, progress=None)) == _remote_files(remote)
     assert not stale.exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "{up}{outside}/escaped.bin",  # climbs out to an absolute place
+        "/{outside}/escaped.bin",  # an empty part: the rest is an absolute path
+        "params/../../escaped.bin",  # next to the cache entry
+        "./params/escaped.bin",
+    ],
+)
+def test_a_remote_name_that_leaves_the_folder_is_refused_and_nothing_is_written(cache, remote, tmp_path, name):
+    """A listing is the remote's word: before the fix `params/../../x` was written where it points
+    (an adversary's test file landed in /tmp). Every name is checked before anything is written."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    name = name.format(up="../" * (len(cache.parts) + 8), outside=str(outside).lstrip("/"))
+    fs = MemoryFileSystem()
+    bad = remote.removeprefix("memory:/") + "/" + name
+    fs.pipe_file(bad, b"planted")
+    with pytest.raises(download.DownloadError, match=re.escape(repr(bad))):
+        download.maybe_download(remote, progress=None)
+    assert not any(outside.iterdir())
+    local = download.cache_path(remote)
+    written = [p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()]
+    assert written == [local.relative_to(cache).as_posix() + ".lock"], written  # no file, not even the good ones
+    fs.rm_file(bad)
+    assert _local_files(download.maybe_download(remote, progress=None)) == _remote_files(remote)
+
+
+def test_a_remote_name_is_quoted_in_the_error_so_it_cannot_forge_log_lines(cache, remote):
+    """The startup error is logged as one line: a listed name with a newline or an escape code must
+    not start a line of its own there."""
+    fs = MemoryFileSystem()
+    bad = remote.removeprefix("memory:/") + "/../x\n2026-01-01 00:00:00 INFO forged\x1b[2J"
+    fs.pipe_file(bad, b"planted")
+    with pytest.raises(download.DownloadError) as refused:
+        download.maybe_download(remote, progress=None)
+    message = str(refused.value)
+    assert repr(bad) in message and "\n" not in message and "\x1b" not in message
 
 
 def test_a_missing_remote_is_not_found(cache, remote):

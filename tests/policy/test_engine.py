@@ -257,6 +257,26 @@ def test_a_failing_batch_fails_only_its_requests_and_the_engine_goes_on(engine, 
     assert out.actions.shape == (50, 32)
 
 
+def test_a_failing_preparation_logs_the_clients_text_quoted(engine, monkeypatch, caplog):
+    """A failure whose message carries what a client sent (here its prompt) must not forge log lines:
+    it is logged quoted, and the traceback's frames without it."""
+    prompt = "go\n2026-01-01 00:00:00 ERROR forged by a client\x1b[2J"
+
+    def failing(ticket):
+        raise RuntimeError(f"cannot prepare {ticket.request.prompt}")
+
+    monkeypatch.setattr(engine._prep, "prepare", failing)
+    with caplog.at_level(logging.DEBUG, logger="policy.engine"):
+        with pytest.raises(EngineError) as failed:
+            run(engine.submit(_request(prompt=prompt, generate_subtask=False, seed=1)))
+    assert failed.value.code == "internal"
+    records = [r for r in caplog.records if r.name == "policy.engine"]
+    messages = [r.getMessage() for r in records]
+    assert any(repr(f"cannot prepare {prompt}") in m for m in messages), messages
+    assert not any("\n2026-01-01" in m or "\x1b" in m for m in messages), messages
+    assert not any(r.exc_info for r in records)  # a formatted exception would repeat the message raw
+
+
 def test_a_full_queue_answers_busy_at_once(engine, monkeypatch):
     monkeypatch.setattr(engine, "max_queue", 1)
 
