@@ -19,17 +19,24 @@ subscriber and of its last one leaving. So each worker's per-topic subscriber co
 sessions of robots that are gone, keeps working, as does its last-value replay; under CURVE the broker
 also applies each subscription itself (`XPUB_MANUAL`), only to the subscriber's own topics.
 
-The broker answers `ping` itself (the workers and their load). Every front message is checked as the
-single server checks it (size and in-flight caps first, then `codec.decode` and `build_request`), so
-the broker replies with the same typed errors and nothing a robot sends can stop it; a worker's
-malformed message is dropped and logged. The sockets are plain ZMQ sockets polled on one thread.
+The broker answers `ping` itself (the workers and their load), whatever the load: a ping is exempt
+from the in-flight caps. Every front message is checked as the single server checks it (size, then
+`codec.decode` and `build_request`, then the in-flight caps per identity, per principal and in all:
+`transport.zmq_server.check_in_flight`), so the broker replies with the same typed errors and nothing a
+robot sends can stop it; a request its worker holds past `request_timeout_s` is answered `timeout`
+(the worker's late reply is dropped). Subscriptions at the front XPUB go through the same
+`SubscriptionBook` as a single server's. A worker's malformed message is dropped and logged; a
+malformed HEARTBEAT drops that worker. The sockets are plain ZMQ sockets polled on one thread.
 
 A worker sees every request of its robots and its replies reach them, so the workers' side is as
 sensitive as the robots'. Its tcp endpoints take CURVE with an allow-list of worker keys of their own
 (`--worker-curve-secret/--worker-curve-clients`), checked by the same ZAP authenticator as the robots'
 keys but in a ZAP domain of their own, so neither list lets a key in on the other side; a worker whose
 key is not on the list fails the handshake and so is never sent a request. A front host's own workers
-join over `ipc://` (a folder only its user can enter), which stays plain.
+join over `ipc://` (a folder only its user can enter), which stays plain. A worker's principal (its key,
+else its address) holds at most `max_workers_per_principal` places in the table, so neither one
+key nor one host can fill it; a TCP worker endpoint without CURVE is warned about at start, loopback
+included: any local process could join as a worker and read robots' requests.
 """
 
 from __future__ import annotations
@@ -62,14 +69,19 @@ from runtime.fleet_protocol import (
     payload,
     read_payload,
     read_seq,
+    read_status,
     request_frames,
     split,
 )
 from runtime.fleet_routing import InFlight, Worker, WorkerTable
-from transport import codec, curve
+from transport import codec, curve, logs
+from transport.connections import Connections
 from transport.errors import ProtocolError, TransportError
+from transport.heap import HeapTrimmer
 from transport.messages import BYE, ERROR, KEEP, PING, REFRESH_INTERVAL, REPLY_TYPE, build_request
-from transport.zmq_server import send_to_peer
+from transport.subscriptions import SUBSCRIBERS_DOMAIN, SubscriptionBook, SubscriptionLimits, configure_xpub
+from transport.zap import ZapHandler
+from transport.zmq_server import check_in_flight, principal_of, send_to_peer
 
 log = logging.getLogger("runtime.broker")
 
@@ -93,9 +105,15 @@ class BrokerSettings:
     hwm: int = 1000
     max_in_flight: int = 1024
     max_in_flight_per_peer: int = 16
+    max_in_flight_per_principal: int = 128
     max_in_flight_per_internal_peer: int = 64
+    # A request its worker holds this long is answered `timeout`: a worker that heartbeats but never
+    # replies must not leave robots waiting forever.
+    request_timeout_s: float = 30.0
     max_workers: int = 64
+    max_workers_per_principal: int = 16  # places one worker key (else one worker address) may hold
     max_robots: int = 4096
+    subscriptions: SubscriptionLimits = dataclasses.field(default_factory=SubscriptionLimits)
     # CURVE with an allow-list on the robots' tcp endpoints (`transport.curve`); the internal ROUTER
     # and ipc endpoints stay plain.
     curve: curve.ServerKeys | None = None
@@ -117,25 +135,32 @@ class Broker:
         self.settings = settings
         self._clock = clock
         self._ctx = zmq.Context()
-        self._auth = None
-        for domain, keys in ((curve.DEFAULT_DOMAIN, settings.curve), (WORKERS_DOMAIN, settings.worker_curve)):
-            if keys is not None and self._auth is None:
-                self._auth = curve.start_authenticator(self._ctx, keys, domain)
-            elif keys is not None:
-                curve.allow(self._auth, keys, domain)
+        # The ZAP handler admits robots' keys (requests and subscriptions) and workers' keys, each in a
+        # domain of its own, and names the front XPUB's connections (`transport.subscriptions`).
+        self._auth: ZapHandler | None = curve.start_authenticator(
+            self._ctx, settings.curve, curve.DEFAULT_DOMAIN, SUBSCRIBERS_DOMAIN
+        )
+        if settings.worker_curve is not None:
+            curve.allow(self._auth, settings.worker_curve, WORKERS_DOMAIN)
         self.table = WorkerTable(
-            settings.max_workers, settings.max_robots, settings.heartbeat_s, settings.heartbeat_misses
+            settings.max_workers,
+            settings.max_robots,
+            settings.heartbeat_s,
+            settings.heartbeat_misses,
+            settings.max_workers_per_principal,
         )
         self._front: dict[bool, zmq.Socket] = {}  # internal? -> ROUTER
         self._xpub: zmq.Socket | None = None
-        self._gate: curve.SubscriptionGate | None = None
-        self._topics: collections.Counter[bytes] = collections.Counter()  # subscribers per topic
+        self.connections: Connections | None = None  # the front XPUB's tcp subscribers, to cut floods
+        self.book: SubscriptionBook | None = None
+        self._trimmer = HeapTrimmer(clock=clock)
         self._back: zmq.Socket | None = None
         self._xsub: zmq.Socket | None = None
         self._seq = itertools.count(1)
         self._poller: zmq.Poller | None = None
         self._handlers: dict[zmq.Socket, Callable[[list], None]] = {}
         self._per_peer: collections.Counter[tuple[bool, bytes]] = collections.Counter()
+        self._per_principal: collections.Counter[str] = collections.Counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = clock()
@@ -167,7 +192,10 @@ class Broker:
                         self.router_endpoint = bound
             if s.pub_endpoints:
                 self._xpub, self.pub_endpoints = self._socket(zmq.XPUB, *s.pub_endpoints, keys=s.curve)
-                self._gate = curve.SubscriptionGate(self._xpub) if s.curve else None
+                assert self.connections is not None
+                self.book = SubscriptionBook(
+                    self._xpub, s.subscriptions, own_prefix=bool(s.curve), cut=self.connections.cut
+                )
             backs = [e for e in (s.backend_endpoint, s.remote_backend_endpoint) if e]
             self._back, backs = self._socket(zmq.ROUTER, *backs, keys=s.worker_curve, domain=WORKERS_DOMAIN)
             self.backend_endpoint, self.remote_backend_endpoint = backs[0], (backs[1:] or [None])[0]
@@ -193,11 +221,10 @@ class Broker:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.MAXMSGSIZE, 2 * s.max_message_bytes)
         elif kind == zmq.XPUB:
-            # Every (un)subscription reaches the broker, which counts them and tells the workers
-            # only of the first and the last per topic; under CURVE it also applies them itself.
-            sock.setsockopt(zmq.XPUB_VERBOSER, 1)
-            if keys:
-                sock.setsockopt(zmq.XPUB_MANUAL, 1)
+            # Every (un)subscription reaches the broker, which applies, counts and bounds them
+            # (its book) and tells the workers only of the first and the last per topic.
+            configure_xpub(sock)
+            self.connections = Connections(sock)
         elif kind == zmq.XSUB:
             sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_HEADER_BYTES + 1024)  # a refresh is small
         bound: dict[str, str] = {}
@@ -227,6 +254,9 @@ class Broker:
         self._close_sockets()
 
     def _close_sockets(self) -> None:
+        if self.connections is not None:
+            self.connections.close()
+            self.connections = None
         for sock in (*self._front.values(), self._xpub, self._back, self._xsub):
             if sock is not None:
                 sock.close(linger=0)
@@ -251,8 +281,9 @@ class Broker:
             self._poller = zmq.Poller()
             for internal, sock in self._front.items():
                 self._handlers[sock] = lambda frames, i=internal: self._on_front(i, frames)
-            if self._xpub is not None:
+            if self._xpub is not None and self.connections is not None:
                 self._handlers[self._xpub] = self._on_subscription
+                self._handlers[self.connections.monitor] = self.connections.on_event
             assert self._back is not None and self._xsub is not None
             self._handlers[self._back] = self._on_back
             self._handlers[self._xsub] = self._on_publication
@@ -277,12 +308,20 @@ class Broker:
                 log.exception("failed to handle a message")
 
     def tick(self) -> None:
-        """Heartbeats due now go out; workers presumed dead leave, their requests answered."""
+        """Heartbeats due now go out; workers presumed dead leave, their requests answered; requests
+        held past their time are answered `timeout`."""
         now = self._clock()
+        for worker, flight in self.table.overdue(now - self.settings.request_timeout_s):
+            self._settled(flight)
+            self.errors["timeout"] += 1
+            log.warning("worker %r held request %r of robot %r past %.0f s", worker.name, flight.request_id,
+                        flight.robot, self.settings.request_timeout_s)  # fmt: skip
+            message_ = f"policy worker {worker.name} did not answer within {self.settings.request_timeout_s:g} s"
+            self._to_front(flight.internal, flight.client, codec.encode(_error(flight, "timeout", message_)))
         for worker in self.table.expire(now):
             silent = now - worker.liveness.last_heard
             log.warning(
-                "worker %s presumed dead (silent %.1f s); %d robots move, %d requests answered 'unavailable'",
+                "worker %r presumed dead (silent %.1f s); %d robots move, %d requests answered 'unavailable'",
                 worker.name, silent, len(worker.robots), len(worker.in_flight),
             )  # fmt: skip
             self._abandon(worker, f"policy worker {worker.name} stopped answering; ask again")
@@ -297,28 +336,27 @@ class Broker:
         # Under CURVE every message on the public ROUTER carries its connection's ZAP User-Id.
         user = None if internal or not self.settings.curve else curve.user_id(frames[-1])
         try:
-            self._forward(internal, identity, user, body)
+            self._forward(internal, identity, user, principal_of(frames[-1], internal, user), body)
         except TransportError as e:
             self.errors[e.code] += 1
             self._reply(internal, identity, {"type": ERROR, "id": codec.request_id(body), "error": e.to_wire()})
 
-    def _forward(self, internal: bool, identity: bytes, user: str | None, body: list) -> None:
+    def _forward(self, internal: bool, identity: bytes, user: str | None, principal: str, body: list) -> None:
         s = self.settings
         size = sum(len(f) for f in body)
         if size > s.max_message_bytes:
             raise ProtocolError(
                 f"message is {size} bytes, more than the server's limit of {s.max_message_bytes}", "oversize"
             )
-        if self.table.in_flight() >= s.max_in_flight:
-            raise TransportError("the server has too many requests in flight; retry later", "busy")
-        per_peer = s.max_in_flight_per_internal_peer if internal else s.max_in_flight_per_peer
-        if self._per_peer[(internal, identity)] >= per_peer:
-            raise TransportError(f"this client has {per_peer} requests in flight, the limit", "busy")
         header, arrays = codec.decode(body)
         request = build_request(header, arrays, identity.hex(), internal)
-        if request.type == PING:
+        if request.type == PING:  # exempt from the caps: a health check answers under load
             self._reply(internal, identity, self._pong(request.id))
             return
+        who = principal or f"@{identity.hex()}"
+        check_in_flight(
+            s, internal, self.table.in_flight(), self._per_peer[(internal, identity)], self._per_principal[who]
+        )
         key = curve.session_key(user, request.robot)  # the worker's session key: what sticks
         worker = self.table.placed(key) if request.type == BYE else self.table.route(key)
         if worker is not None and request.type != BYE:
@@ -337,10 +375,12 @@ class Broker:
         if worker is None:
             raise TransportError("no policy worker is connected to the broker; retry later", "unavailable")
         seq = next(self._seq)
-        if not self._to_worker(worker.identity, request_frames(Envelope(seq, identity, internal, user), body)):
+        envelope = Envelope(seq, identity, internal, user, principal)
+        if not self._to_worker(worker.identity, request_frames(envelope, body)):
             raise TransportError(f"policy worker {worker.name} cannot take requests now; retry later", "unavailable")
-        worker.in_flight[seq] = InFlight(seq, internal, identity, request.id, request.robot)
+        worker.in_flight[seq] = InFlight(seq, internal, identity, request.id, request.robot, who, self._clock())
         self._per_peer[(internal, identity)] += 1
+        self._per_principal[who] += 1
         self.forwarded += 1
         if request.type == BYE:
             self.table.leave(key)
@@ -357,8 +397,8 @@ class Broker:
             "uptime_s": now - self._started,
             "epoch": self.epoch,
             "healthy": any(st.get("healthy", True) for st in statuses),
-            "sessions": sum(int(st.get("sessions", 0)) for st in statuses),
-            "refreshing": sum(int(st.get("refreshing", 0)) for st in statuses),
+            "sessions": sum(st.get("sessions", 0) for st in statuses),
+            "refreshing": sum(st.get("refreshing", 0) for st in statuses),
             "min_refresh_interval_s": first.get("server", {}).get("min_refresh_interval_s"),
         }
         broker = {
@@ -387,16 +427,17 @@ class Broker:
         for flight in worker.in_flight.values():
             self._settled(flight)
             self.errors["unavailable"] += 1
-            error = {"code": "unavailable", "message": reason}
-            header = {"type": ERROR, "id": flight.request_id, "robot": flight.robot, "error": error}
-            self._to_front(flight.internal, flight.client, codec.encode(header))
+            self._to_front(flight.internal, flight.client, codec.encode(_error(flight, "unavailable", reason)))
         worker.in_flight.clear()
 
     def _settled(self, flight: InFlight) -> None:
-        key = (flight.internal, flight.client)
-        self._per_peer[key] -= 1
-        if self._per_peer[key] <= 0:
-            del self._per_peer[key]
+        for counts, key in (
+            (self._per_peer, (flight.internal, flight.client)),
+            (self._per_principal, flight.principal),
+        ):
+            counts[key] -= 1
+            if counts[key] <= 0:
+                del counts[key]
 
     # ------------------------------------------------------------------ workers
 
@@ -414,7 +455,7 @@ class Broker:
                 raise
             worker = self.table.remove(identity)
             if worker is not None:
-                log.warning("worker %s is unreachable; its robots move", worker.name)
+                log.warning("worker %r is unreachable; its robots move", worker.name)
                 self._abandon(worker, f"policy worker {worker.name} is gone; ask again")
             return False
 
@@ -430,7 +471,9 @@ class Broker:
     def _from_worker(self, identity: bytes, command: bytes, rest: list) -> None:
         now = self._clock()
         if command == READY:  # under CURVE its frames carry the worker's key (the ZAP User-Id)
-            self._join(identity, read_payload(rest), now, curve.user_id(rest[-1]) if rest else None)
+            key = curve.user_id(rest[-1]) if rest else None
+            address = principal_of(rest[-1], False, None) if rest else ""
+            self._join(identity, read_payload(rest), now, key, address)
             return
         worker = self.table.heard(identity, now)
         if worker is None:
@@ -438,8 +481,13 @@ class Broker:
                 self._to_worker(identity, message(DISCONNECT))
             return
         if command == HEARTBEAT:
-            status = read_payload(rest)
-            worker.status = {k: status[k] for k in ("sessions", "refreshing", "healthy", "in_flight") if k in status}
+            try:
+                worker.status = read_status(read_payload(rest))
+            except FleetProtocolError as e:  # a worker that says nonsense is not one to send robots to
+                self.table.remove(identity)
+                self._to_worker(identity, message(DISCONNECT))
+                self._abandon(worker, f"policy worker {worker.name} misbehaved; ask again")
+                raise FleetProtocolError(f"{e}; worker {worker.name!r} dropped") from None
         elif command == REPLY:
             if not rest:
                 raise FleetProtocolError("a REPLY has a seq")
@@ -449,12 +497,12 @@ class Broker:
                 self._to_front(flight.internal, flight.client, rest[1:])
         elif command == DISCONNECT:
             self.table.remove(identity)
-            log.info("worker %s left", worker.name)
+            log.info("worker %r left", worker.name)
             self._abandon(worker, f"policy worker {worker.name} stopped; ask again")
         else:
             raise FleetProtocolError(f"a worker does not send {COMMANDS[command]}")
 
-    def _join(self, identity: bytes, ready: dict[str, Any], now: float, key: str | None) -> None:
+    def _join(self, identity: bytes, ready: dict[str, Any], now: float, key: str | None, address: str) -> None:
         name, capacity, info = ready.get("name"), ready.get("capacity", 1), ready.get("info", {})
         if not isinstance(name, str) or not 0 < len(name) <= 64:
             raise FleetProtocolError("READY needs a name of 1..64 characters")
@@ -464,9 +512,9 @@ class Broker:
         if old is not None:
             self._abandon(old, f"policy worker {name} restarted; ask again")
         try:
-            self.table.join(identity, name, capacity, info, now)
+            self.table.join(identity, name, capacity, info, now, key or address)
         except OverflowError as e:
-            log.warning("refused worker %s: %s", name, e)
+            log.warning("refused worker %r from %r: %s", name, key or address, e)
             self._to_worker(identity, message(DISCONNECT))
             return
         s = self.settings
@@ -474,38 +522,25 @@ class Broker:
         ack = {"pub": pub, "heartbeat_s": s.heartbeat_s, "misses": s.heartbeat_misses}
         self._to_worker(identity, message(READY, payload(ack)))
         log.info(
-            "worker %s joined (capacity %d; %d workers)%s",
-            name, capacity, len(self.table.workers), f", key {key}" if key else "",
+            "worker %r joined from %r (capacity %d; %d workers)%s",
+            name, address, capacity, len(self.table.workers), f", key {key}" if key else "",
         )  # fmt: skip
 
     # ------------------------------------------------------------------ refreshes
 
     def _on_subscription(self, frames: list) -> None:
-        """A robot's (un)subscription at the front XPUB: counted here, and upstream to every worker
-        only when a topic gets its first subscriber or loses its last one."""
-        assert self._xsub is not None
-        msg = frames[0].bytes
-        if len(frames) != 1 or not msg or msg[0] not in (0, 1):
-            return
-        if self._gate is not None and not self._gate.admit(frames[0]):
-            return
-        topic = msg[1:]
-        if msg[0] == 1:
-            self._topics[topic] += 1
-            if self._topics[topic] > 1:
-                return
-        else:
-            if self._topics[topic] <= 0:
-                self._topics.pop(topic, None)
-                return
-            self._topics[topic] -= 1
-            if self._topics[topic] > 0:
-                return
-            del self._topics[topic]
-        try:
-            self._xsub.send(msg, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("the workers' refresh subscriptions are at their high-water mark; dropped one")
+        """A robot's (un)subscription at the front XPUB: applied and counted by the book, and told
+        upstream to every worker only when a topic gets its first subscriber or loses its last one."""
+        assert self._xsub is not None and self.book is not None
+        departures = self.book.departures
+        for change in self.book.handle(frames[0]):
+            if change.holders == (1 if change.subscribed else 0):
+                try:
+                    self._xsub.send(bytes([change.subscribed]) + change.topic, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    log.warning("the workers' refresh subscriptions are at their high-water mark; dropped one")
+        if self.book.departures != departures:
+            self._trimmer.freed()
 
     def _on_publication(self, frames: list) -> None:
         """A worker's refresh, to every subscriber of its topic."""
@@ -516,6 +551,11 @@ class Broker:
             self.published += 1
         except zmq.Again:
             log.warning("refresh publisher is at its high-water mark; dropped a message")
+
+
+def _error(flight: InFlight, code: str, message_: str) -> dict[str, Any]:
+    """The error reply to a request forwarded to a worker, answered by the broker itself."""
+    return {"type": ERROR, "id": flight.request_id, "robot": flight.robot, "error": {"code": code, "message": message_}}
 
 
 def _with_refresh_interval(header_frame: Any, interval_s: float) -> bytes:
@@ -543,6 +583,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--heartbeat-misses", type=positive(int), default=DEFAULT_MISSES, help="intervals of silence: a worker is dead"
     )
     p.add_argument("--max-workers", type=positive(int), default=64, help="workers joined at once")
+    p.add_argument(
+        "--max-workers-per-key",
+        type=positive(int),
+        default=16,
+        help="workers joined with one worker key (without keys: from one address)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=positive(float),
+        default=30.0,
+        help="seconds a worker may hold a request before the broker answers it 'timeout'",
+    )
     p.add_argument("--max-robots", type=positive(int), default=4096, help="robots whose worker is remembered")
     p.add_argument("--curve-secret", default=None, metavar="FILE", help="the broker's CURVE .key_secret (robots' side)")
     p.add_argument("--curve-clients", default=None, metavar="DIR", help="with --curve-secret: robot public keys let in")
@@ -560,18 +612,19 @@ def worker_side_keys(
     secret: str | None, clients: str | None, host: str, robot_keys: curve.ServerKeys | None
 ) -> curve.ServerKeys | None:
     """The keys of the workers' side (`--worker-curve-secret/--worker-curve-clients`), loaded now (a
-    bad file is a one-line `CurveError` before anything binds). Without them, binding the workers'
-    endpoints on `host` beyond loopback is warned about: whoever reaches them can join as a worker and
-    read robots' requests, or answer them. The two allow-lists must be different folders, or every
-    robot could join as a worker."""
+    bad file is a one-line `CurveError` before anything binds). Without them, a TCP worker endpoint is
+    warned about, on loopback too: whoever reaches it (any local process, on loopback) can join as a
+    worker, be given robots, read their requests and answer them. The two allow-lists must be
+    different folders, or every robot could join as a worker."""
     from runtime.policy_server import _loopback
 
     keys = curve.load_server_keys(secret, clients) if secret else None
-    if keys is None and not _loopback(host):
+    if keys is None:
         log.warning(
-            "the workers' endpoints on %s are open: anyone who reaches them can join as a worker and read robots' "
-            "requests; use --worker-curve-secret and --worker-curve-clients",
+            "the workers' TCP endpoints on %s take no keys: %s can join as a worker, be sent robots' requests "
+            "(their images included) and answer them; use --worker-curve-secret and --worker-curve-clients",
             host,
+            "any process on this host" if _loopback(host) else "anyone who reaches them",
         )
     if keys is not None and robot_keys is not None and keys.clients_dir.resolve() == robot_keys.clients_dir.resolve():
         raise curve.CurveError(
@@ -592,6 +645,8 @@ def settings_from(args: argparse.Namespace) -> BrokerSettings:
         heartbeat_s=args.heartbeat,
         heartbeat_misses=args.heartbeat_misses,
         max_workers=args.max_workers,
+        max_workers_per_principal=args.max_workers_per_key,
+        request_timeout_s=args.request_timeout,
         max_robots=args.max_robots,
         curve=robot_keys,
         worker_curve=worker_side_keys(
@@ -607,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--curve-secret and --curve-clients go together")
     if bool(args.worker_curve_secret) != bool(args.worker_curve_clients):
         parser.error("--worker-curve-secret and --worker-curve-clients go together")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         broker = Broker(settings_from(args))
         broker.bind()

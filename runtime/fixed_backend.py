@@ -8,6 +8,7 @@ hostile-input tests run servers this way, in their own processes). It imports no
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -19,14 +20,17 @@ from policy.request import InferenceRequest, InferenceResult, check_guidance
 
 
 class FixedBackend:
-    """Accepts images up to the largest declared resolution each way."""
+    """Accepts images up to the largest declared resolution each way; answers after `delay_s`, as a
+    model would take its time (a robot's latency handling, or a server under load, without a model)."""
 
     def __init__(
         self,
         config_name: str = DEFAULT_MODEL,
         image_resolutions: tuple[tuple[int, int], ...] = DEFAULT_IMAGE_RESOLUTIONS,
+        delay_s: float = 0.0,
     ):
         self.cfg = get_model_config(config_name)
+        self.delay_s = delay_s
         self.image_resolutions = image_resolutions
         self.max_image_hw = (max(h for h, _ in image_resolutions), max(w for _, w in image_resolutions))
         self.healthy = True
@@ -65,6 +69,8 @@ class FixedBackend:
 
     async def submit(self, request: InferenceRequest) -> InferenceResult:
         start = time.perf_counter()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         self.served += 1
         actions = model_actions = None
         if request.kind == "infer":

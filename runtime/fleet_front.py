@@ -180,6 +180,9 @@ async def serve_front(
             remote_xsub_endpoint=ps._endpoint(args.host, 0) if args.worker_port else None,
             heartbeat_s=args.heartbeat,
             heartbeat_misses=DEFAULT_MISSES,
+            # A worker answers `timeout` itself after --deadline in its queue; the model's own time
+            # comes on top, so the broker waits well beyond that before answering for it.
+            request_timeout_s=max(30.0, 3 * args.deadline),
             curve=curve_keys,
             worker_curve=worker_keys,
         )

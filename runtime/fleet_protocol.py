@@ -5,8 +5,9 @@ Pirate / Majordomo worker protocols: every message starts with the protocol tag 
 command; the worker announces itself with READY (its name, capacity and what its `ping` says), both
 sides send HEARTBEAT every interval, and a peer silent for a few intervals is presumed dead. A
 robot's request travels to the worker wrapped in an envelope that carries the robot's routing
-identity, whether it came over the broker's internal ROUTER, and its authenticated user (the ZAP
-User-Id under CURVE), so the worker sees the same `Peer` a single server would. The request and
+identity, whether it came over the broker's internal ROUTER, its authenticated user (the ZAP
+User-Id under CURVE) and its principal (the key, else the robot's address, which the worker's
+session bounds count against), so the worker sees the same `Peer` a single server would. The request and
 reply frames themselves are the robot protocol's, forwarded untouched.
 
 Pure functions and no sockets; everything a peer sends is checked here and bounded, so a malformed
@@ -22,12 +23,12 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL = b"PI05W1"
+PROTOCOL = b"PI05W2"
 READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT = b"\x01", b"\x02", b"\x03", b"\x04", b"\x05"
 COMMANDS = {READY: "READY", REQUEST: "REQUEST", REPLY: "REPLY", HEARTBEAT: "HEARTBEAT", DISCONNECT: "DISCONNECT"}
 INTERNAL = 0x01  # envelope flag: the robot came over the broker's internal ROUTER (a WebSocket gateway)
 MAX_PAYLOAD_BYTES = 64 * 1024  # READY and HEARTBEAT maps
-MAX_USER_BYTES = 256
+MAX_USER_BYTES = 256  # the user and the principal of a REQUEST's envelope
 _SEQ = struct.Struct(">Q")
 
 
@@ -43,6 +44,7 @@ class Envelope:
     identity: bytes
     internal: bool
     user: str | None
+    principal: str = ""
 
 
 def _bytes(frame: Any) -> bytes:
@@ -85,25 +87,25 @@ def read_payload(frames: Sequence[Any]) -> dict[str, Any]:
 
 def request_frames(envelope: Envelope, body: Sequence[Any]) -> list[Any]:
     """REQUEST: tag, command, seq (8 bytes, big-endian), identity, flags (1 byte), user (UTF-8,
-    empty = none), then the robot's frames."""
+    empty = none), principal (UTF-8, empty = the identity), then the robot's frames."""
     flags = bytes([INTERNAL if envelope.internal else 0])
-    user = (envelope.user or "").encode()
-    return message(REQUEST, _SEQ.pack(envelope.seq), envelope.identity, flags, user, *body)
+    user, principal = (envelope.user or "").encode(), envelope.principal.encode()
+    return message(REQUEST, _SEQ.pack(envelope.seq), envelope.identity, flags, user, principal, *body)
 
 
 def read_request(frames: Sequence[Any]) -> tuple[Envelope, list[Any]]:
     """(envelope, the robot's frames) of a REQUEST's frames after the command."""
-    if len(frames) < 5:
-        raise FleetProtocolError("a REQUEST has seq, identity, flags, user and at least one frame")
+    if len(frames) < 6:
+        raise FleetProtocolError("a REQUEST has seq, identity, flags, user, principal and at least one frame")
     seq = read_seq(frames[0])
-    identity, flags, user = _bytes(frames[1]), _bytes(frames[2]), _bytes(frames[3])
-    if not 0 < len(identity) <= 255 or len(flags) != 1 or len(user) > MAX_USER_BYTES:
-        raise FleetProtocolError("a REQUEST envelope has a bad identity, flags or user")
+    identity, flags, user, principal = (_bytes(f) for f in frames[1:5])
+    if not 0 < len(identity) <= 255 or len(flags) != 1 or len(user) > MAX_USER_BYTES or len(principal) > MAX_USER_BYTES:
+        raise FleetProtocolError("a REQUEST envelope has a bad identity, flags, user or principal")
     try:
-        name = user.decode() if user else None
+        name, who = (user.decode() if user else None), principal.decode()
     except UnicodeDecodeError:
-        raise FleetProtocolError("a REQUEST's user is not UTF-8") from None
-    return Envelope(seq, identity, bool(flags[0] & INTERNAL), name), list(frames[4:])
+        raise FleetProtocolError("a REQUEST's user or principal is not UTF-8") from None
+    return Envelope(seq, identity, bool(flags[0] & INTERNAL), name, who), list(frames[5:])
 
 
 def reply_frames(seq: int, reply: Sequence[Any]) -> list[Any]:
@@ -116,3 +118,19 @@ def read_seq(frame: Any) -> int:
     if len(raw) != _SEQ.size:
         raise FleetProtocolError(f"seq must be {_SEQ.size} bytes")
     return _SEQ.unpack(raw)[0]
+
+
+def read_status(status: dict[str, Any]) -> dict[str, Any]:
+    """What a worker's HEARTBEAT says of its load (the figures `ping` adds up), checked: counts are
+    integers >= 0, health a bool. Raises `FleetProtocolError`."""
+    out: dict[str, Any] = {}
+    for key in ("sessions", "refreshing", "in_flight"):
+        value = status.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+            raise FleetProtocolError(f"HEARTBEAT's {key} must be an integer >= 0")
+        out[key] = value
+    healthy = status.get("healthy", True)
+    if not isinstance(healthy, bool):
+        raise FleetProtocolError("HEARTBEAT's healthy must be a bool")
+    out["healthy"] = healthy
+    return out

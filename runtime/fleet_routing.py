@@ -8,8 +8,9 @@ requests in flight, which the broker answers `unavailable`. The table also remem
 interval each robot last set, so the broker can hand it to the robot's new worker with the robot's
 first request there (`take_refresh`): a client that set it once keeps its refreshes through a move.
 
-Everything is bounded: workers (`max_workers`), robots remembered (`max_robots`, least recently
-seen forgotten first: a forgotten robot is placed again like a new one). No sockets and no clock of
+Everything is bounded: workers (`max_workers`, and `max_per_principal` for one worker key or
+address, so that no one key or host can fill the table), robots remembered (`max_robots`, least
+recently seen forgotten first: a forgotten robot is placed again like a new one). No sockets and no clock of
 its own: the broker passes `now`, so tests step it.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from typing import Any
 
 from runtime.fleet_heartbeat import DEFAULT_INTERVAL_S, DEFAULT_MISSES, Liveness
@@ -31,6 +33,8 @@ class InFlight:
     client: bytes  # the robot's routing identity there
     request_id: Any
     robot: str
+    principal: str = ""  # whom it counts against (`transport.zmq_server.Peer.who`)
+    sent: float = 0.0  # when it went to the worker (the broker's clock)
 
 
 @dataclasses.dataclass(eq=False)
@@ -40,6 +44,7 @@ class Worker:
     capacity: int
     liveness: Liveness
     info: dict[str, Any]  # what the worker's own `ping` said in READY
+    principal: str = ""  # its CURVE key, else its address
     status: dict[str, Any] = dataclasses.field(default_factory=dict)  # its latest HEARTBEAT
     robots: set[str] = dataclasses.field(default_factory=set)
     in_flight: dict[int, InFlight] = dataclasses.field(default_factory=dict)
@@ -56,8 +61,10 @@ class WorkerTable:
         max_robots: int = 4096,
         interval_s: float = DEFAULT_INTERVAL_S,
         misses: int = DEFAULT_MISSES,
+        max_per_principal: int = 16,
     ):
         self.max_workers = max_workers
+        self.max_per_principal = max_per_principal
         self.max_robots = max_robots
         self.interval_s = interval_s
         self.misses = misses
@@ -70,15 +77,21 @@ class WorkerTable:
 
     # ------------------------------------------------------------------ workers
 
-    def join(self, identity: bytes, name: str, capacity: int, info: dict[str, Any], now: float) -> Worker:
+    def join(
+        self, identity: bytes, name: str, capacity: int, info: dict[str, Any], now: float, principal: str = ""
+    ) -> Worker:
         """Adds a worker that sent READY (again: a worker that reconnected starts afresh). Raises
-        `OverflowError` when the table is full."""
+        `OverflowError` when the table, or the share of `principal` (the worker's key, else its
+        address), is full."""
         old = self.workers.pop(identity, None)
         if old is not None:
             self._release(old)
         if len(self.workers) >= self.max_workers:
             raise OverflowError(f"the broker holds {self.max_workers} workers, its limit")
-        worker = Worker(identity, name, max(1, capacity), Liveness.starting(now, self.interval_s, self.misses), info)
+        if principal and sum(w.principal == principal for w in self.workers.values()) >= self.max_per_principal:
+            raise OverflowError(f"{self.max_per_principal} workers of the same key or address are joined, the limit")
+        liveness = Liveness.starting(now, self.interval_s, self.misses)
+        worker = Worker(identity, name, max(1, capacity), liveness, info, principal)
         self.workers[identity] = worker
         return worker
 
@@ -169,6 +182,15 @@ class WorkerTable:
 
     def in_flight(self) -> int:
         return sum(len(w.in_flight) for w in self.workers.values())
+
+    def overdue(self, sent_before: float) -> list[tuple[Worker, InFlight]]:
+        """Takes out and returns the requests sent to a worker before `sent_before` and not answered."""
+        late = []
+        for worker in self.workers.values():
+            flights = worker.in_flight  # in the order they were sent
+            seqs = list(itertools.takewhile(lambda seq, f=flights: f[seq].sent < sent_before, flights))
+            late += [(worker, flights.pop(seq)) for seq in seqs]
+        return late
 
     def replied(self, identity: bytes, seq: int) -> InFlight | None:
         """The request a REPLY answers (None: unknown worker, or answered already)."""

@@ -40,7 +40,7 @@ from robots.adapters import ADAPTERS
 from runtime.fleet_front import add_fleet_arguments, check_fleet_arguments, is_front, join_link, serve_front
 from runtime.gateways import GatewayProcess
 from runtime.service import InferenceBackend, PolicyService, ServiceLimits
-from transport import curve
+from transport import curve, logs
 from transport.supervise import supervise
 from transport.ws_common import read_token, tls_context
 from transport.zmq_server import ZmqServer, ZmqServerSettings
@@ -120,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=positive(float), default=5.0, help="seconds a request may wait for the model")
     p.add_argument("--max-queue", type=positive(int), default=256, help="requests queued for the model (more: busy)")
     p.add_argument("--max-sessions", type=positive(int), default=1024, help="robot sessions held in all")
-    p.add_argument("--max-sessions-per-peer", type=positive(int), default=16, help="robot sessions per client")
+    p.add_argument(
+        "--max-sessions-per-peer",
+        type=positive(int),
+        default=64,
+        help="robot sessions per client: its CURVE key, else its address (past it, its least recent session ends)",
+    )
     p.add_argument(
         "--min-refresh-interval", type=positive(float), default=0.1, help="shortest subtask refresh interval, seconds"
     )
@@ -149,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no model: check each request and answer a fixed chunk of zeros (wiring and transport tests)",
     )
+    p.add_argument(
+        "--fixed-reply-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --fixed-reply: answer after this long, as a model would (default 0)",
+    )
     p.add_argument("--demo", action="store_true", help="also drive the simulated arm through the ZMQ endpoints")
     p.add_argument(
         "--demo-duration", type=float, default=None, help="seconds of demo, then exit (default: until Ctrl-C)"
@@ -169,6 +181,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--demo runs without keys: it cannot be combined with --curve-secret")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    if args.fixed_reply_delay and not args.fixed_reply:
+        parser.error("--fixed-reply-delay goes with --fixed-reply")
+    if not 0 <= args.fixed_reply_delay <= 60:
+        parser.error("--fixed-reply-delay must be between 0 and 60 seconds")
     check_fleet_arguments(parser, args, sys.argv[1:] if argv is None else list(argv))
     if args.random_weights and args.checkpoint:
         parser.error("--random-weights and --checkpoint contradict each other")
@@ -322,7 +338,7 @@ async def serve(
                 pub_endpoints=tuple(pub_endpoints),
                 curve=curve_keys,
             ),
-            lambda peer, request: service.handle(peer.identity, request, peer.user),
+            lambda peer, request: service.handle(peer.who, request, peer.user),
         )
         zmq_server.bind()
         closers.append(zmq_server.close)
@@ -337,7 +353,7 @@ async def serve(
         if backend is None and args.fixed_reply:
             from runtime.fixed_backend import FixedBackend
 
-            backend = FixedBackend(args.config, args.image_resolutions)
+            backend = FixedBackend(args.config, args.image_resolutions, args.fixed_reply_delay)
         if backend is None:
             from policy import jax_setup
 
@@ -463,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # A fleet worker's lines name it (and its `ready` is not its front host's, which shares the log).
     who = f"%(name)s@{args.worker_name or 'worker'}" if args.join else "%(name)s"
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s {who}: %(message)s")
+    logs.configure(args.log_level, f"%(asctime)s %(levelname)s {who}: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         asyncio.run(serve(args))

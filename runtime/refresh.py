@@ -94,7 +94,7 @@ class RefreshScheduler:
     @staticmethod
     def _log_failure(task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("refresh ticker %s died", task.get_name(), exc_info=task.exception())
+            log.error("refresh ticker %r died", task.get_name(), exc_info=task.exception())
 
     def forget(self, key: str) -> None:
         """Clears the refresh and the last value (the session is gone)."""
@@ -137,7 +137,7 @@ class RefreshScheduler:
             raise
         except Exception as e:
             state.failures += 1
-            log.warning("subtask refresh of %s failed: %s", key, e)
+            log.warning("subtask refresh of %r failed: %s", key, e)
             return
         if result is None:
             return

@@ -3,10 +3,14 @@
 A session per robot (each WebSocket connection is one, through its gateway) keeps the latest
 observation, prompt and options that refreshes reuse. Every request is validated in full before it
 changes anything: a rejected request leaves the session as it was. What a client can make the
-server hold is bounded: a stored observation is reduced to the model's input resolution, a peer
-holds a bounded number of sessions and the table as a whole too, and the refresh interval has a
-floor. Sessions end by `bye`, by disconnect (a refreshing robot whose refresh topic has lost its
-subscribers and that has gone quiet) and by silence.
+server hold is bounded: a stored observation is reduced to the model's input resolution, a
+principal (its CURVE key, else its address: what a client cannot choose freely, unlike its robot
+names and identities) holds a bounded number of sessions and the table as a whole too, and the
+refresh interval has a floor. The bounds recover instead of locking: a new robot past a bound takes
+the place of a session of the principal holding the most, one without a listener on its refresh
+topic first, then the one heard from longest ago. Sessions end by `bye`, by disconnect (a refreshing
+robot whose refresh topic has lost its subscribers and that has gone quiet), by silence and by
+such eviction.
 
 The backend is the engine (`policy.engine.AsyncPi05Inference`) or anything with its calls.
 """
@@ -52,7 +56,7 @@ class ServiceLimits:
     """What one client can make the server hold; each is a `policy_server` flag."""
 
     max_sessions: int = 1024
-    max_sessions_per_peer: int = 16
+    max_sessions_per_peer: int = 64  # per principal: a CURVE key, else a client address
     min_refresh_interval_s: float = 0.1
     # A refreshing robot with no subscriber on its topic expires after this many intervals of
     # silence (at least `min_expiry_s`); any session expires after `session_ttl_s` of silence.
@@ -64,7 +68,7 @@ class ServiceLimits:
 @dataclasses.dataclass
 class Session:
     key: str
-    peer: bytes
+    principal: str
     observation: Observation | None = None
     prompt: str | None = None
     options: Options = dataclasses.field(default_factory=Options)
@@ -100,6 +104,7 @@ class PolicyService:
         self._clock = clock
         self._started = clock()
         self.expired = 0
+        self.evicted = 0
         # Requests being served per session: a session that ends takes its requests with it, so a
         # client that leaves does not leave model work behind.
         self._running: dict[str, set[asyncio.Task]] = {}
@@ -129,7 +134,7 @@ class PolicyService:
                 if silent > max(self.limits.expiry_intervals * interval, self.limits.min_expiry_s):
                     gone.append(key)
         for key in gone:
-            log.info("session %s expired (gone quiet%s)", key, "" if self._subscribers(key) else ", no subscriber")
+            log.info("session %r expired (gone quiet%s)", key, "" if self._subscribers(key) else ", no subscriber")
             self.drop_session(key)
         self.expired += len(gone)
         return gone
@@ -140,28 +145,40 @@ class PolicyService:
             await asyncio.sleep(period_s)
             self.expire()
 
-    def _make_room(self, peer: bytes) -> None:
-        """Raises `busy` when a new session from `peer` would exceed a limit (idle ones are evicted)."""
-        owned = [s for s in self.sessions.values() if s.peer == peer]
-        if len(owned) >= self.limits.max_sessions_per_peer:
-            raise TransportError(
-                f"this client holds {len(owned)} robot sessions, the limit; send 'bye' for robots that are done",
-                "busy",
-            )
-        if len(self.sessions) < self.limits.max_sessions:
+    def _make_room(self, principal: str) -> None:
+        """Frees a place for a new session of `principal` when it would pass a bound: a session of
+        its own at its cap, else, with the table full, one of the principal holding the most. A
+        session with a request being served is not taken (its robot is waiting for the reply): when
+        every candidate has one, the new robot gets `busy` until one is answered (within the
+        engine's deadline), so the table is never locked for long."""
+        owned: dict[str, list[Session]] = {}
+        for session in self.sessions.values():
+            owned.setdefault(session.principal, []).append(session)
+        if len(owned.get(principal, ())) >= self.limits.max_sessions_per_peer:
+            candidates, whose = owned[principal], "this client's"
+        elif len(self.sessions) >= self.limits.max_sessions:
+            candidates, whose = max(owned.values(), key=len), "the server's"
+        else:
             return
-        idle = [s for s in self.sessions.values() if self.scheduler.interval(s.key) is None]
+        idle = [s for s in candidates if s.key not in self._running]
         if not idle:
             raise TransportError(
-                f"the server holds {self.limits.max_sessions} sessions with refreshes, its limit", "busy"
+                f"{whose} {len(candidates)} robot sessions all have requests being served; retry shortly", "busy"
             )
-        self.drop_session(min(idle, key=lambda s: s.last_seen).key)
+        victim = min(idle, key=lambda s: (self._subscribers(s.key) > 0, s.last_seen))
+        log.info(
+            "session %r of %r ends to make room for a new robot of %r (%d sessions held in all)",
+            victim.key, victim.principal, principal, len(self.sessions),
+        )  # fmt: skip
+        self.drop_session(victim.key)
+        self.evicted += 1
 
     # ------------------------------------------------------------------ requests
 
-    async def handle(self, peer: bytes, request: Request, user: str | None = None) -> Reply:
-        """`user` is the peer's authenticated key under CURVE: a robot's session (and refresh
-        topic) is then `user/robot`, out of reach of every other key."""
+    async def handle(self, principal: str, request: Request, user: str | None = None) -> Reply:
+        """`principal` is whom the request counts against (`transport.zmq_server.Peer.who`); `user`
+        is the peer's authenticated key under CURVE: a robot's session (and refresh topic) is then
+        `user/robot`, out of reach of every other key."""
         key = session_key(user, request.robot)
         if request.type == PING:
             return self.ping(), {}
@@ -173,9 +190,9 @@ class PolicyService:
         prompt, options = self._validate(session, request)
         # Validated: from here on the request changes the session.
         if session is None:
-            self._make_room(peer)
-            session = self.sessions[key] = Session(key, peer)
-        session.peer, session.last_seen = peer, self._clock()
+            self._make_room(principal)
+            session = self.sessions[key] = Session(key, principal)
+        session.principal, session.last_seen = principal, self._clock()
         if request.observation is not None:
             images = await self.backend.prepare_images(request.observation.images)
             session.observation = dataclasses.replace(request.observation, images=images)
@@ -306,6 +323,7 @@ class PolicyService:
                 "sessions": len(self.sessions),
                 "refreshing": self.scheduler.active(),
                 "expired_sessions": self.expired,
+                "evicted_sessions": self.evicted,
                 "min_refresh_interval_s": self.limits.min_refresh_interval_s,
             },
             "model": self.backend.info(),

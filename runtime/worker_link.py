@@ -46,6 +46,7 @@ from runtime.fleet_protocol import (
 )
 from runtime.service import PolicyService
 from transport import curve
+from transport.subscriptions import FROM_BROKER, SubscriptionBook, configure_xpub
 from transport.supervise import supervise
 from transport.zmq_reader import SocketReader
 from transport.zmq_server import Peer, Publisher, ZmqServer
@@ -105,12 +106,14 @@ class WorkerLink:
         self._refused: str | None = None  # why the broker refused the last handshake, if it did
         self._reader: SocketReader | None = None
         self._xpub = self._ctx.socket(zmq.XPUB)
-        self._xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+        configure_xpub(self._xpub, zap_domain=None)  # it connects: the broker's side names connections
         self._xpub.setsockopt(zmq.SNDHWM, hwm)
         self._xpub.setsockopt(zmq.LINGER, 0)
         if keys is not None:
             curve.apply_client(self._xpub, keys)
-        self.publisher = Publisher(self._xpub, max_cached_topics)
+        # Its one subscriber is the broker, which bounds the robots' subscriptions and forwards each
+        # topic's first and last: the topic count is the only bound that matters here.
+        self.publisher = Publisher(self._xpub, max_cached_topics, SubscriptionBook(self._xpub, FROM_BROKER))
         self._pub_reader: SocketReader | None = None
         self._pub_endpoint: str | None = None
         self._service: PolicyService | None = None
@@ -265,7 +268,7 @@ class WorkerLink:
             self._liveness.heard(self._now())
             if command == REQUEST:
                 envelope, body = read_request(rest)
-                peer = Peer(envelope.identity, envelope.internal, envelope.user)
+                peer = Peer(envelope.identity, envelope.internal, envelope.user, envelope.principal)
                 assert self.socket is not None
                 self._server.receive(peer, body, _ReplySink(self, envelope.seq, self.socket))
             elif command == READY:

@@ -1,12 +1,12 @@
 """ZeroMQ CURVE for the policy server's ZMQ sockets: keys, socket options, the allow-list, identities.
 
-CURVE authenticates both ends and encrypts the connection; the allow-list is enforced by pyzmq's own
-ZAP authenticator (`zmq.auth.thread.ThreadAuthenticator`), not by checks of ours: a client whose
-public key is not in the clients folder fails the handshake, so the server never sees a byte from
-it. The authenticator gives every accepted connection a User-Id, the Z85 text of the client's
-public key, which libzmq attaches to each message received on it (`user_id`); the server binds a
-robot's session and refresh topic to it (`session_key`), so a robot cannot reach another robot's
-session by naming it.
+CURVE authenticates both ends and encrypts the connection; the allow-list is enforced during the
+handshake by the context's ZAP handler (`transport.zap`, which also names each connection): a client
+whose public key is not in the clients folder fails the handshake, so the server never sees a byte
+from it. The handler gives every accepted connection a User-Id, the Z85 text of the client's public
+key, which libzmq attaches to each message received on it (`user_id`); the server binds a robot's
+session and refresh topic to it (`session_key`), so a robot cannot reach another robot's session by
+naming it.
 
 Keys are ZeroMQ certificate files as `zmq.auth.create_certificates` writes them (`python -m
 runtime.keys`): `NAME.key` holds the public key, `NAME.key_secret` both. Every loader raises
@@ -19,7 +19,6 @@ server's internal `ipc://` XPUB endpoint, reached only by its own gateways).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import stat
@@ -27,15 +26,17 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
+
+from transport import zap
+from transport.zap import ZapHandler
 
 log = logging.getLogger(__name__)
 
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 USER_CHARS = 40  # Z85 text of a 32-byte key: the User-Id pyzmq's authenticator gives
-DEFAULT_DOMAIN = "*"  # pyzmq's name for the ZAP domain of sockets that set none
+DEFAULT_DOMAIN = zap.DEFAULT_DOMAIN
 
 
 class CurveError(ValueError):
@@ -148,21 +149,23 @@ def apply_client(socket: zmq.Socket, keys: ClientKeys) -> None:
     socket.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
 
 
-def start_authenticator(context: zmq.Context, keys: ServerKeys, domain: str = DEFAULT_DOMAIN) -> ThreadAuthenticator:
-    """pyzmq's ZAP handler for every CURVE socket of `context`, admitting the keys in
-    `keys.clients_dir` (as they were at start; `stop()` it when the context closes) to the sockets
-    of `domain`."""
-    auth = ThreadAuthenticator(context, log=logging.getLogger("transport.curve.zap"))
-    auth.start()
-    allow(auth, keys, domain)
-    return auth
+def start_authenticator(context: zmq.Context, keys: ServerKeys | None = None, *domains: str) -> ZapHandler:
+    """The ZAP handler of `context` (`stop()` it before the context closes), admitting the keys in
+    `keys.clients_dir` (as they are now) to the sockets of each of `domains` (the default one
+    without any)."""
+    handler = ZapHandler(context)
+    handler.start()
+    if keys is not None:
+        for domain in domains or (DEFAULT_DOMAIN,):
+            allow(handler, keys, domain)
+    return handler
 
 
-def allow(auth: ThreadAuthenticator, keys: ServerKeys, domain: str) -> None:
-    """A second allow-list on a context's authenticator (a context has one), for the sockets that
-    `apply_server` gave this ZAP domain: pyzmq looks a domain's keys up by its exact name, so each
-    admits only its own folder's keys (a broker's workers and its robots)."""
-    auth.configure_curve(domain=domain, location=str(keys.clients_dir))
+def allow(handler: ZapHandler, keys: ServerKeys, domain: str) -> None:
+    """An allow-list on a context's ZAP handler (a context has one), for the sockets that
+    `apply_server` gave this ZAP domain: each domain admits only its own folder's keys (a broker's
+    workers and its robots)."""
+    handler.allow(domain, keys.clients_dir)
 
 
 def user_id(frame: zmq.Frame) -> str | None:
@@ -170,7 +173,7 @@ def user_id(frame: zmq.Frame) -> str | None:
     client's public key under CURVE; None on a plain connection, or for a message libzmq made
     itself (an XPUB's unsubscription when a subscriber left)."""
     try:
-        return frame.get("User-Id")
+        return frame.get("User-Id") or None
     except zmq.ZMQError:
         return None
 
@@ -179,59 +182,3 @@ def session_key(user: str | None, robot: str) -> str:
     """A robot's session key and refresh topic: its name on a plain connection, `user/robot` under
     CURVE. The user is always 40 characters, so no robot name can make one user's key another's."""
     return robot if user is None else f"{user}/{robot}"
-
-
-class SubscriptionGate:
-    """Which subscriptions an XPUB in manual mode (`XPUB_MANUAL`) applies, for a publisher whose
-    topics are session keys: under CURVE a subscriber may subscribe only to its own `user/`
-    prefix (the catch-all empty subscription included, it is refused); a plain connection (the
-    server's own gateways, over `ipc://`) to anything.
-
-    `admit(frame)` applies an accepted (un)subscription to the socket and says whether the
-    publisher should count it. A refused subscription stays in libzmq's record of the subscriber,
-    which reports it as an unsubscription without any User-Id when that subscriber leaves: those
-    are set against the refused ones first, so a refused subscriber leaving can never lower the
-    count of a topic someone holds (the count may stay high instead: that session then ends by
-    its silence timeout). Explicit unsubscriptions of refused topics are ignored for the same
-    reason. `max_refused` bounds what is remembered; past it, a subscriber leaving lowers no
-    count (still never too low)."""
-
-    def __init__(self, socket: zmq.Socket, max_refused: int = 65536):
-        self._socket = socket
-        self._max_refused = max_refused
-        self._refused: collections.Counter[bytes] = collections.Counter()
-        self._forgetful = False
-        self.refused = 0
-
-    @property
-    def held_refused(self) -> int:
-        """Refused subscriptions whose subscribers have not (as far as is known) left."""
-        return sum(self._refused.values())
-
-    def admit(self, frame: zmq.Frame) -> bool:
-        msg = frame.bytes
-        subscribe, topic = msg[0] == 1, msg[1:]
-        user = user_id(frame)
-        own = user is None or topic.startswith(f"{user}/".encode())
-        if subscribe:
-            if own:
-                self._socket.setsockopt(zmq.SUBSCRIBE, topic)
-                return True
-            self.refused += 1
-            log.info("refused user %s a subscription to %r: not its own topic", user, topic[:60])
-            if topic in self._refused or len(self._refused) < self._max_refused:
-                self._refused[topic] += 1
-            else:
-                self._forgetful = True
-            return False
-        if user is not None:  # an explicit unsubscription from a CURVE subscriber
-            if own:
-                self._socket.setsockopt(zmq.UNSUBSCRIBE, topic)
-            return own
-        if self._refused[topic] > 0:
-            self._refused[topic] -= 1
-            if not self._refused[topic]:
-                del self._refused[topic]
-            return False
-        self._socket.setsockopt(zmq.UNSUBSCRIBE, topic)  # a gateway's own; a no-op for one that left
-        return not self._forgetful

@@ -16,14 +16,22 @@ thread), read by an event-loop reader on their file descriptor that drains every
 pyzmq's asyncio futures cost more per message than the rest of the server's work together.
 
 The XPUB publishes refreshes with the robot id as topic and keeps the last message of each topic
-(the ZeroMQ guide's last-value cache, bounded): a subscriber that joins late gets it at once. It
-runs verbose for subscriptions and unsubscriptions, so the server knows how many subscribers each
-robot's topic has: a SUB that disconnects (its process exited or was killed) unsubscribes.
+(the ZeroMQ guide's last-value cache, bounded): a subscriber of a robot's exact topic that joins late
+gets its last message at once. Subscriptions are input like requests: the XPUB runs in manual mode
+and every (un)subscription goes through a `SubscriptionBook` (`transport.subscriptions`: bounded
+length, count and rate, per principal, an unsubscription lowers only its own principal's count), so
+the server knows how many subscribers each robot's topic has: a SUB that disconnects (its process
+exited or was killed) unsubscribes. The addresses that flood subscriptions lose their connections
+(`transport.connections`), and memory freed by subscribers that leave goes back to the system.
+
+Each request is attributed to a principal: its CURVE key, else its connection's peer address (a
+gateway's connection: its own name). In-flight caps apply per peer identity, per principal and in all;
+`ping` is exempt from them, so a health check answers under load.
 
 With `ZmqServerSettings.curve` the public ROUTER and the XPUB's tcp endpoints are CURVE servers
 behind pyzmq's ZAP authenticator (`transport.curve`): a peer whose key is not allowed never gets
-a message through. Each request's `Peer.user` is its connection's User-Id, and the XPUB runs in
-manual mode so that a subscriber is subscribed only to topics of its own user.
+a message through. Each request's `Peer.user` is its connection's User-Id, and a subscriber may
+hold only topics of its own user.
 """
 
 from __future__ import annotations
@@ -42,8 +50,11 @@ import numpy as np
 import zmq
 
 from transport import codec, curve
+from transport.connections import Connections
 from transport.errors import ProtocolError, TransportError
-from transport.messages import ERROR, REPLY_TYPE, Request, build_request
+from transport.heap import HeapTrimmer
+from transport.messages import ERROR, PING, REPLY_TYPE, Request, build_request
+from transport.subscriptions import SUBSCRIBERS_DOMAIN, SubscriptionBook, SubscriptionLimits, configure_xpub
 from transport.zmq_reader import SocketReader
 
 log = logging.getLogger(__name__)
@@ -59,6 +70,26 @@ class Peer:
     internal: bool = False
     # The ZAP User-Id under CURVE: the client's public key, Z85 (40 chars); None without CURVE.
     user: str | None = None
+    # Whom its sessions and requests count against (`principal`); empty: its identity.
+    principal: str = ""
+
+    @property
+    def who(self) -> str:
+        return self.principal or f"@{self.identity.hex()}"
+
+
+def principal_of(frame: zmq.Frame, internal: bool, user: str | None) -> str:
+    """A request's principal: the CURVE key under CURVE, else the connection's peer address (a TCP
+    client's IP), which a client cannot choose as it chooses its identity and robot names. A gateway's
+    connection (internal) is its own principal: the gateway bounds its connections itself."""
+    if internal:
+        return ""
+    if user is not None:
+        return user
+    try:
+        return frame.get("Peer-Address") or ""
+    except zmq.ZMQError:
+        return ""
 
 
 Handler = Callable[[Peer, Request], Awaitable[Reply]]
@@ -73,34 +104,50 @@ class ZmqServerSettings:
     hwm: int = 1000
     max_in_flight: int = 256
     max_in_flight_per_peer: int = 16
+    max_in_flight_per_principal: int = 128  # a host's (or a key's) robots together
     # A gateway peer is one WebSocket connection; a JSON batch holds up to this many requests.
     max_in_flight_per_internal_peer: int = 64
     max_cached_topics: int = 4096  # last-value cache entries (one per robot with a refresh)
+    subscriptions: SubscriptionLimits = dataclasses.field(default_factory=SubscriptionLimits)
     # CURVE with an allow-list on the public ROUTER and the XPUB's tcp endpoints (the internal
     # ROUTER and ipc endpoints stay plain: only this server's gateways reach them).
     curve: curve.ServerKeys | None = None
 
 
 class Publisher:
-    """XPUB with a bounded last-value cache per topic and a subscriber count per topic."""
+    """XPUB with a bounded last-value cache per topic; its subscriptions are counted by `book`.
 
-    def __init__(self, socket: zmq.Socket, max_topics: int, gate: curve.SubscriptionGate | None = None):
+    A topic's last value is replayed at most once per `REPLAY_GAP_S`: it goes to every subscriber of
+    the topic (who drop a copy by its `seq`), so a subscriber toggling a robot's topic must not make
+    the robot's own listener receive it again and again."""
+
+    REPLAY_GAP_S = 0.5
+
+    def __init__(
+        self,
+        socket: zmq.Socket,
+        max_topics: int,
+        book: SubscriptionBook,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._socket = socket
         self._max_topics = max_topics
-        self._gate = gate  # under CURVE: the socket is XPUB_MANUAL and the gate applies subscriptions
-        self._last: collections.OrderedDict[bytes, list[bytes]] = collections.OrderedDict()
-        self._subscribers: Counter[bytes] = Counter()
+        self.book = book
+        self._clock = clock
+        # topic -> (its last message's frames, when it was last replayed)
+        self._last: collections.OrderedDict[bytes, tuple[list[bytes], float]] = collections.OrderedDict()
+        self._trimmer = HeapTrimmer()
         self.published = 0
         self.dropped = 0
 
     def subscribers(self, topic: str) -> int:
         """Subscriptions to exactly `topic`: a robot's own listener. A prefix subscription (a monitor
         listening to every robot) says nothing about whether that robot is still there."""
-        return self._subscribers.get(topic.encode(), 0)
+        return self.book.subscribers(topic.encode())
 
     def subscriptions(self) -> dict[bytes, int]:
-        """Every subscription prefix and how many subscribers hold it."""
-        return dict(self._subscribers)
+        """Every subscription prefix and how many subscriptions hold it."""
+        return self.book.subscriptions()
 
     def forget(self, topic: str) -> None:
         """Drops the topic's last value (its session is gone)."""
@@ -108,7 +155,7 @@ class Publisher:
 
     async def publish(self, topic: str, payload: dict[str, Any]) -> None:
         frames = [topic.encode(), msgpack.packb({"v": codec.PROTOCOL_VERSION, **payload}, use_bin_type=True)]
-        self._last[frames[0]] = frames
+        self._last[frames[0]] = (frames, -float("inf"))
         self._last.move_to_end(frames[0])
         while len(self._last) > self._max_topics:
             self._last.popitem(last=False)
@@ -123,22 +170,16 @@ class Publisher:
             log.warning("refresh publisher is at its high-water mark; dropped a message")
 
     def on_subscription(self, frames: list) -> None:
-        """Counts (un)subscriptions; replays the last value of every topic a new subscription covers."""
-        msg = frames[0].bytes
-        if not msg or msg[0] not in (0, 1):
-            return
-        if self._gate is not None and not self._gate.admit(frames[0]):
-            return
-        prefix = msg[1:]
-        if msg[0] == 0:
-            self._subscribers[prefix] -= 1
-            if self._subscribers[prefix] <= 0:
-                del self._subscribers[prefix]
-            return
-        self._subscribers[prefix] += 1
-        for topic, frames_ in list(self._last.items()):
-            if topic.startswith(prefix):
-                self._send(frames_)
+        """Counts (un)subscriptions; a new subscription of a topic with a last value gets it at once."""
+        departures = self.book.departures
+        for change in self.book.handle(frames[0]):
+            last = self._last.get(change.topic) if change.subscribed else None
+            now = self._clock()
+            if last is not None and now - last[1] >= self.REPLAY_GAP_S:
+                self._last[change.topic] = (last[0], now)
+                self._send(last[0])
+        if self.book.departures != departures:
+            self._trimmer.freed()
 
 
 class ZmqServer:
@@ -148,13 +189,17 @@ class ZmqServer:
         self.settings = settings
         self._handler = handler
         self._ctx = zmq.Context()
-        self._auth = curve.start_authenticator(self._ctx, settings.curve) if settings.curve else None
+        # The ZAP handler admits CURVE keys (robots' requests and subscriptions) and names the XPUB's
+        # connections (`transport.subscriptions`).
+        self._auth = curve.start_authenticator(self._ctx, settings.curve, curve.DEFAULT_DOMAIN, SUBSCRIBERS_DOMAIN)
         self._routers: list[tuple[zmq.Socket, bool]] = []
         self._xpub: zmq.Socket | None = None
+        self.connections: Connections | None = None  # the XPUB's tcp subscribers, to cut floods
         self.publisher: Publisher | None = None
         self._tasks: set[asyncio.Task] = set()
         self._readers: dict[zmq.Socket, SocketReader] = {}
         self._in_flight: Counter[bytes] = Counter()
+        self._by_principal: Counter[str] = Counter()
         self.router_endpoint: str | None = None
         self.internal_endpoint: str | None = None
         self.pub_endpoints: list[str] = []
@@ -175,19 +220,18 @@ class ZmqServer:
                         self.router_endpoint = bound
             if s.pub_endpoints:
                 xpub = self._xpub = self._ctx.socket(zmq.XPUB)
-                xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+                configure_xpub(xpub)
                 xpub.setsockopt(zmq.SNDHWM, s.hwm)
                 xpub.setsockopt(zmq.LINGER, 0)
-                if s.curve:
-                    xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+                self.connections = Connections(xpub)
                 # Local endpoints first: CURVE applies to the endpoints bound after it is set.
                 for endpoint in sorted(s.pub_endpoints, key=lambda e: e.startswith("tcp://")):
                     if s.curve and endpoint.startswith("tcp://") and not xpub.getsockopt(zmq.CURVE_SERVER):
                         curve.apply_server(xpub, s.curve)
                     xpub.bind(endpoint)
                     self.pub_endpoints.append(xpub.getsockopt_string(zmq.LAST_ENDPOINT))
-                gate = curve.SubscriptionGate(xpub) if s.curve else None
-                self.publisher = Publisher(xpub, s.max_cached_topics, gate)
+                book = SubscriptionBook(xpub, s.subscriptions, own_prefix=bool(s.curve), cut=self.connections.cut)
+                self.publisher = Publisher(xpub, s.max_cached_topics, book)
         except zmq.ZMQError:
             self._close_sockets()
             raise
@@ -218,10 +262,13 @@ class ZmqServer:
             self._readers[router] = SocketReader(
                 loop, router, lambda frames, r=router, i=internal: self._receive(r, i, frames)
             )
-        if self._xpub is not None and self.publisher is not None:
-            publisher = self.publisher
+        if self._xpub is not None and self.publisher is not None and self.connections is not None:
+            publisher, connections = self.publisher, self.connections
             self._readers[self._xpub] = SocketReader(
                 loop, self._xpub, lambda frames: self._guard(publisher.on_subscription, frames)
+            )
+            self._readers[connections.monitor] = SocketReader(
+                loop, connections.monitor, lambda frames: self._guard(connections.on_event, frames)
             )
 
     def _guard(self, handle: Callable[[list], None], frames: list) -> None:
@@ -260,6 +307,9 @@ class ZmqServer:
     def _close_sockets(self) -> None:
         for sock, _ in self._routers:
             sock.close(linger=0)
+        if self.connections is not None:
+            self.connections.close()
+            self.connections = None
         if self._xpub is not None:
             self._xpub.close(linger=0)
         self._routers, self._xpub = [], None
@@ -271,7 +321,7 @@ class ZmqServer:
     def _receive(self, router: zmq.Socket, internal: bool, frames: list) -> None:
         # Under CURVE every message on the public ROUTER carries its connection's ZAP User-Id.
         user = None if internal or not self.settings.curve else curve.user_id(frames[-1])
-        peer = Peer(frames[0].bytes, internal, user)
+        peer = Peer(frames[0].bytes, internal, user, principal_of(frames[-1], internal, user))
         self.receive(peer, frames[1:], router)
 
     def receive(self, peer: Peer, body: list, router: Any) -> None:
@@ -288,34 +338,39 @@ class ZmqServer:
             log.exception("unexpected failure decoding a message from %s", peer.identity.hex())
             self._reject(router, peer, body, TransportError(f"internal error: {type(e).__name__}"))
             return
-        self._in_flight[peer.identity] += 1
-        task = asyncio.create_task(self._serve(router, peer, request, received))
+        counted = request.type != PING
+        if counted:
+            self._in_flight[peer.identity] += 1
+            self._by_principal[peer.who] += 1
+        task = asyncio.create_task(self._serve(router, peer, request, received, counted))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def _admit(self, peer: Peer, body: list) -> Request:
-        """Cheap bounds first (size, in-flight caps), then decoding."""
+        """Cheap bounds first (size), then decoding (the header is small and bounded), then the
+        in-flight caps, which a `ping` is exempt from: a health check must answer under load."""
         s = self.settings
         size = sum(len(f) for f in body)
         if size > s.max_message_bytes:
             raise ProtocolError(
                 f"message is {size} bytes, more than the server's limit of {s.max_message_bytes}", "oversize"
             )
-        if sum(self._in_flight.values()) >= s.max_in_flight:
-            raise TransportError("the server has too many requests in flight; retry later", "busy")
-        per_peer = s.max_in_flight_per_internal_peer if peer.internal else s.max_in_flight_per_peer
-        if self._in_flight[peer.identity] >= per_peer:
-            raise TransportError(f"this client has {per_peer} requests in flight, the limit", "busy")
         header, arrays = codec.decode(body)
-        return build_request(header, arrays, peer.identity.hex(), peer.internal)
+        request = build_request(header, arrays, peer.identity.hex(), peer.internal)
+        if request.type != PING:
+            check_in_flight(
+                s, peer.internal, sum(self._in_flight.values()), self._in_flight[peer.identity],
+                self._by_principal[peer.who],
+            )  # fmt: skip
+        return request
 
     def _reject(self, router: zmq.Socket, peer: Peer, body: list, e: TransportError) -> None:
         self.errors[e.code] += 1
-        log.info("rejected a message from %s: %s", peer.identity.hex(), e.message)
+        log.info("rejected a message from %s (%r): %s", peer.identity.hex(), peer.principal, e.message)
         reply = {"type": ERROR, "id": codec.request_id(body), "error": e.to_wire()}
         self._send(router, peer.identity, reply)
 
-    async def _serve(self, router: zmq.Socket, peer: Peer, request: Request, received: float) -> None:
+    async def _serve(self, router: zmq.Socket, peer: Peer, request: Request, received: float, counted: bool) -> None:
         try:
             data, arrays = await self._handler(peer, request)
             header = {"type": REPLY_TYPE[request.type], "id": request.id, "robot": request.robot, "data": data}
@@ -324,12 +379,12 @@ class ZmqServer:
         except ValueError as e:
             header, arrays = self._error(request, "bad_request", str(e)), {}
         except Exception as e:
-            log.exception("request %r of robot %s failed", request.id, request.robot)
+            log.exception("request %r of robot %r failed", request.id, request.robot)
             header, arrays = self._error(request, "internal", f"internal error: {type(e).__name__}: {e}"), {}
         finally:
-            self._in_flight[peer.identity] -= 1
-            if self._in_flight[peer.identity] <= 0:
-                del self._in_flight[peer.identity]
+            if counted:
+                _settle(self._in_flight, peer.identity)
+                _settle(self._by_principal, peer.who)
         if "data" in header:
             header["data"]["server_timing"] = {"total_ms": (time.perf_counter() - received) * 1e3}
         self._send(router, peer.identity, header, arrays)
@@ -341,6 +396,30 @@ class ZmqServer:
 
     def _send(self, router: zmq.Socket, identity: bytes, header: dict[str, Any], arrays: dict | None = None) -> None:
         send_to_peer(router, identity, codec.encode(header, arrays))
+
+
+def check_in_flight(
+    settings: ZmqServerSettings | Any, internal: bool, total: int, of_peer: int, of_principal: int
+) -> None:
+    """Raises `busy` when one more request would pass a cap: in all, of the peer identity, of its
+    principal. The server and the broker admit requests by the same rule (`settings` holds the
+    `max_in_flight*` fields of either)."""
+    if total >= settings.max_in_flight:
+        raise TransportError("the server has too many requests in flight; retry later", "busy")
+    per_peer = settings.max_in_flight_per_internal_peer if internal else settings.max_in_flight_per_peer
+    if of_peer >= per_peer:
+        raise TransportError(f"this client has {per_peer} requests in flight, the limit", "busy")
+    if not internal and of_principal >= settings.max_in_flight_per_principal:
+        raise TransportError(
+            f"this client's address (or key) has {settings.max_in_flight_per_principal} requests in flight, the limit",
+            "busy",
+        )
+
+
+def _settle(counts: Counter, key: Any) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
 
 
 def send_to_peer(router: zmq.Socket, identity: bytes, frames: list) -> None:

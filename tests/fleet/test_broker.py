@@ -286,3 +286,99 @@ def test_random_frames_from_robots_and_workers_never_stop_the_broker(broker, ctx
         broker.step(0.01)
         robot.close()
         worker.close()
+
+
+# ============================================================================ issue 19: the health path
+
+
+def test_a_malformed_heartbeat_drops_its_worker_and_ping_still_answers(broker, ctx):
+    """One HEARTBEAT saying `{"sessions": "lots"}` used to make every later ping go unanswered (the
+    broker summed the workers' figures); now that worker is dropped and told so, and ping answers."""
+    liar, honest = _join(broker, ctx, "liar"), _join(broker, ctx, "honest")
+    liar.send_multipart(message(HEARTBEAT, payload({"sessions": "lots", "healthy": True})))
+    assert _next_command(broker, liar, DISCONNECT) == []
+    robot = _socket(ctx, zmq.DEALER, broker.router_endpoint)
+    robot.send_multipart(codec.encode({"type": "ping", "id": 1}))
+    pong, _ = codec.decode(_pump(broker, robot))
+    assert pong["type"] == "pong", pong
+    assert [w["name"] for w in pong["data"]["broker"]["workers"]] == ["honest"]
+    assert broker.errors["worker_protocol"] == 1
+    honest.close()
+
+
+def _broker_with(tmp_path, clock: Clock, **settings) -> Broker:
+    """A bound broker on ipc endpoints under `tmp_path`, without a refresh XPUB, with `settings`."""
+    endpoints = {"router_endpoint": f"ipc://{tmp_path}/router", "pub_endpoints": ()}
+    b = Broker(
+        BrokerSettings(
+            **{**endpoints, **settings},
+            backend_endpoint=f"ipc://{tmp_path}/back",
+            xsub_endpoint=f"ipc://{tmp_path}/xsub",
+        ),
+        clock=clock,
+    )
+    b.bind()
+    return b
+
+
+def test_a_request_its_worker_holds_past_the_timeout_is_answered_timeout(tmp_path, ctx):
+    """A worker that heartbeats but never replies must not leave a robot waiting forever: the broker
+    answers `timeout` itself, and the worker's late reply is dropped."""
+    clock = Clock()
+    # heartbeat_s: the worker stays alive throughout, only the request is late
+    b = _broker_with(tmp_path, clock, heartbeat_s=10.0, request_timeout_s=5.0)
+    try:
+        worker = _join(b, ctx)
+        robot = _socket(ctx, zmq.DEALER, b.router_endpoint)
+        robot.send_multipart(_infer(7))
+        envelope, _ = read_request(_next_command(b, worker, REQUEST))
+        clock.t = 4.9
+        for _ in range(20):
+            b.step(0.01)
+        assert not robot.poll(0)
+        clock.t = 5.1
+        reply, _ = codec.decode(_pump(b, robot))
+        assert reply["type"] == "error" and reply["id"] == 7 and reply["error"]["code"] == "timeout", reply
+        # The late reply reaches nobody, and the robot may send again (its request no longer counts).
+        worker.send_multipart(reply_frames(envelope.seq, codec.encode({"type": "result", "id": 7, "data": {}})))
+        for _ in range(20):
+            b.step(0.01)
+        assert not robot.poll(0)
+        assert b.table.in_flight() == 0 and not b._per_principal
+    finally:
+        b.close()
+
+
+def test_one_worker_address_cannot_fill_the_worker_table(tmp_path, ctx):
+    """62 fake workers used to fill the 64-place table so that a real one was refused: now one key
+    (or, without keys, one address) holds at most its share."""
+    b = _broker_with(tmp_path, Clock(), router_endpoint=None, max_workers=8, max_workers_per_principal=3)
+    try:
+        for i in range(3):
+            _join(b, ctx, f"fake{i}")
+        refused = _socket(ctx, zmq.DEALER, b.backend_endpoint)
+        refused.send_multipart(message(READY, payload({"name": "fake3", "capacity": 1024, "info": {}})))
+        assert split(_pump(b, refused))[0] == DISCONNECT
+        assert sorted(w.name for w in b.table.workers.values()) == ["fake0", "fake1", "fake2"]
+    finally:
+        b.close()
+
+
+def test_ping_answers_when_the_in_flight_caps_are_reached(tmp_path, ctx):
+    """A health check must answer under load: `ping` is exempt from the in-flight caps."""
+    b = _broker_with(tmp_path, Clock(), max_in_flight=4)
+    try:
+        worker = _join(b, ctx)
+        robots = [_socket(ctx, zmq.DEALER, b.router_endpoint) for _ in range(5)]
+        for i, robot in enumerate(robots[:4]):
+            robot.send_multipart(_infer(i, robot=f"r{i}"))
+        _until(b, lambda: b.table.in_flight() == 4)
+        robots[4].send_multipart(_infer(9, robot="r9"))
+        busy, _ = codec.decode(_pump(b, robots[4]))
+        assert busy["error"]["code"] == "busy"
+        robots[4].send_multipart(codec.encode({"type": "ping", "id": 10}))
+        pong, _ = codec.decode(_pump(b, robots[4]))
+        assert pong["type"] == "pong" and pong["data"]["broker"]["in_flight"] == 4
+        worker.close()
+    finally:
+        b.close()

@@ -178,7 +178,7 @@ def test_a_worker_without_an_allowed_key_is_never_sent_a_robots_request(tmp_path
                 c.close()
         assert [rogue.received() for rogue in rogues] == [[], [], [], []]
         assert "joined the broker" not in rogue_worker.log
-        assert "worker good joined" in broker.log and "worker rogue" not in broker.log
+        assert "worker 'good' joined" in broker.log and "worker 'rogue" not in broker.log
 
         # The allow-lists are apart: the good worker's key is no robot's.
         worker_as_robot = load_client_keys(robots.root / "server.key", workers.root / "worker.key_secret")
@@ -229,16 +229,19 @@ def _warnings(caplog, call: Callable[[], object]) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_an_open_worker_side_beyond_loopback_is_warned_about(tmp_path, caplog):
+def test_an_open_worker_side_is_warned_about_on_loopback_too(tmp_path, caplog):
+    """A TCP worker endpoint without keys lets a process that reaches it join as a worker and read
+    robots' requests: on loopback that is any process of the host, which the warning says."""
     workers = WorkerKeys(tmp_path / "workers")
     parser = broker_cli.build_parser()
 
     def broker(*argv: str) -> Callable[[], object]:
         return lambda: broker_cli.settings_from(parser.parse_args(list(argv)))
 
-    assert _warnings(caplog, broker("--worker-host", "127.0.0.1")) == []
+    (local,) = _warnings(caplog, broker("--worker-host", "127.0.0.1"))
+    assert "on 127.0.0.1 take no keys: any process on this host can join as a worker" in local
     (open_,) = _warnings(caplog, broker("--worker-host", "0.0.0.0"))
-    assert "workers' endpoints on 0.0.0.0 are open" in open_ and "--worker-curve-secret" in open_
+    assert "on 0.0.0.0 take no keys: anyone who reaches them can join" in open_ and "--worker-curve-secret" in open_
     assert _warnings(caplog, broker("--worker-host", "0.0.0.0", *workers.broker_flags())) == []
 
     def worker(*argv: str) -> Callable[[], object]:

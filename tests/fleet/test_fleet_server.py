@@ -239,7 +239,7 @@ def test_a_hung_worker_is_noticed_by_its_missing_heartbeats_and_its_requests_ans
         # The requests it held were answered `unavailable`: the loop counts the outage (it held the
         # safe action until the live worker answered), not a failed request.
         assert summaries[i]["outages"] >= 1 and summaries[i]["request_errors"] == 0, summaries[i]
-    assert "worker cpu0 presumed dead" in fleet.log
+    assert "worker 'cpu0' presumed dead" in fleet.log
     # Woken up, it hears that the broker dropped it, drops its sessions and joins again.
     with PolicyClient(fleet.router, "late", timeout_s=10) as probe:
         assert _eventually(lambda: len(probe.ping()["broker"]["workers"]) == 2)

@@ -78,7 +78,7 @@ def _infer(request_id: int) -> list:
 async def _worker(endpoint: str) -> tuple[WorkerLink, PolicyService, ZmqServer]:
     server = ZmqServer(
         ZmqServerSettings(router_endpoint=None, pub_endpoints=()),
-        lambda peer, request: service.handle(peer.identity, request, peer.user),
+        lambda peer, request: service.handle(peer.who, request, peer.user),
     )
     link = WorkerLink(endpoint, "w0", server)
     service = PolicyService(FixedBackend(), link.publish, link.subscribers, link.forget)
@@ -105,7 +105,7 @@ def test_a_worker_serves_then_rejoins_afresh_when_the_broker_loses_it(endpoint, 
             reply, arrays = codec.decode(rest[1:])
             assert read_seq(rest[0]) == 9 and reply["id"] == 3 and arrays["actions"].shape == (50, 32)
             assert list(service.sessions) == [f"{USER}/arm"]
-            assert service.sessions[f"{USER}/arm"].peer == b"\x00robot"
+            assert service.sessions[f"{USER}/arm"].principal == "@" + b"\x00robot".hex()
             await broker.receive(HEARTBEAT)  # it keeps the link alive while heard
 
             if how == "disconnect":

@@ -507,18 +507,21 @@ def test_a_robot_that_leaves_without_bye_is_no_longer_refreshed(how):
 # ============================================================================ limits
 
 
-def test_a_peer_cannot_hold_more_sessions_than_the_limit():
+def test_a_client_address_holds_at_most_its_share_of_sessions_whatever_its_identities():
+    """The cap counts a client's address (its key under CURVE), not its DEALER identities, which it
+    chooses freely; past it the address's least recently seen session ends, so new robots are served."""
     with server_thread(FixedBackend(), "--max-sessions-per-peer", "3") as server:
         router = server.endpoints["router"]
-        with RawDealer(router) as greedy, RawDealer(router) as other:
+        other_host = "tcp://127.0.0.2:0;" + router.removeprefix("tcp://")  # the source address: another host
+        with RawDealer(router) as greedy, RawDealer(router) as twin, RawDealer(other_host) as other:
             for i in range(3):
-                assert greedy.request(_refresh_header(i, f"g{i}", None))["type"] == "refresh_ack"
-            assert _error_code(greedy.request(_refresh_header(3, "g3", None))) == "busy"
-            assert greedy.request(_refresh_header(4, "g0", None))["type"] == "refresh_ack"  # its own: fine
-            assert other.request(_refresh_header(5, "o0", None))["type"] == "refresh_ack"  # per peer
-            assert greedy.request({"type": "bye", "id": 6, "robot": "g0"})["data"]["dropped"] is True
-            assert greedy.request(_refresh_header(7, "g3", None))["type"] == "refresh_ack"
-        assert ping(router)["sessions"] == 4
+                assert greedy.request(_refresh_header(i, f"g{i}", 1.0))["type"] == "refresh_ack"
+            assert other.request(_refresh_header(3, "o0", 1.0))["type"] == "refresh_ack"
+            # A new identity from the same address is the same client: its robot takes g0's place.
+            assert twin.request(_refresh_header(4, "g3", None))["type"] == "refresh_ack"
+            assert ping(router)["sessions"] == 4
+            assert greedy.request({"type": "bye", "id": 5, "robot": "g0"})["data"]["dropped"] is False
+            assert greedy.request({"type": "bye", "id": 6, "robot": "o0"})["data"]["dropped"] is True
 
 
 @pytest.mark.parametrize("kind", ["infer", "subtask", "refresh", "bye"])

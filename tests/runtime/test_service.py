@@ -13,7 +13,7 @@ from policy.request import ChunkGuidance, InferenceRequest, Observation, Options
 from runtime.fixed_backend import FixedBackend
 from runtime.service import PolicyService, ServiceLimits
 from transport.errors import BadRequest, TransportError
-from transport.messages import BYE, INFER, KEEP, PING, REFRESH, Request
+from transport.messages import BYE, INFER, KEEP, PING, Request
 
 
 class _Clock:
@@ -47,14 +47,14 @@ def _service(limits: ServiceLimits | None = None, subscribers=lambda topic: 0):
 def test_a_rejected_request_changes_nothing():
     async def scenario():
         service, _, _, _ = _service(ServiceLimits(min_refresh_interval_s=0.5))
-        await service.handle(b"p", _infer("arm"))
+        await service.handle("p", _infer("arm"))
         before = service.sessions["arm"].observation
         with pytest.raises(BadRequest, match="subtask_refresh_interval"):
-            await service.handle(b"p", _infer("arm", interval=0.1))  # below the server's minimum
+            await service.handle("p", _infer("arm", interval=0.1))  # below the server's minimum
         with pytest.raises(ValueError, match="unknown camera"):
-            await service.handle(b"p", _infer("arm", _obs("nose_cam"), interval=1.0))
+            await service.handle("p", _infer("arm", _obs("nose_cam"), interval=1.0))
         with pytest.raises(BadRequest, match="subtask_refresh_interval"):
-            await service.handle(b"p", _infer("new-robot", interval=0.2))
+            await service.handle("p", _infer("new-robot", interval=0.2))
         session = service.sessions["arm"]
         assert session.observation is before
         assert service.scheduler.active() == 0
@@ -64,26 +64,60 @@ def test_a_rejected_request_changes_nothing():
     asyncio.run(scenario())
 
 
-def test_sessions_are_bounded_per_peer_and_in_all():
+def test_session_bounds_recover_per_principal_and_in_all():
+    """Past a bound a new robot is served and an old session ends instead: its own principal's least
+    recently seen at that principal's cap, else (the table full) one of the principal holding the
+    most, sessions without a listener first. Nothing locks the table, refreshing sessions included."""
+    listening = {"r2": 1}
+
     async def scenario():
-        service, clock, _, _ = _service(ServiceLimits(max_sessions=3, max_sessions_per_peer=2))
-        await service.handle(b"a", _infer("r1"))
-        await service.handle(b"a", _infer("r2"))
-        with pytest.raises(TransportError) as e:
-            await service.handle(b"a", _infer("r3"))
-        assert e.value.code == "busy"
-        await service.handle(b"b", _infer("r3", interval=1.0))
-        clock.now += 1
-        await service.handle(b"b", _infer("r4"))  # the table is full: the idle session seen last longest ago goes
-        assert set(service.sessions) == {"r2", "r3", "r4"}
-        await service.handle(b"a", Request(REFRESH, 2, "r2", None, Options(), 1.0, None))
-        await service.handle(b"b", Request(REFRESH, 3, "r4", None, Options(), 1.0, None))
-        with pytest.raises(TransportError) as e:  # every session refreshes: none may be evicted
-            await service.handle(b"c", _infer("r5"))
-        assert e.value.code == "busy"
+        limits = ServiceLimits(max_sessions=5, max_sessions_per_peer=3)
+        service, clock, _, forgotten = _service(limits, subscribers=lambda topic: listening.get(topic, 0))
+        for robot in ("r1", "r2", "r3"):
+            await service.handle("10.0.0.1", _infer(robot, interval=1.0))
+            clock.now += 1
+        await service.handle("10.0.0.1", _infer("r4"))  # at its cap: its least recently seen goes
+        assert set(service.sessions) == {"r2", "r3", "r4"} and forgotten == ["r1"]
+        for robot in ("r5", "r6"):
+            await service.handle("10.0.0.2", _infer(robot))
+            clock.now += 1
+        await service.handle("10.0.0.3", _infer("r7"))  # table full: the largest holder gives one up
+        # r2 is older but has a listener on its refresh topic: r3 goes.
+        assert set(service.sessions) == {"r2", "r4", "r5", "r6", "r7"} and forgotten[-1] == "r3"
+        assert service.sessions["r7"].principal == "10.0.0.3"
+        assert service.evicted == 2 and service.ping()["server"]["evicted_sessions"] == 2
+        assert service.scheduler.interval("r3") is None  # its refresh ended with it
         await service.close()
 
     asyncio.run(scenario())
+
+
+def test_a_session_whose_request_is_being_served_is_not_taken_for_a_new_robot():
+    """Its robot waits for that reply: the newcomer gets `busy` instead, and is served once the
+    request is answered (within the engine's deadline, so the table is never locked for long)."""
+
+    async def scenario():
+        clock = _Clock()
+        service = PolicyService(
+            FixedBackend(delay_s=0.2), _publish_nothing, limits=ServiceLimits(max_sessions_per_peer=1), clock=clock
+        )
+        running = asyncio.create_task(service.handle("10.0.0.1", _infer("r1")))
+        while "r1" not in service._running:
+            await asyncio.sleep(0.01)
+        with pytest.raises(TransportError, match="all have requests being served") as e:
+            await service.handle("10.0.0.1", _infer("r2"))
+        assert e.value.code == "busy" and set(service.sessions) == {"r1"}
+        _, arrays = await running
+        assert arrays["actions"].shape[0] > 0  # r1's robot got its reply
+        await service.handle("10.0.0.1", _infer("r2"))
+        assert set(service.sessions) == {"r2"}
+        await service.close()
+
+    asyncio.run(scenario())
+
+
+async def _publish_nothing(topic: str, message: dict) -> None:
+    pass
 
 
 def test_a_refreshing_robot_without_subscriber_expires_after_a_few_intervals():
@@ -93,7 +127,7 @@ def test_a_refreshing_robot_without_subscriber_expires_after_a_few_intervals():
         limits = ServiceLimits(expiry_intervals=3.0, min_expiry_s=2.0, session_ttl_s=600.0)
         service, clock, _, forgotten = _service(limits, subscribers=lambda topic: listening.get(topic, 0))
         for robot in ("gone", "stays", "idle"):
-            await service.handle(b"p", _infer(robot, interval=1.0 if robot != "idle" else KEEP))
+            await service.handle("p", _infer(robot, interval=1.0 if robot != "idle" else KEEP))
         clock.now += 2.9
         assert service.expire() == []
         clock.now += 0.2  # 3.1 s quiet: more than 3 intervals
@@ -111,11 +145,11 @@ def test_a_refreshing_robot_without_subscriber_expires_after_a_few_intervals():
 def test_bye_ends_the_session_and_its_refresh():
     async def scenario():
         service, _, _, forgotten = _service()
-        await service.handle(b"p", _infer("arm", interval=1.0))
+        await service.handle("p", _infer("arm", interval=1.0))
         assert service.ping()["server"]["refreshing"] == 1
-        data, _ = await service.handle(b"p", Request(BYE, 2, "arm"))
+        data, _ = await service.handle("p", Request(BYE, 2, "arm"))
         assert data == {"dropped": True}
-        pong, _ = await service.handle(b"p", Request(PING, 3, "arm"))
+        pong, _ = await service.handle("p", Request(PING, 3, "arm"))
         assert pong["server"]["refreshing"] == 0 and pong["server"]["sessions"] == 0
         assert forgotten == ["arm"]
         await service.close()
@@ -127,12 +161,12 @@ def test_infer_without_observation_uses_the_stored_one_and_without_prompt_is_ref
     async def scenario():
         service, _, _, _ = _service()
         with pytest.raises(BadRequest, match="no observation"):
-            await service.handle(b"p", Request(INFER, 1, "arm", "go", Options(generate_subtask=False)))
-        await service.handle(b"p", _infer("arm"))
-        _, arrays = await service.handle(b"p", Request(INFER, 2, "arm", "go", Options(generate_subtask=False)))
+            await service.handle("p", Request(INFER, 1, "arm", "go", Options(generate_subtask=False)))
+        await service.handle("p", _infer("arm"))
+        _, arrays = await service.handle("p", Request(INFER, 2, "arm", "go", Options(generate_subtask=False)))
         assert arrays["actions"].shape == (50, 32)
         with pytest.raises(BadRequest, match="high_level_prompt"):
-            await service.handle(b"p", Request(INFER, 3, "arm", None, Options()))
+            await service.handle("p", Request(INFER, 3, "arm", None, Options()))
         await service.close()
 
     asyncio.run(scenario())
@@ -156,9 +190,9 @@ def test_a_session_that_ends_takes_its_running_requests_with_it():
     async def scenario():
         backend = Stuck()
         service = PolicyService(backend, lambda topic, message: asyncio.sleep(0))
-        running = asyncio.create_task(service.handle(b"p", _infer("arm")))
+        running = asyncio.create_task(service.handle("p", _infer("arm")))
         await backend.started.wait()
-        await service.handle(b"p", Request(BYE, 2, "arm"))  # e.g. the gateway's connection closed
+        await service.handle("p", Request(BYE, 2, "arm"))  # e.g. the gateway's connection closed
         with pytest.raises(asyncio.CancelledError):
             await running
         await service.close()
@@ -176,9 +210,9 @@ def test_a_refresh_the_engine_could_not_run_is_refused_up_front():
 
     async def scenario():
         service = PolicyService(Limited(), lambda topic, message: asyncio.sleep(0))
-        await service.handle(b"p", _infer("arm"))  # action-only: the decoding budget does not matter
+        await service.handle("p", _infer("arm"))  # action-only: the decoding budget does not matter
         with pytest.raises(ValueError, match="max_decoding_steps"):  # but every refresh would fail
-            await service.handle(b"p", _infer("arm", interval=1.0))
+            await service.handle("p", _infer("arm", interval=1.0))
         assert service.scheduler.active() == 0
         await service.close()
 
@@ -195,7 +229,7 @@ def test_pipelined_requests_of_one_robot_each_answer_for_their_own_observation()
         service = PolicyService(Slow(), lambda topic, message: asyncio.sleep(0))
         first = dataclasses.replace(_infer("arm"), observation=dataclasses.replace(_obs(), timestamp=1.0))
         second = dataclasses.replace(_infer("arm"), observation=dataclasses.replace(_obs(), timestamp=2.0))
-        replies = await asyncio.gather(service.handle(b"p", first), service.handle(b"p", second))
+        replies = await asyncio.gather(service.handle("p", first), service.handle("p", second))
         await service.close()
         return [data["obs_timestamp"] for data, _ in replies]
 

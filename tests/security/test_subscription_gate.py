@@ -1,7 +1,7 @@
-"""The XPUB under CURVE (manual mode, `transport.curve.SubscriptionGate`) on real sockets: a
-subscriber may hold its own user's topics only, and a refused subscriber leaving never lowers the
-subscriber count of a topic someone holds (the server ends a refreshing robot's session when its
-topic has no subscriber left)."""
+"""The XPUB under CURVE (`transport.subscriptions.SubscriptionBook` with `own_prefix`) on real
+sockets: a subscriber may hold its own user's topics only, and a refused subscriber leaving never
+lowers the subscriber count of a topic someone holds (the server ends a refreshing robot's session
+when its topic has no subscriber left)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import zmq
 
 from tests.security.keys import make_keys
 from transport.curve import (
-    SubscriptionGate,
     apply_client,
     apply_server,
     load_server_keys,
     session_key,
     start_authenticator,
 )
+from transport.subscriptions import SUBSCRIBERS_DOMAIN, SubscriptionBook, configure_xpub
 from transport.zmq_server import Publisher
 
 MUST_COME_S = 20.0  # a bound on waiting for what must happen; reaching it is the failure detected
@@ -27,15 +27,14 @@ MUST_COME_S = 20.0  # a bound on waiting for what must happen; reaching it is th
 def test_refused_subscriptions_count_for_nothing(tmp_path):
     keys = make_keys(tmp_path)
     ctx = zmq.Context()
-    auth = start_authenticator(ctx, load_server_keys(keys.server_secret, keys.clients))
+    auth = start_authenticator(ctx, load_server_keys(keys.server_secret, keys.clients), SUBSCRIBERS_DOMAIN)
     xpub = ctx.socket(zmq.XPUB)
     xpub.setsockopt(zmq.LINGER, 0)
-    xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
-    xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+    configure_xpub(xpub)
     xpub.bind(f"ipc://{tmp_path}/pub")  # bound before CURVE is set: plain, as the gateways' endpoint
     apply_server(xpub, load_server_keys(keys.server_secret, keys.clients))
     port = xpub.bind_to_random_port("tcp://127.0.0.1")
-    gate = SubscriptionGate(xpub)
+    gate = SubscriptionBook(xpub, own_prefix=True)
     publisher = Publisher(xpub, 16, gate)
     a, b = keys.client("robot-a"), keys.client("robot-b")
     a_topic, b_topic = session_key(a.user, "arm"), session_key(b.user, "arm")
@@ -67,7 +66,7 @@ def test_refused_subscriptions_count_for_nothing(tmp_path):
         assert publisher.subscriptions() == {a_topic.encode(): 1, b_topic.encode(): 1}
         # b leaves: libzmq reports all three of its subscriptions gone, with no User-Id.
         b_sub.close()
-        pump_until(lambda: publisher.subscribers(b_topic) == 0 and gate.held_refused == 0)
+        pump_until(lambda: publisher.subscribers(b_topic) == 0 and gate.held_written_off == 0)
         assert publisher.subscribers(a_topic) == 1, "a refused subscriber's leaving lowered a's count"
         # A plain local subscriber (a gateway) may subscribe to anything.
         internal = sub(None, f"ipc://{tmp_path}/pub", b"@json/1")
