@@ -105,6 +105,7 @@ class PolicyService:
         self._started = clock()
         self.expired = 0
         self.evicted = 0
+        self._unheard: dict[str, float] = {}  # refreshing sessions -> since when no subscriber is seen
         # Requests being served per session: a session that ends takes its requests with it, so a
         # client that leaves does not leave model work behind.
         self._running: dict[str, set[asyncio.Task]] = {}
@@ -116,22 +117,33 @@ class PolicyService:
 
     def drop_session(self, key: str) -> bool:
         self.scheduler.forget(key)
+        self._unheard.pop(key, None)
         self._forget(key)
         for task in self._running.pop(key, ()):
             task.cancel()
         return self.sessions.pop(key, None) is not None
 
     def expire(self) -> list[str]:
-        """Ends the sessions of robots that are gone; returns their keys. Called periodically."""
+        """Ends the sessions of robots that are gone; returns their keys. Called periodically.
+
+        A refreshing robot is gone when it has been silent, and without a subscriber on its topic,
+        for a few intervals: the listener must be missing for that long too, not just at this look,
+        so a subscriber that connects again (a network blip, or its host's connections closed for
+        another process's subscription flood) keeps its session."""
         now = self._clock()
         gone = []
         for key, session in self.sessions.items():
             silent = now - session.last_seen
             interval = self.scheduler.interval(key)
+            if self._subscribers(key) or interval is None:
+                self._unheard.pop(key, None)
+            else:
+                self._unheard.setdefault(key, now)
             if silent > self.limits.session_ttl_s:
                 gone.append(key)
-            elif interval is not None and self._subscribers(key) == 0:
-                if silent > max(self.limits.expiry_intervals * interval, self.limits.min_expiry_s):
+            elif interval is not None and key in self._unheard:
+                window = max(self.limits.expiry_intervals * interval, self.limits.min_expiry_s)
+                if silent > window and now - self._unheard[key] >= window:
                     gone.append(key)
         for key in gone:
             log.info("session %r expired (gone quiet%s)", key, "" if self._subscribers(key) else ", no subscriber")

@@ -121,22 +121,26 @@ async def _publish_nothing(topic: str, message: dict) -> None:
 
 
 def test_a_refreshing_robot_without_subscriber_expires_after_a_few_intervals():
-    listening = {"stays": 1}
+    """Silent and without a listener for 3 intervals (looked at every 0.5 s, as the server does); a
+    listener that is missing for a moment only (it connects again) keeps its session."""
+    listening = {"stays": 1, "blinks": 1}
 
     async def scenario():
         limits = ServiceLimits(expiry_intervals=3.0, min_expiry_s=2.0, session_ttl_s=600.0)
         service, clock, _, forgotten = _service(limits, subscribers=lambda topic: listening.get(topic, 0))
-        for robot in ("gone", "stays", "idle"):
+        for robot in ("gone", "stays", "blinks", "idle"):
             await service.handle("p", _infer(robot, interval=1.0 if robot != "idle" else KEEP))
-        clock.now += 2.9
-        assert service.expire() == []
-        clock.now += 0.2  # 3.1 s quiet: more than 3 intervals
-        assert service.expire() == ["gone"]
+        expired = []
+        for step in range(1, 13):  # 6 s of looks every 0.5 s
+            clock.now += 0.5
+            listening["blinks"] = 0 if step in (8, 9) else 1  # its SUB reconnects: gone for 1 s
+            expired.append((step * 0.5, service.expire()))
+        assert [(t, keys) for t, keys in expired if keys] == [(3.5, ["gone"])]  # 3 s after its first look
         assert forgotten == ["gone"]
-        assert service.ping()["server"]["refreshing"] == 1 and service.scheduler.interval("gone") is None
+        assert service.ping()["server"]["refreshing"] == 2 and service.scheduler.interval("gone") is None
         clock.now += 600
-        assert sorted(service.expire()) == ["idle", "stays"]  # silence past the session TTL ends any session
-        assert service.sessions == {} and service.expired == 3
+        assert sorted(service.expire()) == ["blinks", "idle", "stays"]  # silence past the TTL ends any session
+        assert service.sessions == {} and service.expired == 4
         await service.close()
 
     asyncio.run(scenario())
