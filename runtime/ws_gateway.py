@@ -31,6 +31,7 @@ import numpy as np
 from policy.request import Observation, Options
 from robots.adapters import ADAPTERS, Adapter, get_adapter
 from runtime import child_process
+from transport import logs
 from transport.errors import BadRequest, RemoteError, TransportError
 from transport.messages import (
     ACTIONS,
@@ -50,8 +51,10 @@ from transport.zmq_client import AsyncPolicyClient, RefreshListener
 
 log = logging.getLogger("runtime.ws_gateway")
 
-# A JSON image value is at most 4 bytes ("255,"); the envelope and state need little beside.
-JSON_BYTES_PER_PIXEL = 3 * 4
+# The longest pixel `json.dumps` writes, "[255, 255, 255], ", and msgpack's 3 bytes; the prompts, the
+# state and the options need little beside.
+JSON_BYTES_PER_PIXEL = 17
+OPENPI_BYTES_PER_PIXEL = 3
 ENVELOPE_BYTES = 64 * 1024
 # The internal hop has no Lazy Pirate retries (the server is the parent); the engine's own
 # deadline answers long before this.
@@ -99,13 +102,15 @@ class Gateway:
         )
 
     def max_message_bytes(self) -> int:
-        """Sized from the model's cameras and the largest declared camera resolution, each way."""
+        """One request at its largest: every camera of the model at the largest declared resolution,
+        each way. A JSON batch shares that bound rather than multiplying it, so that a JSON message
+        (parsed into Python lists, about 13 bytes per character) and websockets' own copies of it
+        (twice its length while it is received) stay a few hundred MB; batching full-resolution
+        images takes several messages, which the engine batches as well."""
         resolutions = self.model["image_resolutions"]
         h, w = max(r[0] for r in resolutions), max(r[1] for r in resolutions)
-        per_request = (
-            len(self.model["image_keys"]) * h * w * (JSON_BYTES_PER_PIXEL if self.args.protocol == "json" else 3)
-        )
-        return ENVELOPE_BYTES + per_request * (self.args.max_batch if self.args.protocol == "json" else 1)
+        per_pixel = JSON_BYTES_PER_PIXEL if self.args.protocol == "json" else OPENPI_BYTES_PER_PIXEL
+        return ENVELOPE_BYTES + len(self.model["image_keys"]) * h * w * per_pixel
 
     def _sock(self) -> socket.socket:
         return socket.socket(fileno=self.args.fd)
@@ -213,7 +218,7 @@ class Gateway:
 
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.warning("push failed: %s", task.exception())
+        log.warning("push failed: %r", task.exception())
 
 
 async def _watch_parent(parent: int) -> None:
@@ -238,9 +243,7 @@ async def run(args: argparse.Namespace, parent: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
-    )
+    logs.configure(args.log_level.upper(), "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     parent = os.getppid()
     child_process.die_with_parent(parent)
     try:

@@ -2,10 +2,20 @@
 
 Pure functions, no sockets, so the JSON gateway can run them wherever its CPU work belongs. Any
 input gives either requests or a `TransportError` with a code: `oversize` (checked first, before
-parsing), `invalid_json` (not JSON, `NaN`/`Infinity`, a number of more digits than Python converts,
-nesting deeper than the parser's recursion limit) or `bad_request` (a field missing, of the wrong
-type or out of range, named in the message). Cheap checks come first: every field's type and
-size, every image's dimensions and every batch item's, before any image is converted.
+parsing), `bad_request` (more objects, lists or strings than a request can hold, counted before
+parsing; a field missing, of the wrong type or out of range, named in the message) or
+`invalid_json` (not JSON, `NaN`/`Infinity`, a number of more digits than Python converts, nesting
+deeper than the parser's recursion limit). Cheap checks come first: the counts, then every field's
+type and size, every image's dimensions and every batch item's, before any image is converted.
+
+The counts exist because `json.loads` builds a Python object for every value: `[{},{},...]` cost 25
+bytes of memory per byte of text (100 MB of it took a gateway to 2.6 GB, holding the GIL for 9 s).
+`JsonLimits` counts `{`, `"`, `[` and `,` first (C speed, nothing built) against what a request of
+the server can hold, so what `json.loads` may then build is at most about what an image of nested
+lists of the same length costs (a pixel `[0,0,0],` is about 13 bytes per character).
+
+Replies are written by `dumps`, which refuses NaN and infinity (Python writes `NaN`, which is not
+JSON), so a non-finite number becomes an error reply instead of a frame no JSON parser reads.
 """
 
 from __future__ import annotations
@@ -25,12 +35,15 @@ from transport.messages import (
     ACTIONS,
     INFER,
     MAX_ACTION_DIM,
+    MAX_CAMERA_CHARS,
     MAX_CAMERAS,
     MAX_CHUNK_STEPS,
     MAX_IMAGE_SIDE,
+    MAX_PROMPT_BYTES,
     MAX_STATE_DIM,
     MODEL_ACTIONS,
     PREV_ACTIONS,
+    WIRE_OPTIONS,
     RefreshInterval,
     Request,
     check_camera,
@@ -46,6 +59,47 @@ _RESPONSE_FIELDS = ("subtask", "subtask_tokens", "state")
 _TIMING_FIELDS = ("total_ms", "action_ms", "subtask_ms")  # the JSON API's; ZMQ replies carry queue_ms too
 
 
+# What one request holds, for `JsonLimits`. Its strings (two prompts, camera names, option names
+# and short option values) may contain any character that is counted; outside them a request opens
+# two objects (itself and `images`), at most `_STRINGS` strings, and lists: an image's pixels, each
+# `[r,g,b]` followed by a comma unless it ends its image (rows are separated by commas too), and at
+# most `_LISTS` others (each image's outer list and rows, state, prev_actions and its rows).
+_STRING_CHARS = 2 * MAX_PROMPT_BYTES + MAX_CAMERAS * MAX_CAMERA_CHARS + 256
+_STRINGS = 3 + len(WIRE_OPTIONS) + MAX_CAMERAS + 3  # keys (images, state, prev_actions, options, cameras), values
+_LISTS = MAX_CAMERAS * (1 + MAX_IMAGE_SIDE) + 2 + MAX_CHUNK_STEPS
+_COMMAS_PER_PIXEL = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonLimits:
+    """How many objects, strings and lists a message of a server taking `max_batch` requests can
+    hold; `check` counts their opening characters (and the commas a pixel list brings) before
+    anything is parsed, so that what may be built is at most what pixels cost: `[0,0,0],`, a
+    list of 3 in 8 characters, is about 13 bytes of memory per character, as is any other shape
+    that passes (`-9,`, an integer Python does not cache, is one)."""
+
+    max_batch: int = 8
+
+    def check(self, message: str) -> None:
+        n = self.max_batch
+        self._at_most(message, "objects", "{", 1 + n * (2 + _STRING_CHARS), "")
+        self._at_most(message, "strings", '"', 2 + n * (2 * _STRINGS + _STRING_CHARS), "")
+        commas = message.count(",")
+        lists = 1 + n * (_LISTS + _STRING_CHARS) + commas // _COMMAS_PER_PIXEL
+        self._at_most(message, "lists", "[", lists, f" and {commas} commas")
+
+    def _at_most(self, message: str, what: str, char: str, limit: int, given: str) -> None:
+        count = message.count(char)
+        if count > limit:
+            raise BadRequest(
+                f"the message opens {count} {what} ({char!r}), more than the {limit} that a message of at most "
+                f"{self.max_batch} requests{given} can hold"
+            )
+
+
+DEFAULT_LIMITS = JsonLimits()
+
+
 class _Constant(ValueError):
     """`NaN`, `Infinity` or `-Infinity`: Python's json reads them, JSON has no such literals."""
 
@@ -54,14 +108,16 @@ def _refuse_constant(name: str) -> Any:
     raise _Constant(name)
 
 
-def loads(message: str | bytes, max_bytes: int | None = None) -> Any:
-    """The JSON value of a text frame; its length is checked against `max_bytes` before parsing."""
+def loads(message: str | bytes, max_bytes: int | None = None, limits: JsonLimits = DEFAULT_LIMITS) -> Any:
+    """The JSON value of a text frame; its length is checked against `max_bytes`, and its objects,
+    strings and lists are counted against `limits`, before parsing."""
     if not isinstance(message, str):
         raise BadRequest("the JSON API takes text frames; got a binary frame")
     if max_bytes is not None and len(message) > max_bytes:
         raise ProtocolError(
             f"message is {len(message)} characters, more than the server's limit of {max_bytes}", "oversize"
         )
+    limits.check(message)
     try:
         return json.loads(message, parse_constant=_refuse_constant)
     except RecursionError:
@@ -250,3 +306,8 @@ def refresh_message(message: dict[str, Any]) -> dict[str, Any]:
 
 def error(code: str, message: str) -> dict[str, Any]:
     return {"status": "error", "error": {"code": code, "message": message}}
+
+
+def dumps(reply: dict[str, Any]) -> str:
+    """A reply's JSON text; ValueError for NaN or infinity anywhere in it (JSON has neither)."""
+    return json.dumps(reply, allow_nan=False)

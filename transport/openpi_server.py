@@ -5,7 +5,9 @@ is an observation dict (msgpack-numpy) and each frame out holds `actions` plus `
 and `server_timing` (`infer_ms`, and from the second request on `prev_total_ms`). On an error
 the server sends a text frame saying what went wrong and closes with 1011, as openpi does (the
 client raises it as a `RuntimeError`); the traceback stays in the server's log. Unlike openpi,
-inference never runs on the event loop, so many clients are served at once.
+inference never runs on the event loop, so many clients are served at once; nor does decoding a
+large message, which runs on a worker thread, at most `max_parsing` at once, after
+`openpi_msgpack`'s pre-scan has refused shapes that would build millions of objects.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class OpenpiServer(WsServer):
                             "openpi observations are binary msgpack frames, got a text frame", "bad_request"
                         )
                     self.check_size(message)
-                    obs = openpi_msgpack.unpackb(message)
+                    obs = await self.parse(openpi_msgpack.unpackb, message)
                     if not isinstance(obs, dict):
                         raise TransportError(f"an observation must be a map, got {type(obs).__name__}", "bad_request")
                     infer_start = time.perf_counter()
@@ -99,7 +101,7 @@ class OpenpiServer(WsServer):
             pass
 
     async def _fail(self, connection: ServerConnection, message: str) -> None:
-        log.info("openpi client error: %s", message)
+        log.info("openpi client error: %r", message)
         try:
             await connection.send(f"Error: {message}")
             await connection.close(CloseCode.INTERNAL_ERROR, "Internal server error. Error included in previous frame.")

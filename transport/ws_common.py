@@ -1,9 +1,21 @@
-"""What the two WebSocket servers share: the health check, the connection cap, the keepalive
-and size settings, and access control (token, TLS, browser origins).
+"""What the two WebSocket servers share: the health check, the connection cap, the timeouts, the
+size settings, bounded parsing, and access control (token, TLS, browser origins).
 
 Every bound is explicit, since a WebSocket library's defaults are generous: the message size
 (sized by the gateway from the model's cameras and accepted resolution), the frames queued per
-connection, and the number of connections, refused with HTTP 503 before the handshake.
+connection, the messages parsed at once, and the number of connections, refused with HTTP 503
+before the handshake.
+
+No connection can hold a place under the cap while its peer is gone, silent or not reading. A TCP
+connection must finish the WebSocket handshake within `open_timeout_s` (until then it does not
+count); an open connection must answer a ping within `ping_timeout_s` (a client that only listens
+for refresh pushes answers them and stays); and a peer must read what it is sent: a write buffer
+that stays above its high-water mark for `send_timeout_s`, or holds more than `max_unread_bytes`,
+drops the connection (`_ReadingPeer`). websockets itself waits for the write buffer to drain without
+a deadline, in `send`, in its keepalive ping and in its closing handshake alike, and answers every
+ping with a pong whatever the buffer holds: a client that sent requests and never read the replies
+held its connection forever (the keepalive's ping waited behind the replies, so its timeout never
+started), and one that sent pings without reading grew the gateway by the size of the pongs.
 
 Access is decided before the handshake completes, so a refused client never gets to send a frame:
 with a token set, a request without `Authorization: Bearer <token>` (or, where the subclass allows
@@ -14,19 +26,32 @@ stays open. With a TLS context the port speaks `wss://` only.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import hmac
+import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
+from typing import TypeVar
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.typing import Data
 
 from transport.errors import TransportError
 
+log = logging.getLogger(__name__)
+
 Health = Callable[[], Awaitable[bool]]
+T = TypeVar("T")
+
+# A message longer than this is parsed on a worker thread, so the event loop goes on with pings,
+# other connections' replies and refresh pushes (a C parser holds the GIL, so the work the parse
+# may do is bounded by each protocol's cheap pre-checks, not by the thread).
+OFFLOAD_BYTES = 64 * 1024
 
 MIN_TOKEN_CHARS = 16
 
@@ -65,9 +90,14 @@ class WsSettings:
     max_message_bytes: int = 64 * 1024 * 1024
     max_queue: int = 2  # frames received but not yet handled, per connection
     max_connections: int = 64
+    max_parsing: int = 2  # messages parsed at once, all connections together
+    open_timeout_s: float = 10.0  # from TCP accept to the end of the WebSocket handshake (TLS included)
     # The event loop never waits on the model, so pings are answered even during a long compile.
     ping_interval_s: float = 20.0
-    ping_timeout_s: float = 60.0
+    ping_timeout_s: float = 20.0  # no pong by then: the connection is closed
+    send_timeout_s: float = 20.0  # what the peer leaves unread this long drops the connection
+    max_unread_bytes: int = 4 * 1024 * 1024  # more unread than this (pongs to a flood of pings) drops it
+    close_timeout_s: float = 10.0  # the closing handshake; then the TCP connection is dropped
     token: str | None = None  # required at the handshake when set
     allowed_origins: tuple[str, ...] = ()  # browser origins let in (clients sending no Origin always are)
     tls: ssl.SSLContext | None = None
@@ -75,6 +105,47 @@ class WsSettings:
 
 async def always_healthy() -> bool:
     return True
+
+
+class _ReadingPeer(ServerConnection):
+    """A connection that is dropped when its peer does not read: when the write buffer stays above
+    its high-water mark (asyncio's `pause_writing`) for `send_timeout_s`, or when what the peer
+    sends leaves more than `max_unread_bytes` unread (websockets answers each ping by itself)."""
+
+    def __init__(self, *args, send_timeout_s: float, max_unread_bytes: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._send_timeout_s = send_timeout_s
+        self._max_unread_bytes = max_unread_bytes
+        self._stalled: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        why = f"read nothing for {self._send_timeout_s} s"
+        self._stalled = self.loop.call_later(self._send_timeout_s, self._drop, why)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._unstall()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        unread = self.transport.get_write_buffer_size()
+        if unread > self._max_unread_bytes:
+            self._drop(f"left {unread} bytes unread")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._unstall()
+        super().connection_lost(exc)
+
+    def _unstall(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+
+    def _drop(self, why: str) -> None:
+        """Closes the TCP connection at once: blocked sends return, and recv raises ConnectionClosed."""
+        log.warning("%r %s: connection dropped", self.remote_address, why)
+        self.transport.abort()
 
 
 class WsServer:
@@ -91,6 +162,7 @@ class WsServer:
         self._health = health
         self._sock = sock
         self._server: Server | None = None
+        self._parsing = asyncio.Semaphore(settings.max_parsing)
         self.port: int | None = None
         self.connections = 0
 
@@ -144,8 +216,13 @@ class WsServer:
             # past that websockets closes the connection (1009) without reading it.
             max_size=2 * s.max_message_bytes,
             max_queue=s.max_queue,
+            create_connection=functools.partial(
+                _ReadingPeer, send_timeout_s=s.send_timeout_s, max_unread_bytes=s.max_unread_bytes
+            ),
+            open_timeout=s.open_timeout_s,
             ping_interval=s.ping_interval_s,
             ping_timeout=s.ping_timeout_s,
+            close_timeout=s.close_timeout_s,
             compression=None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
@@ -154,6 +231,13 @@ class WsServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+    async def parse(self, parser: Callable[[Data], T], message: Data) -> T:
+        """`parser(message)`, at most `max_parsing` at once; a large message on a worker thread."""
+        async with self._parsing:
+            if len(message) > OFFLOAD_BYTES:
+                return await asyncio.to_thread(parser, message)
+            return parser(message)
 
     def check_size(self, message: str | bytes) -> None:
         if len(message) > self.settings.max_message_bytes:

@@ -3,15 +3,18 @@
 Each connection is a session: its requests are answered in order, a batch request runs its items
 concurrently (so the engine batches them), and `subtask_refresh` messages are pushed on the
 connection that asked for them. Any request that cannot be served gets
-`{"status": "error", "error": {"code", "message"}}` and the connection stays open. Parsing big
-messages is bounded in concurrency (`max_parsing`), so many clients sending large images at once
-cannot make the process hold more than a few parsed messages at a time.
+`{"status": "error", "error": {"code", "message"}}` and the connection stays open. Parsing is
+bounded: a message's objects, strings and lists are counted before it is parsed
+(`json_wire.JsonLimits`), at most `max_parsing` messages are parsed at once and a large one on a
+worker thread, so many clients sending large images at once cannot make the process hold more than
+a few parsed messages at a time. A reply holding NaN or infinity, which JSON cannot carry, becomes
+an `internal` error reply to that request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import logging
 import socket
 import time
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Data
 
 from transport import json_wire
 from transport.errors import BadRequest, TransportError
@@ -31,7 +35,6 @@ log = logging.getLogger(__name__)
 
 Reply = tuple[dict[str, Any], dict[str, np.ndarray]]
 Handler = Callable[[str, Request], Awaitable[Reply]]
-_OFFLOAD_BYTES = 64 * 1024  # parse larger messages off the event loop
 
 
 class JsonApiServer(WsServer):
@@ -46,7 +49,6 @@ class JsonApiServer(WsServer):
         close: Callable[[str], Awaitable[None]],
         *,
         max_batch: int = 8,
-        max_parsing: int = 2,
         health: Health = always_healthy,
         sock: socket.socket | None = None,
     ):
@@ -55,7 +57,7 @@ class JsonApiServer(WsServer):
         self._open = open
         self._close = close
         self.max_batch = max_batch
-        self._parsing = asyncio.Semaphore(max_parsing)
+        self._limits = json_wire.JsonLimits(max_batch)
         self._connections: dict[str, ServerConnection] = {}
 
     async def push(self, key: str, message: dict[str, Any]) -> None:
@@ -64,7 +66,7 @@ class JsonApiServer(WsServer):
         if connection is None:
             return
         try:
-            await connection.send(json.dumps(json_wire.refresh_message(message)))
+            await connection.send(json_wire.dumps(json_wire.refresh_message(message)))
         except ConnectionClosed:
             pass
 
@@ -75,34 +77,33 @@ class JsonApiServer(WsServer):
             async for message in connection:
                 received = time.perf_counter()
                 reply = await self._serve(key, message, received)
-                await connection.send(await self._encode(reply))
+                await connection.send(await self._encode(key, reply))
         except ConnectionClosed:
             pass
         finally:
             del self._connections[key]
             await self._close(key)
 
-    async def _encode(self, reply: dict[str, Any]) -> str:
-        if "results" in reply or "actions" in reply:
-            return await asyncio.to_thread(json.dumps, reply)
-        return json.dumps(reply)
-
-    async def _serve(self, key: str, message: str | bytes, received: float) -> dict[str, Any]:
+    async def _encode(self, key: str, reply: dict[str, Any]) -> str:
         try:
-            if isinstance(message, bytes):
-                raise BadRequest("the JSON API takes text frames; got a binary frame")
+            if "results" in reply or "actions" in reply:
+                return await asyncio.to_thread(json_wire.dumps, reply)
+            return json_wire.dumps(reply)
+        except ValueError:
+            log.error("the reply to %s held NaN or infinity; it is answered as an internal error", key)
+            return json_wire.dumps(json_wire.error("internal", "internal error: the reply held NaN or infinity"))
+
+    def _parse(self, key: str, message: Data) -> tuple[list[Request], bool]:
+        """The requests of one message, and whether it was a batch."""
+        payload = json_wire.loads(message, limits=self._limits)
+        if isinstance(payload, dict) and "batch" in payload:
+            return json_wire.parse_batch(payload, key, self.max_batch), True
+        return [json_wire.parse_request(payload, key)], False
+
+    async def _serve(self, key: str, message: Data, received: float) -> dict[str, Any]:
+        try:
             self.check_size(message)
-            async with self._parsing:
-                if len(message) > _OFFLOAD_BYTES:
-                    payload = await asyncio.to_thread(json_wire.loads, message)
-                else:
-                    payload = json_wire.loads(message)
-                batch = isinstance(payload, dict) and "batch" in payload
-                if batch:
-                    requests = json_wire.parse_batch(payload, key, self.max_batch)
-                else:
-                    requests = [json_wire.parse_request(payload, key)]
-                del payload
+            requests, batch = await self.parse(functools.partial(self._parse, key), message)
             replies = await asyncio.gather(*(self._handler(key, r) for r in requests), return_exceptions=True)
             total_ms = (time.perf_counter() - received) * 1e3
             results = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -50,8 +51,10 @@ def test_json_nested_100k_deep_is_invalid_json_on_the_loop_and_in_a_thread():
     assert _error(text).code == "invalid_json"
     with pytest.raises(ProtocolError, match="nest too deeply"):
         asyncio.run(asyncio.to_thread(json_wire.loads, text))
-    deep = '{"a":' * 100_000 + "1" + "}" * 100_000
+    deep = '{"a":' * 5_000 + "1" + "}" * 5_000  # within the object count, past the recursion limit
     assert _error(deep).code == "invalid_json"
+    deeper = '{"a":' * 100_000 + "1" + "}" * 100_000  # more objects than any message holds: counted first
+    assert _error(deeper).code == "bad_request" and "objects" in _error(deeper).message
 
 
 def test_a_value_nested_where_a_scalar_belongs_is_bad_request():
@@ -207,3 +210,68 @@ def test_replies():
         "status": "error",
         "error": {"code": "oversize", "message": "too big"},
     }
+
+
+def _flood(unit: str, chars: int) -> str:
+    return "[" + (unit * (chars // len(unit))).rstrip(", ") + "]"
+
+
+@pytest.mark.parametrize(
+    ("unit", "what"),
+    [("{},", "objects ('{')"), ('"ab",', "strings ('\"')"), ("[],", "lists ('[')"), ("[0],  ", "lists ('[')")],
+)
+def test_floods_of_empty_objects_strings_or_small_lists_are_refused_before_parsing(monkeypatch, unit, what):
+    # The adversary's 100 MB of `{},` cost a gateway 2.6 GB: 25 bytes per byte, each `{}` a dict.
+    def never(*args, **kwargs):
+        raise AssertionError("json.loads ran: the flood was not counted first")
+
+    monkeypatch.setattr(json_wire.json, "loads", never)
+    error = _error(_flood(unit, 10_000_000))
+    assert error.code == "bad_request" and error.message.startswith("the message opens ") and what in error.message
+
+
+def _densest_request(i: int, char: str) -> dict:
+    """A request the server accepts that holds as many `char` per character as any can: its strings
+    full of it, images one pixel wide (2 lists in 10 characters), 1024 leftover rows."""
+    cameras = {f"{i}{c}" + char * (messages.MAX_CAMERA_CHARS - 2): [[[0, 0, 0]]] * 50 for c in range(8)}
+    prompt = char * messages.MAX_PROMPT_BYTES
+    return _request(
+        images=cameras, high_level_prompt=prompt, low_level_prompt=prompt, state=[0.0],
+        prev_actions=[[0.0]] * messages.MAX_CHUNK_STEPS, inference_delay=1, execute_horizon=1, rtc_schedule="exp",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("max_batch", [1, 8])
+@pytest.mark.parametrize("char", ["{", '"', "["])
+def test_the_densest_requests_a_server_accepts_pass_the_counts(max_batch, char):
+    def batch(n: int) -> str:
+        return json.dumps({"batch": [_densest_request(i, char) for i in range(n)]}, separators=(",", ":"))
+
+    limits = json_wire.JsonLimits(max_batch)
+    requests = json_wire.parse_batch(json_wire.loads(batch(max_batch), limits=limits), "ws-1", max_batch)
+    assert len(requests) == max_batch and len(requests[0].observation.images) == 8
+    if char != "[":  # the limits are tight: one such request more than the batch limit is counted out
+        with pytest.raises(TransportError, match="more than the"):
+            json_wire.loads(batch(max_batch + 1), limits=limits)
+
+
+def test_what_json_loads_may_build_after_the_counts_is_what_an_image_of_that_length_costs():
+    # The worst shapes that pass the counts (lists of 3 as dense as pixels, of floats, negative
+    # integers, which Python does not cache) cost about what a legitimate image of nested lists does.
+    chars = 3_000_000
+    image = json.dumps(np.zeros((chars // 8000, 1000, 3), int).tolist(), separators=(",", ":"))
+    shapes = {"image": image, "float pixels": _flood("[1e5,1e5,1e5],", chars), "negative ints": _flood("-9,", chars)}
+    per_char = {}
+    for name, text in shapes.items():
+        tracemalloc.start()
+        json_wire.loads(text)
+        per_char[name] = tracemalloc.get_traced_memory()[1] / len(text)
+        tracemalloc.stop()
+    assert max(per_char.values()) < 1.5 * per_char["image"], per_char
+
+
+def test_replies_with_nan_or_infinity_are_refused_by_the_encoder():
+    assert json_wire.dumps({"actions": [[1.5]]}) == '{"actions": [[1.5]]}'
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError):
+            json_wire.dumps({"status": "success", "actions": [[[0.0, bad]]]})

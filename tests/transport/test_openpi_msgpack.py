@@ -148,3 +148,71 @@ def test_nesting_is_bounded():
 )
 def test_invalid_msgpack_is_bad_message(data):
     assert _code(data) == "bad_message"
+
+
+def _never_built(monkeypatch) -> None:
+    def never(*args, **kwargs):
+        raise AssertionError("msgpack.unpackb ran: the message was not pre-scanned")
+
+    monkeypatch.setattr(openpi_msgpack.msgpack, "unpackb", never)
+
+
+def _fixarray_tree(levels: int, leaf: bytes) -> bytes:
+    """Arrays of 15 inside arrays of 15, `levels` deep, over `leaf`: no header counts many."""
+    node = leaf
+    for _ in range(levels):
+        node = b"\x9f" + node * 15
+    return node
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xdd" + (8_000_000).to_bytes(4, "big") + b"\x80" * 8_000_000,  # one array of 8M empty maps
+        b"\xdc\x00\x64" + _fixarray_tree(3, b"\x9f" + b"\x80" * 15) * 100,  # 5M maps, 15 to a header
+        b"\xdf" + (1_000_000).to_bytes(4, "big") + b"\xe0\xe0" * 1_000_000,  # a map of uncached negative ints
+    ],
+)
+def test_floods_of_empty_maps_or_small_items_are_refused_before_anything_is_built(monkeypatch, data):
+    # The adversary's 8 MB of empty maps took a gateway from 44 MB to 1.2 GB: a 64-byte dict per byte.
+    _never_built(monkeypatch)
+    with pytest.raises(ProtocolError, match=f"more than {openpi_msgpack.MAX_ITEMS}") as info:
+        openpi_msgpack.unpackb(data)
+    assert info.value.code == "bad_message"
+
+
+def test_every_item_counts_toward_the_limit_wherever_it_is_announced():
+    most = openpi_msgpack.MAX_ITEMS
+    assert len(openpi_msgpack.unpackb(msgpack.packb([0] * (most - 1)))) == most - 1  # the list is an item too
+    assert _code(msgpack.packb([0] * most)) == "bad_message"
+    # Items after a nested array are announced by the outer one: the total still counts.
+    half = most // 2
+    assert _code(msgpack.packb([[0] * half, *[0] * half])) == "bad_message"
+    assert _code(msgpack.packb({"a": [0] * half, "b": [0] * half})) == "bad_message"
+
+
+def test_the_prescan_skips_payloads_and_a_large_observation_decodes(monkeypatch):
+    # An 8 MB image whose bytes look like msgpack headers (0x80: an empty map; 0xdd: a huge array).
+    image = np.frombuffer(b"\x80\xdd" * (720 * 1280 * 3 // 2), np.uint8).reshape(720, 1280, 3)
+    obs = {**_observation(), "observation/exterior_image_1_left": image, "prompt": "\x80\xdd" * 2000}
+    out = openpi_msgpack.unpackb(openpi.packb(obs))
+    _assert_same(out, obs)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        msgpack.packb({"x": [1, msgpack.ExtType(1, b"x")]}),
+        msgpack.packb({"t": msgpack.Timestamp(1)}),  # msgpack's own extension -1
+        b"\x81\xa1x\xd4\x05\x00",  # fixext 1
+    ],
+)
+def test_extension_types_are_refused_anywhere(data):
+    with pytest.raises(ProtocolError, match="extension types") as info:
+        openpi_msgpack.unpackb(data)
+    assert info.value.code == "bad_message"
+
+
+@pytest.mark.parametrize("data", [b"\xdd\x00\x00", b"\xc6\x00\x00\x00\x09abc", b"\x92\x01", b"\x91\xc1", b"\xc0\x01"])
+def test_truncated_or_malformed_headers_are_left_to_msgpack(data):
+    assert _code(data) == "bad_message"
