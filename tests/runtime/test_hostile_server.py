@@ -306,8 +306,9 @@ def _zmq_problem(sent: list[bytes], reply: list[bytes] | None, model: dict[str, 
         header, arrays = codec.decode(reply)
     except Exception as e:
         return f"the reply does not decode: {e}"
-    try:
-        sent_header = msgpack.unpackb(sent[0], strict_map_key=False)
+    try:  # lone surrogates read as such: a header too large to unpack is scanned for its id by the server,
+        # which finds the id before an invalid string that comes after it
+        sent_header = msgpack.unpackb(sent[0], strict_map_key=False, unicode_errors="surrogatepass")
     except Exception:
         sent_header = None
     sent_id = sent_header.get("id") if isinstance(sent_header, dict) else None

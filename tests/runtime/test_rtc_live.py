@@ -8,7 +8,9 @@ actions came within 0.056 of the leftover at most and 0.016 on average over ZMQ 
 0.083 and 0.025 over the openpi port (its seeds are the server's, and the layout's 8 dims are
 padded to the model's 32 with zeros); the unguided sample sits about 1.3 away. beta = 10 corrects
 a 10-step flow fully per step, and the weight formula itself leaves about 9% of the error at the
-last step, so a larger beta does not get closer (beta = 100: 0.10 at most).
+last step, so a larger beta does not get closer (beta = 100: 0.10 at most). The openpi port draws
+its own seed for every request: over 40 of them the first d actions came within 0.076 to 0.254 of
+the leftover at most and 0.028 to 0.045 on average, so that test has bounds of its own.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from transport.zmq_client import PolicyClient
 D, S = 8, 20  # inference delay and execution horizon, in steps
 BETA = 10.0
 TOL_MAX, TOL_MEAN = 0.2, 0.05  # about twice the largest measured error of the guided steps
+OPENPI_TOL_MAX, OPENPI_TOL_MEAN = 0.4, 0.08  # the same margin over the server-drawn seeds measured
 RTC = {"inference_delay": D, "execute_horizon": S, "rtc_schedule": "zeros", "max_guidance_weight": BETA}
 IMAGES = {"base_0_rgb": np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)}
 STATE = np.linspace(-0.5, 0.5, 8).astype(np.float32)
@@ -38,9 +41,9 @@ def server(engine):
         yield srv
 
 
-def _follows(new: np.ndarray, leftover: np.ndarray) -> None:
+def _follows(new: np.ndarray, leftover: np.ndarray, tol_max: float = TOL_MAX, tol_mean: float = TOL_MEAN) -> None:
     err = np.abs(np.asarray(new)[:D] - leftover[:D])
-    assert err.max() < TOL_MAX and err.mean() < TOL_MEAN, (err.max(), err.mean())
+    assert err.max() < tol_max and err.mean() < tol_mean, (err.max(), err.mean())
 
 
 def test_over_zmq_the_first_d_actions_follow_the_leftover(server):
@@ -145,7 +148,7 @@ def test_over_the_openpi_port_with_the_leftover_in_the_layouts_units(server):
     assert leftover.shape == (30, 8)
     guided = policy.infer({**example, "prev_actions": leftover, **RTC, "return_model_actions": True})
     unguided = policy.infer(example)
-    _follows(guided["actions"], leftover)
-    assert np.abs(unguided["actions"][:D] - leftover[:D]).mean() > 10 * TOL_MEAN
+    _follows(guided["actions"], leftover, OPENPI_TOL_MAX, OPENPI_TOL_MEAN)
+    assert np.abs(unguided["actions"][:D] - leftover[:D]).mean() > 10 * OPENPI_TOL_MEAN
     assert guided["model_actions"].shape == (50, 32) and "model_actions" not in unguided
     np.testing.assert_allclose(guided["model_actions"][:, :8], guided["actions"], atol=1e-6)
