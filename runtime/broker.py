@@ -311,6 +311,7 @@ class Broker:
         """Heartbeats due now go out; workers presumed dead leave, their requests answered; requests
         held past their time are answered `timeout`."""
         now = self._clock()
+        self._trimmer.maybe()
         for worker, flight in self.table.overdue(now - self.settings.request_timeout_s):
             self._settled(flight)
             self.errors["timeout"] += 1
@@ -532,14 +533,14 @@ class Broker:
         """A robot's (un)subscription at the front XPUB: applied and counted by the book, and told
         upstream to every worker only when a topic gets its first subscriber or loses its last one."""
         assert self._xsub is not None and self.book is not None
-        departures = self.book.departures
+        freed = self.book.departures + self.book.dropped
         for change in self.book.handle(frames[0]):
             if change.holders == (1 if change.subscribed else 0):
                 try:
                     self._xsub.send(bytes([change.subscribed]) + change.topic, flags=zmq.NOBLOCK)
                 except zmq.Again:
                     log.warning("the workers' refresh subscriptions are at their high-water mark; dropped one")
-        if self.book.departures != departures:
+        if self.book.departures + self.book.dropped != freed:
             self._trimmer.freed()
 
     def _on_publication(self, frames: list) -> None:

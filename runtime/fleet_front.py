@@ -33,7 +33,8 @@ log = logging.getLogger("runtime.policy_server")
 # Flags of the front host that its workers must not get (the rest, model and serving flags, they do).
 FRONT_ONLY = frozenset({
     "--workers", "--gpu-ids", "--gpu-id", "--host", "--router-port", "--pub-port", "--ws-port", "--openpi-port",
-    "--openpi-layout", "--default-prompt", "--max-ws-connections", "--demo", "--demo-duration", "--worker-port",
+    "--openpi-layout", "--default-prompt", "--max-ws-connections", "--max-ws-connections-per-client", "--demo",
+    "--demo-duration", "--worker-port",
     "--heartbeat", "--curve-secret", "--curve-clients", "--token-file", "--tls-cert", "--tls-key", "--allow-origin",
     "--worker-curve-secret", "--worker-curve-clients",
 })  # fmt: skip

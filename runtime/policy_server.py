@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-ttl", type=positive(float), default=600.0, help="seconds of silence that end a session")
     p.add_argument("--max-ws-connections", type=positive(int), default=64, help="connections per WebSocket port")
     p.add_argument(
+        "--max-ws-connections-per-client",
+        type=positive(int),
+        default=16,
+        help="connections per WebSocket port from one client address",
+    )
+    p.add_argument(
         "--curve-secret", default=None, metavar="FILE", help="the server's CURVE .key_secret: ZMQ needs CURVE keys"
     )
     p.add_argument(
@@ -437,6 +443,7 @@ def _gateway_argv(args: argparse.Namespace, name: str, zmq_server: ZmqServer, ip
         "--pub", f"ipc://{ipc_dir}/pub",
         "--max-batch", str(args.max_batch),
         "--max-connections", str(args.max_ws_connections),
+        "--max-connections-per-client", str(args.max_ws_connections_per_client),
         "--log-level", args.log_level,
     ]  # fmt: skip
     # Paths only: the gateway reads the token itself, so it never shows in a process listing.

@@ -159,7 +159,7 @@ class PolicyService:
 
     def _make_room(self, principal: str) -> None:
         """Frees a place for a new session of `principal` when it would pass a bound: a session of
-        its own at its cap, else, with the table full, one of the principal holding the most. A
+        its own at its cap, else, with the table full, one of the principals holding the most. A
         session with a request being served is not taken (its robot is waiting for the reply): when
         every candidate has one, the new robot gets `busy` until one is answered (within the
         engine's deadline), so the table is never locked for long."""
@@ -169,7 +169,9 @@ class PolicyService:
         if len(owned.get(principal, ())) >= self.limits.max_sessions_per_peer:
             candidates, whose = owned[principal], "this client's"
         elif len(self.sessions) >= self.limits.max_sessions:
-            candidates, whose = max(owned.values(), key=len), "the server's"
+            most = max(len(sessions) for sessions in owned.values())  # all of the principals holding the most
+            candidates = [s for sessions in owned.values() if len(sessions) == most for s in sessions]
+            whose = "the largest clients'"
         else:
             return
         idle = [s for s in candidates if s.key not in self._running]

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-prompt", default=None)
     p.add_argument("--max-batch", type=int, default=8, help="most requests in one JSON batch")
     p.add_argument("--max-connections", type=int, default=64)
+    p.add_argument("--max-connections-per-client", type=int, default=16)
     p.add_argument("--token-file", default=None, help="a client must send this file's token at the handshake")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve wss:// (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="the certificate's PEM private key")
@@ -96,6 +97,7 @@ class Gateway:
         return WsSettings(
             max_message_bytes=self.max_message_bytes(),
             max_connections=a.max_connections,
+            max_connections_per_client=a.max_connections_per_client,
             token=read_token(a.token_file) if a.token_file else None,
             allowed_origins=tuple(a.allow_origin),
             tls=tls_context(a.tls_cert, a.tls_key) if a.tls_cert else None,

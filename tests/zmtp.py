@@ -81,6 +81,12 @@ class RawPeer:
         """The wire bytes of one (un)subscription, to batch many into one `send_raw`."""
         return _frame(bytes([subscribe]) + topic)
 
+    @staticmethod
+    def message(body: bytes) -> bytes:
+        """The wire bytes of one single-frame message (to an XPUB: a subscription if it starts with
+        0 or 1, else an upstream message)."""
+        return _frame(body)
+
     def receive(self, timeout_s: float) -> list[bytes] | None:
         """The next message's frames (commands skipped), or None if nothing came in time."""
         self.sock.settimeout(timeout_s)

@@ -25,20 +25,29 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 class HeapTrimmer:
-    """`freed()` after something large was freed: the free pages go back to the system, at most once
-    per `interval_s` (a departing subscriber is reported one subscription at a time)."""
+    """`freed()` when something large was freed (a subscriber left, a closed connection's queue was
+    dropped); `maybe()` hands the free pages back once `interval_s` has passed since the first such
+    event: a departing subscriber or a dropped queue is processed one message at a time, and the
+    pages are free only once the last is."""
 
     def __init__(self, interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
-        self._interval_s = interval_s
+        self.interval_s = interval_s
         self._clock = clock
-        self._last = -float("inf")
+        self._freed_at: float | None = None
         self.trims = 0
 
+    @property
+    def due(self) -> bool:
+        return self._freed_at is not None
+
     def freed(self) -> None:
-        now = self._clock()
-        if now - self._last < self._interval_s:
+        if self._freed_at is None:
+            self._freed_at = self._clock()
+
+    def maybe(self) -> None:
+        if self._freed_at is None or self._clock() - self._freed_at < self.interval_s:
             return
-        self._last = now
+        self._freed_at = None
         trim = _malloc_trim()
         if trim is not None:
             trim(0)

@@ -85,10 +85,11 @@ class SubscriptionLimits:
     # Subscribed bytes libzmq may record for one peer address before its connections are cut: at
     # about 47 bytes of memory per byte, 1 MiB of topics is about 50 MB.
     bytes_per_address: int = 1 << 20
-    # Subscription messages of one peer address, per second on average and at once, before its
-    # connections are cut: a host restarting 1000 robots sends 1000.
+    # Messages of one peer address, per second on average and at once, before its connections are
+    # cut: a host restarting 1000 robots sends 1000. libzmq queues what a connection sends ahead of
+    # the reader without bound, so the burst is what bounds that queue.
     per_second: float = 1000.0
-    burst: float = 20000.0
+    burst: float = 2000.0
     written_off: int = 65536  # refused or written-off subscriptions remembered for their departure
     addresses: int = 4096  # peer addresses whose budget is tracked (least recently heard forgotten)
     # Connections whose subscriptions are remembered (least recently heard forgotten: an
@@ -116,7 +117,7 @@ class Change:
 
 @dataclasses.dataclass
 class _Budget:
-    """A peer address's subscribed bytes, its bucket of subscription messages, who was seen there."""
+    """A peer address's subscribed bytes, its bucket of messages, who was seen there."""
 
     tokens: float
     at: float
@@ -133,7 +134,8 @@ class SubscriptionBook:
     `own_prefix`: a CURVE subscriber may subscribe only under its own `user/` prefix (the XPUB's tcp
     endpoints are CURVE servers; a plain connection, the server's own gateways over ipc, may subscribe
     to anything). `cut(address)` is called when an address has spent its budget; it should close that
-    address's connections and say how many it closed."""
+    address's connections and say how many it closed (none: an ipc peer, a local process of the
+    server's own user, which is then only refused)."""
 
     def __init__(
         self,
@@ -151,11 +153,13 @@ class SubscriptionBook:
         self._clock = clock
         self._held: dict[bytes, collections.Counter[str]] = {}  # topic -> principal -> copies
         self._topics_of: dict[str, set[bytes]] = {}  # principal -> the topics it holds
+        self._address_of: dict[str, str] = {}  # principal -> the address it was last seen at
         self._pairs = 0
         # connection -> the topics it subscribed and the book counts (where connections have no
         # names, as on a worker's XPUB, a principal's subscriptions are counted, not checked)
         self._subscribed: collections.OrderedDict[str, set[bytes]] = collections.OrderedDict()
-        self._written_off: collections.Counter[bytes] = collections.Counter()
+        # topic -> address charged -> subscriptions libzmq records that no count stands for
+        self._written_off: dict[bytes, collections.Counter[str]] = {}
         self._forgetful = False  # past `written_off`: departures lower no count (never too low)
         self._budgets: collections.OrderedDict[str, _Budget] = collections.OrderedDict()
         self._cut_connections: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -178,7 +182,7 @@ class SubscriptionBook:
     @property
     def held_written_off(self) -> int:
         """Refused or written-off subscriptions whose departure has not (as far as is known) come."""
-        return sum(self._written_off.values())
+        return sum(sum(by.values()) for by in self._written_off.values())
 
     # ------------------------------------------------------------------ messages
 
@@ -187,26 +191,35 @@ class SubscriptionBook:
         of counted subscriptions it made (none when it was refused, ignored or not a subscription;
         several when its address was cut)."""
         msg = frame.bytes
-        if not msg or msg[0] not in (0, 1):
-            return []  # a peer's upstream message: an XPUB's subscribers have nothing else to say
-        subscribe, topic = msg[0] == 1, msg[1:]
+        kind = msg[0] if msg and msg[0] in (0, 1) else None  # 1 subscribe, 0 unsubscribe, None upstream
+        topic = msg[1:]
         address = _peer_address(frame)
         if address is None:  # libzmq's own: a subscriber left
-            return [] if subscribe else self._departed(topic)
+            return self._departed(topic) if kind == 0 else []
         connection = connection_of(frame)
         if connection is not None and connection in self._cut_connections:
-            self.dropped += 1  # queued by a connection that is closed already
+            # Queued by a connection that is closed already: dropped unread, but libzmq recorded its
+            # subscriptions as it queued them, and will report them gone: they must lower nothing.
+            self.dropped += 1
+            if kind == 1:
+                self._write_off(topic, 1, address)
+            elif kind == 0:
+                self._settle(topic, address)
             return []
         user = curve.user_id(frame) if self._own_prefix else None  # a User-Id only under CURVE
         principal = user or address
         budget = self._budget(address)
         budget.principals.add(principal)
+        self._address_of[principal] = address
         if connection is not None:
             budget.connections.add(connection)
         if not self._take_token(budget):
-            return self._cut_address(address, budget, f"more than {self.limits.burst:g} subscription messages at once")
+            why = f"more than {self.limits.burst:g} messages at once"
+            return self._cut_address(address, budget, why, topic if kind == 1 else None)
+        if kind is None:
+            return []  # an upstream message: an XPUB's subscribers have nothing else to say
         subscribed = None if connection is None else self._subscribed_by(connection)
-        if subscribe:
+        if kind == 1:
             return self._subscribe(topic, subscribed, principal, user, address, budget)
         return self._unsubscribe(topic, subscribed, principal, budget)
 
@@ -232,9 +245,8 @@ class SubscriptionBook:
             return []  # this connection holds it already: libzmq keeps one, so does the book
         budget.spent += len(topic) + _OVERHEAD_BYTES
         if budget.spent > self.limits.bytes_per_address:
-            return self._cut_address(
-                address, budget, f"more than {self.limits.bytes_per_address} bytes of subscriptions"
-            )
+            why = f"more than {self.limits.bytes_per_address} bytes of subscriptions"
+            return self._cut_address(address, budget, why, topic)
         why = self._refusal(topic, principal, user)
         if why is not None:
             self._refuse(topic, address, budget, why)
@@ -280,17 +292,32 @@ class SubscriptionBook:
         return [self._lower(topic, held, principal)]
 
     def _departed(self, topic: bytes) -> list[Change]:
+        """A subscription of `topic` ended with its connection; its bytes go back to the address that
+        was charged for it, where that is known."""
         self.departures += 1
-        if self._written_off[topic] > 0:
-            self._written_off[topic] -= 1
-            if not self._written_off[topic]:
-                del self._written_off[topic]
+        written_off = self._written_off.get(topic)
+        if written_off:
+            self._refund(self._settle(topic, next(iter(written_off))), topic)
             return []
         held = self._held.get(topic)
         if self._forgetful or held is None or len(held) != 1:
             return []  # nobody's, or several principals': whose connection left is unknown
         (principal,) = held
+        self._refund(self._address_of.get(principal), topic)
         return [self._lower(topic, held, principal)]
+
+    def _settle(self, topic: bytes, address: str) -> str | None:
+        """One written-off subscription of `topic` charged to `address` is over (reported gone, or
+        unsubscribed by the closed connection that made it); returns that address, or None."""
+        written_off = self._written_off.get(topic)
+        if not written_off or not written_off[address]:
+            return None
+        written_off[address] -= 1
+        if not written_off[address]:
+            del written_off[address]
+        if not written_off:
+            del self._written_off[topic]
+        return address
 
     def _lower(self, topic: bytes, held: collections.Counter[str], principal: str, copies: int = 1) -> Change:
         held[principal] -= copies
@@ -300,6 +327,7 @@ class SubscriptionBook:
             topics.discard(topic)
             if not topics:
                 del self._topics_of[principal]
+                self._address_of.pop(principal, None)
             self._pairs -= 1
         holders = sum(held.values())
         if not holders:
@@ -317,6 +345,11 @@ class SubscriptionBook:
         self._budgets.move_to_end(address)
         return budget
 
+    def _refund(self, address: str | None, topic: bytes) -> None:
+        budget = None if address is None else self._budgets.get(address)
+        if budget is not None:
+            budget.spent = max(0, budget.spent - len(topic) - _OVERHEAD_BYTES)
+
     def _take_token(self, budget: _Budget) -> bool:
         now = self._clock()
         budget.tokens = min(self.limits.burst, budget.tokens + (now - budget.at) * self.limits.per_second)
@@ -333,13 +366,13 @@ class SubscriptionBook:
             log.info(
                 "refused a subscription of %d bytes from %r: %s (%d refused)", len(topic), address, why, budget.refusals
             )
-        self._write_off(topic, 1)
+        self._write_off(topic, 1, address)
 
-    def _write_off(self, topic: bytes, n: int) -> None:
-        """`n` subscriptions libzmq records under `topic` that no count stands for: their departures
-        must lower nothing."""
+    def _write_off(self, topic: bytes, n: int, address: str) -> None:
+        """`n` subscriptions libzmq records under `topic` that no count stands for (charged to
+        `address`): their departures must lower nothing."""
         if topic in self._written_off or len(self._written_off) < self.limits.written_off:
-            self._written_off[topic] += n
+            self._written_off.setdefault(topic, collections.Counter())[address] += n
         elif not self._forgetful:
             self._forgetful = True
             log.warning(
@@ -348,12 +381,23 @@ class SubscriptionBook:
                 self.limits.written_off,
             )
 
-    def _cut_address(self, address: str, budget: _Budget, why: str) -> list[Change]:
-        """Closes the connections of `address`: what they hold is written off (libzmq reports each
-        subscription gone when they end), what they queued is dropped unread from now on, and the
-        address starts afresh (a new connection from it is served as usual)."""
+    def _cut_address(self, address: str, budget: _Budget, why: str, trigger: bytes | None) -> list[Change]:
+        """Closes the connections of `address` (`trigger`: the subscription that spent its budget,
+        which libzmq has recorded too). What they hold is written off (libzmq reports each of their
+        subscriptions gone when they end) and what they queued is dropped unread; a new connection
+        from the address (a robot's SUB connects again by itself) is served as usual, as the budget
+        refills. An address whose connections cannot be closed (ipc) is only refused."""
+        if trigger is not None:
+            self._refuse(trigger, address, budget, why)
+        closed = self._cut(address) if self._cut is not None else 0
         self.cuts += 1
         budget.cuts += 1
+        if budget.cuts & (budget.cuts - 1) == 0:  # the 1st, 2nd, 4th ... cut of this address
+            log.warning(
+                "the subscribers at %r sent %s: %d connection(s) closed (cut %d)", address, why, closed, budget.cuts
+            )
+        if not closed:
+            return []
         changes = []
         for connection in budget.connections:
             self._cut_connections[connection] = None
@@ -364,16 +408,11 @@ class SubscriptionBook:
             for topic in list(self._topics_of.get(principal, ())):
                 held = self._held[topic]
                 copies = held[principal]
-                self._write_off(topic, copies)
+                self._write_off(topic, copies, address)
                 changes.append(self._lower(topic, held, principal, copies))
         budget.connections.clear()
         budget.principals.clear()
-        budget.spent, budget.tokens = 0, self.limits.burst
-        closed = self._cut(address) if self._cut is not None else 0
-        if budget.cuts & (budget.cuts - 1) == 0:  # the 1st, 2nd, 4th ... cut of this address
-            log.warning(
-                "the subscribers at %r sent %s: %d connection(s) closed (cut %d)", address, why, closed, budget.cuts
-            )
+        budget.spent = 0
         return changes
 
 

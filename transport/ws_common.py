@@ -27,6 +27,7 @@ stays open. With a TLS context the port speaks `wss://` only.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import hmac
@@ -90,6 +91,10 @@ class WsSettings:
     max_message_bytes: int = 64 * 1024 * 1024
     max_queue: int = 2  # frames received but not yet handled, per connection
     max_connections: int = 64
+    # Connections from one client address: its requests in flight are bounded by its connections
+    # (a connection's requests are served in order, a JSON batch at most `--max-batch`), so one host
+    # cannot take every connection or the server's whole request cap.
+    max_connections_per_client: int = 16
     max_parsing: int = 2  # messages parsed at once, all connections together
     open_timeout_s: float = 10.0  # from TCP accept to the end of the WebSocket handshake (TLS included)
     # The event loop never waits on the model, so pings are answered even during a long compile.
@@ -165,6 +170,7 @@ class WsServer:
         self._parsing = asyncio.Semaphore(settings.max_parsing)
         self.port: int | None = None
         self.connections = 0
+        self._per_client: collections.Counter[str] = collections.Counter()
 
     async def _process_request(self, connection, request):
         if request.path == "/healthz":
@@ -181,6 +187,11 @@ class WsServer:
             return connection.respond(
                 HTTPStatus.SERVICE_UNAVAILABLE, f"the server has {self.connections} connections, its limit\n"
             )
+        if self._per_client[_client(connection)] >= self.settings.max_connections_per_client:
+            return connection.respond(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"this address has {self.settings.max_connections_per_client} connections, its limit\n",
+            )
         return None
 
     def _authorized(self, values: list[str]) -> bool:
@@ -193,11 +204,16 @@ class WsServer:
         return hmac.compare_digest(credentials.strip().encode(), self.settings.token.encode())
 
     async def _serve_connection(self, connection: ServerConnection) -> None:
+        client = _client(connection)
         self.connections += 1
+        self._per_client[client] += 1
         try:
             await self._connection(connection)
         finally:
             self.connections -= 1
+            self._per_client[client] -= 1
+            if self._per_client[client] <= 0:
+                del self._per_client[client]
 
     async def _connection(self, connection: ServerConnection) -> None:
         raise NotImplementedError
@@ -245,3 +261,9 @@ class WsServer:
                 f"message is {len(message)} bytes, more than the server's limit of {self.settings.max_message_bytes}",
                 "oversize",
             )
+
+
+def _client(connection: ServerConnection) -> str:
+    """The address a connection comes from (its host, not its port)."""
+    address = connection.remote_address
+    return str(address[0]) if isinstance(address, tuple) and address else str(address)

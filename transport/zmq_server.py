@@ -171,15 +171,20 @@ class Publisher:
 
     def on_subscription(self, frames: list) -> None:
         """Counts (un)subscriptions; a new subscription of a topic with a last value gets it at once."""
-        departures = self.book.departures
+        freed = self.book.departures + self.book.dropped
         for change in self.book.handle(frames[0]):
             last = self._last.get(change.topic) if change.subscribed else None
             now = self._clock()
             if last is not None and now - last[1] >= self.REPLAY_GAP_S:
                 self._last[change.topic] = (last[0], now)
                 self._send(last[0])
-        if self.book.departures != departures:
+        if self.book.departures + self.book.dropped != freed and not self._trimmer.due:
             self._trimmer.freed()
+            try:
+                asyncio.get_running_loop().call_later(self._trimmer.interval_s, self._trimmer.maybe)
+            except RuntimeError:  # driven without a loop (a test): the trim waits for the next message
+                pass
+        self._trimmer.maybe()
 
 
 class ZmqServer:

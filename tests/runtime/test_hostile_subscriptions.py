@@ -216,6 +216,93 @@ def test_a_forged_unsubscription_ends_no_ones_refreshes(server):
             assert dealer.request({"type": "ping", "id": 2})["data"]["server"]["refreshing"] >= 1
 
 
+@pytest.mark.parametrize("spent", ["bytes", "messages"])
+def test_what_a_cut_host_subscribed_cannot_end_another_robots_session(server, spent):
+    """Another host spends its budget (of bytes: to within a few bytes, then the victim's topic; of
+    messages: past its burst, then the victim's topic, which arrives after the cut from a connection
+    already closed). libzmq records those subscriptions and reports them gone when the connection
+    ends; they used to lower the victim's count (neither counted nor written off), ending the session
+    of a robot that still listened."""
+    robot = f"target-{spent}"
+    with refreshing_robot(server, robot) as (_, listener):
+        if spent == "bytes":
+            budget = 1 << 20
+            junk = [RawPeer.subscription(b"t%04d" % i + b"." * 995) for i in range(budget // (1000 + 64))]
+            filler = b"u" * (budget - len(junk) * (1000 + 64) - 64 - 4)  # within a few bytes of the budget
+            flood = b"".join(junk) + RawPeer.subscription(filler)
+        else:
+            flood = b"".join(RawPeer.subscription(b"m%05d" % i) for i in range(3000))
+        with RawPeer(server.pub, source=OTHER_HOST) as attacker:
+            attacker.send_raw(flood + RawPeer.subscription(robot.encode()))
+            assert attacker.closed_by_peer(MUST_COME_S), "the attacker's connection was not closed"
+        # 3 intervals of silence (at least 2 s) end a session without a subscriber: wait past that.
+        received = listener.drain(4.0)
+        assert received >= 4.0 / INTERVAL_S / 4, f"the robot's refreshes stopped after another host's cut: {received}"
+
+
+def test_upstream_messages_cost_their_sender_like_subscriptions(server):
+    """An XPUB's subscribers have nothing to say but subscriptions, yet libzmq queues whatever they send
+    for the server without bound: messages that are not subscriptions used to cost nothing and were
+    never cut (4 such senders took a server from 44 to 2063 MB in 20 s)."""
+    before = server.rss_mb()["server"]
+    with refreshing_robot(server, "quiet") as (_, listener):
+        with RawPeer(server.pub, source=OTHER_HOST) as attacker:
+            attacker.send_raw(RawPeer.message(b"\x07upstream") * 50_000)
+            assert attacker.closed_by_peer(MUST_COME_S), "a flood of upstream messages was not cut"
+        assert listener.drain(1.0) >= 1
+    grown = server.rss_mb()["server"] - before
+    assert grown < 50, f"upstream messages raised the server's memory by {grown:.0f} MB"
+
+
+def test_subscribers_that_come_and_go_never_spend_their_hosts_budget():
+    """A departing subscriber's subscription gives its bytes back: a host whose robots reconnect
+    thousands of times (or a gateway whose WebSocket clients do) was cut once their departures had
+    added up to 1 MiB, writing off its live subscriptions. Here the budget is small and a SUB connects,
+    subscribes and leaves far more often than it holds."""
+    from transport.connections import Connections
+    from transport.subscriptions import SubscriptionBook, SubscriptionLimits, configure_xpub
+    from transport.zap import ZapHandler
+
+    ctx = zmq.Context()
+    zap = ZapHandler(ctx)
+    zap.start()
+    xpub = ctx.socket(zmq.XPUB)
+    configure_xpub(xpub)
+    connections = Connections(xpub)
+    port = xpub.bind_to_random_port("tcp://127.0.0.1")
+    book = SubscriptionBook(xpub, SubscriptionLimits(bytes_per_address=20 * (64 + 10)), cut=connections.cut)
+
+    def pump_until(done) -> None:
+        deadline = time.monotonic() + MUST_COME_S
+        while not done():
+            assert time.monotonic() < deadline, f"still waiting; counts {book.subscriptions()}"
+            while connections.monitor.poll(0):
+                connections.on_event(connections.monitor.recv_multipart(copy=False))
+            if xpub.poll(20):
+                book.handle(xpub.recv(copy=False))
+
+    try:
+        stays = ctx.socket(zmq.SUB)
+        stays.setsockopt(zmq.SUBSCRIBE, b"stays")
+        stays.connect(f"tcp://127.0.0.1:{port}")
+        pump_until(lambda: book.subscribers(b"stays") == 1)
+        for i in range(60):  # 3x the budget, one subscription at a time
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, b"robot-%03d" % i)
+            sub.connect(f"tcp://127.0.0.1:{port}")
+            pump_until(lambda i=i: book.subscribers(b"robot-%03d" % i) == 1)
+            sub.close()
+            pump_until(lambda i=i: book.subscribers(b"robot-%03d" % i) == 0)
+        assert book.cuts == 0 and book.subscribers(b"stays") == 1
+        stays.close()
+    finally:
+        connections.close()
+        xpub.close(linger=0)
+        zap.stop()
+        ctx.destroy(linger=0)
+
+
 def test_a_forged_unsubscription_ends_no_websocket_clients_refreshes(server):
     """A WebSocket client's session is `@json/<pid>-<n>`, which an attacker can enumerate; its
     subscription is the gateway's, over ipc: an unsubscription from a TCP peer cannot end it."""

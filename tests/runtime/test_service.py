@@ -92,6 +92,28 @@ def test_session_bounds_recover_per_principal_and_in_all():
     asyncio.run(scenario())
 
 
+def test_with_the_table_full_of_one_session_clients_a_listening_robot_is_not_the_one_to_go():
+    """1024 addresses holding one session each tie for the most: the session that gives way is
+    chosen among all of theirs (no listener first, then the least recently heard), not the first
+    client in the table's order."""
+    listening = {"victim": 1}
+
+    async def scenario():
+        service, clock, _, forgotten = _service(
+            ServiceLimits(max_sessions=4), subscribers=lambda topic: listening.get(topic, 0)
+        )
+        await service.handle("10.0.0.1", _infer("victim", interval=1.0))
+        for i in range(3):
+            clock.now += 1
+            await service.handle(f"10.0.1.{i}", _infer(f"a{i}", interval=1.0))
+        clock.now += 1
+        await service.handle("10.0.2.0", _infer("newcomer"))
+        assert forgotten == ["a0"] and "victim" in service.sessions
+        await service.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_session_whose_request_is_being_served_is_not_taken_for_a_new_robot():
     """Its robot waits for that reply: the newcomer gets `busy` instead, and is served once the
     request is answered (within the engine's deadline, so the table is never locked for long)."""
