@@ -42,7 +42,8 @@ from policy.request import InferenceRequest, InferenceResult
 from runtime.fixed_backend import FixedBackend
 from runtime.server_process import REPO, ServerProcess
 from runtime.server_thread import free_local_ports
-from transport.zmq_client import AsyncPolicyClient, PolicyClient
+from transport.zmq_async_client import AsyncPolicyClient
+from transport.zmq_client import PolicyClient
 
 IMAGES = {"base_0_rgb": np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)}
 STATE = np.zeros(8, np.float32)

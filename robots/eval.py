@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 from configs import get_model_config
 from robots import plot
 from robots.adapters import BASE
-from robots.run import _endpoint, default_pub
+from robots.run import default_pub, endpoint_arg
 from robots.sim import BASE_VIEW, SimArm
 from robots.tasks import PHASES, PickPlaceTask, Scene, without_place
 from runtime.chunk_buffer import BLENDS, BufferSettings
@@ -296,8 +296,8 @@ def episodes_png(episodes: list[Episode], task: PickPlaceTask, path: Path, count
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m robots.eval", description=__doc__.splitlines()[0])
-    p.add_argument("--server", type=_endpoint, required=True, help="the server's ROUTER: host:port or tcp://...")
-    p.add_argument("--pub", type=_endpoint, default=None, help="the server's refresh PUB (default: ROUTER port + 1)")
+    p.add_argument("--server", type=endpoint_arg, required=True, help="the server's ROUTER: host:port or tcp://...")
+    p.add_argument("--pub", type=endpoint_arg, default=None, help="the server's refresh PUB (default: ROUTER port + 1)")
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, required=True, help="write the summary here")

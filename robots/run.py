@@ -27,14 +27,15 @@ from runtime.control_loop import ControlLoop, LoopSettings
 from runtime.demo import StatusLine
 from transport.curve import CurveError, load_client_keys
 from transport.errors import TransportError
-from transport.zmq_client import PolicyClient, zmq_endpoint
+from transport.zmq_client import PolicyClient
+from transport.zmq_requests import zmq_endpoint
 
 log = logging.getLogger("robots.run")
 
 ROBOTS = {"sim": SimArm}
 
 
-def _endpoint(text: str) -> str:
+def endpoint_arg(text: str) -> str:
     try:
         return zmq_endpoint(text)
     except ValueError as e:
@@ -45,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m robots.run", description=__doc__.splitlines()[0])
     p.add_argument("--robot", choices=sorted(ROBOTS), default="sim")
     p.add_argument(
-        "--server", type=_endpoint, default="tcp://127.0.0.1:5555", help="the server's ROUTER: host:port or tcp://..."
+        "--server",
+        type=endpoint_arg,
+        default="tcp://127.0.0.1:5555",
+        help="the server's ROUTER: host:port or tcp://...",
     )
-    p.add_argument("--pub", type=_endpoint, default=None, help="the server's refresh PUB (default: ROUTER port + 1)")
+    p.add_argument("--pub", type=endpoint_arg, default=None, help="the server's refresh PUB (default: ROUTER port + 1)")
     p.add_argument("--robot-id", default="sim-0")
     p.add_argument("--prompt", default="pick up the block")
     p.add_argument("--hz", type=float, default=50.0)

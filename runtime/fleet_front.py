@@ -21,9 +21,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from runtime import child_process
-from runtime.broker import Broker, BrokerSettings, worker_side_keys
+from runtime.broker import worker_side_keys
+from runtime.cli_args import loopback, port, positive, tcp_endpoint
+from runtime.fleet_broker import Broker, BrokerSettings
 from runtime.fleet_heartbeat import DEFAULT_INTERVAL_S, DEFAULT_MISSES
 from runtime.fleet_workers import WorkerProcess, worker_argv, worker_specs
+from runtime.gateways import GatewayProcess
+from runtime.serving import endpoints, gateway_argv, listen, run_demo, until_stopped
 from runtime.worker_link import WorkerLink, tcp_host
 from transport import curve
 from transport.zmq_server import ZmqServer
@@ -61,8 +65,6 @@ def cpu_list(text: str) -> frozenset[int]:
 
 
 def add_fleet_arguments(p: argparse.ArgumentParser) -> None:
-    from runtime.policy_server import port, positive
-
     g = p.add_argument_group("fleet (many workers behind one endpoint)")
     g.add_argument("--workers", type=positive(int), default=None, help="front host: broker + N CPU worker processes")
     g.add_argument("--gpu-ids", type=gpu_ids, default=(), help="front host: broker + one worker per GPU, e.g. 0,1,2,3")
@@ -102,7 +104,7 @@ def check_fleet_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
     if args.join_curve_key and not args.join:
         parser.error("--join-curve-server-key and --join-curve-key are a worker's: they go with --join")
     if args.join:
-        from transport.zmq_client import zmq_endpoint
+        from transport.zmq_requests import zmq_endpoint
 
         try:
             args.join = zmq_endpoint(args.join)
@@ -135,11 +137,9 @@ def join_keys(args: argparse.Namespace) -> curve.ClientKeys | None:
     bad file is a one-line error); a plain link to a broker beyond loopback is warned about, since
     the robots' requests and this worker's replies would cross the network in clear, to whoever
     answers at that address."""
-    from runtime.policy_server import _loopback
-
     keys = curve.load_client_keys(args.join_curve_server_key, args.join_curve_key) if args.join_curve_key else None
     host = tcp_host(args.join)
-    if keys is None and host is not None and not _loopback(host):
+    if keys is None and host is not None and not loopback(host):
         log.warning(
             "the link to the broker at %s is plain: robots' requests cross the network in clear and anyone "
             "there may pose as the broker; use --join-curve-server-key and --join-curve-key",
@@ -162,23 +162,21 @@ async def serve_front(
 ) -> None:
     """The front host, inside `policy_server.serve` (which owns the signals, `ipc_dir`, and runs
     `closers` at the end)."""
-    from runtime import policy_server as ps
-
     worker_keys = None
     if args.worker_port:
         worker_keys = worker_side_keys(args.worker_curve_secret, args.worker_curve_clients, args.host, curve_keys)
     broker = Broker(
         BrokerSettings(
-            router_endpoint=ps._endpoint(args.host, args.router_port) if args.router_port else None,
+            router_endpoint=tcp_endpoint(args.host, args.router_port) if args.router_port else None,
             internal_endpoint=f"ipc://{ipc_dir}/router",
             pub_endpoints=(
                 f"ipc://{ipc_dir}/pub",
-                *([ps._endpoint(args.host, args.pub_port)] if args.pub_port else []),
+                *([tcp_endpoint(args.host, args.pub_port)] if args.pub_port else []),
             ),
             backend_endpoint=f"ipc://{ipc_dir}/workers",  # this host's workers: plain, this user only
             xsub_endpoint=f"ipc://{ipc_dir}/worker-pub",
-            remote_backend_endpoint=ps._endpoint(args.host, args.worker_port) if args.worker_port else None,
-            remote_xsub_endpoint=ps._endpoint(args.host, 0) if args.worker_port else None,
+            remote_backend_endpoint=tcp_endpoint(args.host, args.worker_port) if args.worker_port else None,
+            remote_xsub_endpoint=tcp_endpoint(args.host, 0) if args.worker_port else None,
             heartbeat_s=args.heartbeat,
             heartbeat_misses=DEFAULT_MISSES,
             # A worker answers `timeout` itself after --deadline in its queue; the model's own time
@@ -192,9 +190,9 @@ async def serve_front(
     closers.append(lambda: asyncio.to_thread(broker.close))
     gateways = {name: p for name, p in (("json", args.ws_port), ("openpi", args.openpi_port)) if p}
     for name, ws_port in gateways.items():
-        sockets[name] = ps._listen(args.host, ws_port)
-    endpoints = ps._endpoints(args, broker, sockets)
-    for name, endpoint in endpoints.items():
+        sockets[name] = listen(args.host, ws_port)
+    found = endpoints(args, broker, sockets)
+    for name, endpoint in found.items():
         log.info("%s endpoint: %s", name, endpoint)
     log.info("workers join %s", broker.backend_endpoint)
     if broker.remote_backend_endpoint:
@@ -207,18 +205,18 @@ async def serve_front(
         closers.append(worker.close)
         await worker.start()
     log.info("waiting for %d workers to join", len(workers))
-    if not await ps._until_stopped(_joined(broker, workers), stop):
+    if not await until_stopped(_joined(broker, workers), stop):
         return
     for name, sock in sockets.items():
-        gateway = ps.GatewayProcess(name, sock, ps._gateway_argv(args, name, broker, ipc_dir))
+        gateway = GatewayProcess(name, sock, gateway_argv(args, name, broker, ipc_dir))
         closers.append(gateway.close)
-        if not await ps._until_stopped(gateway.start(), stop):
+        if not await until_stopped(gateway.start(), stop):
             return
     log.info("ready")
     if on_ready is not None:
-        on_ready(endpoints)
+        on_ready(found)
     if args.demo:
-        await ps._run_demo(args, endpoints, stop, closers)
+        await run_demo(args, found, stop, closers)
     await stop.wait()
     log.info("shutting down")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import shutil
@@ -23,7 +22,6 @@ import sys
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -33,45 +31,20 @@ from configs import (
     DEFAULT_MODEL,
     DEMO_MODEL,
     SHIPPED_CHECKPOINTS,
-    get_model_config,
     model_config_names,
 )
 from robots.adapters import ADAPTERS
+from runtime.cli_args import LOG_LEVELS, loopback, port, positive, tcp_endpoint
 from runtime.fleet_front import add_fleet_arguments, check_fleet_arguments, is_front, join_link, serve_front
 from runtime.gateways import GatewayProcess
 from runtime.service import InferenceBackend, PolicyService, ServiceLimits
+from runtime.serving import cancel_on_close, endpoints, gateway_argv, listen, model_label, run_demo, until_stopped
 from transport import curve, logs
 from transport.supervise import supervise
 from transport.ws_common import read_token, tls_context
 from transport.zmq_server import ZmqServer, ZmqServerSettings
 
 log = logging.getLogger("runtime.policy_server")
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-def port(text: str) -> int:
-    """A TCP port, 1..65535, or 0 for "this endpoint is off"."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port: use 1..65535, or 0 to turn the endpoint off")
-    return value
-
-
-def positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text} must be > 0")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,26 +177,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_label(args: argparse.Namespace) -> str:
-    """Which model answers, in words, for the log and the demo's status line."""
-    if args.fixed_reply:
-        return f"{args.config}: fixed reply, no model"
-    if args.checkpoint is None:
-        return f"{args.config}: random weights"
-    if args.config in SHIPPED_CHECKPOINTS and Path(args.checkpoint) == SHIPPED_CHECKPOINTS[args.config]:
-        return f"{args.config}: trained demo policy"
-    return f"{args.config}: {args.checkpoint}"
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
-
-
 def _check_access(args: argparse.Namespace) -> curve.ServerKeys | None:
     """Loads the keys, token and certificate now (a bad file is a one-line error before anything
     binds) and warns about what is exposed beyond this host; the server's CURVE keys, if any."""
@@ -234,7 +187,7 @@ def _check_access(args: argparse.Namespace) -> curve.ServerKeys | None:
         read_token(args.token_file)
     if args.tls_cert:
         tls_context(args.tls_cert, args.tls_key)
-    if _loopback(args.host):
+    if loopback(args.host):
         return keys
     if keys is None and (args.router_port or args.pub_port):
         log.warning(
@@ -282,30 +235,6 @@ def make_engine(args: argparse.Namespace) -> Any:
     )
 
 
-def _endpoint(host: str, port: int) -> str:
-    return f"tcp://{host}:{port}"
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket, bound now; a gateway process inherits it."""
-    sock = socket.create_server((host, port), backlog=128)
-    sock.set_inheritable(True)
-    return sock
-
-
-async def _until_stopped(work: Awaitable[Any], stop: asyncio.Event) -> bool:
-    """Awaits `work` unless `stop` comes first; True when the work finished."""
-    task = asyncio.ensure_future(work)
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
-    if task.done():
-        task.result()
-        return True
-    task.cancel()
-    return False
-
-
 async def serve(
     args: argparse.Namespace,
     backend: InferenceBackend | None = None,
@@ -334,12 +263,12 @@ async def serve(
             await serve_front(args, ipc_dir, curve_keys, stop, closers, sockets, on_ready)
             return
         gateways = {name: p for name, p in (("json", args.ws_port), ("openpi", args.openpi_port)) if p}
-        pub_endpoints = [f"ipc://{ipc_dir}/pub"] + ([_endpoint(args.host, args.pub_port)] if args.pub_port else [])
+        pub_endpoints = [f"ipc://{ipc_dir}/pub"] + ([tcp_endpoint(args.host, args.pub_port)] if args.pub_port else [])
         if args.join:  # a fleet worker binds nothing: it reaches its broker, which gateways reach
             pub_endpoints = []
         zmq_server = ZmqServer(
             ZmqServerSettings(
-                router_endpoint=_endpoint(args.host, args.router_port) if args.router_port else None,
+                router_endpoint=tcp_endpoint(args.host, args.router_port) if args.router_port else None,
                 internal_endpoint=None if args.join else f"ipc://{ipc_dir}/router",
                 pub_endpoints=tuple(pub_endpoints),
                 curve=curve_keys,
@@ -350,9 +279,9 @@ async def serve(
         closers.append(zmq_server.close)
         link = join_link(args, zmq_server) if args.join else None  # a fleet worker: requests come from a broker
         for name, ws_port in gateways.items():
-            sockets[name] = _listen(args.host, ws_port)
-        endpoints = _endpoints(args, zmq_server, sockets)
-        for name, endpoint in endpoints.items():
+            sockets[name] = listen(args.host, ws_port)
+        found = endpoints(args, zmq_server, sockets)
+        for name, endpoint in found.items():
             log.info("%s endpoint: %s", name, endpoint)
         log.info("model: %s", model_label(args))
 
@@ -367,7 +296,7 @@ async def serve(
         engine = backend or make_engine(args)
         if backend is None:
             closers.append(engine.close)
-            if not await _until_stopped(engine.start(), stop):
+            if not await until_stopped(engine.start(), stop):
                 return
         service = PolicyService(
             engine,
@@ -386,24 +315,24 @@ async def serve(
         if link is not None:
             closers.append(link.close)
             await link.start(service)
-            if not await _until_stopped(link.acked.wait(), stop):
+            if not await until_stopped(link.acked.wait(), stop):
                 return
-        closers.append(_cancel_on_close(asyncio.create_task(supervise("session-expiry", service.run_expiry))))
+        closers.append(cancel_on_close(asyncio.create_task(supervise("session-expiry", service.run_expiry))))
         for name, sock in sockets.items():
-            gateway = GatewayProcess(name, sock, _gateway_argv(args, name, zmq_server, ipc_dir))
+            gateway = GatewayProcess(name, sock, gateway_argv(args, name, zmq_server, ipc_dir))
             closers.append(gateway.close)
-            if not await _until_stopped(gateway.start(), stop):
+            if not await until_stopped(gateway.start(), stop):
                 return
         log.info("ready")
         if on_ready is not None:
-            on_ready(endpoints)
+            on_ready(found)
         if args.demo:
             if backend is None:
                 # Compiles running beside the robot's loop would starve it on a small CPU.
                 log.info("the demo starts once every batch bucket is compiled")
-                if not await _until_stopped(engine.wait_until_compiled(), stop):
+                if not await until_stopped(engine.wait_until_compiled(), stop):
                     return
-            await _run_demo(args, endpoints, stop, closers)
+            await run_demo(args, found, stop, closers)
         await stop.wait()
         log.info("shutting down")
     finally:
@@ -418,68 +347,6 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
-
-
-def _endpoints(args: argparse.Namespace, zmq_server: ZmqServer, sockets: dict[str, socket.socket]) -> dict[str, str]:
-    endpoints: dict[str, str] = {}
-    if zmq_server.router_endpoint:
-        endpoints["router"] = zmq_server.router_endpoint
-    public_pub = [e for e in zmq_server.pub_endpoints if e.startswith("tcp://")]
-    if public_pub:
-        endpoints["pub"] = public_pub[0]
-    scheme = "wss" if args.tls_cert else "ws"
-    if "json" in sockets:
-        endpoints["json websocket"] = f"{scheme}://{args.host}:{sockets['json'].getsockname()[1]}"
-    if "openpi" in sockets:
-        port_ = sockets["openpi"].getsockname()[1]
-        endpoints["openpi websocket"] = f"{scheme}://{args.host}:{port_} (layout {args.openpi_layout})"
-    return endpoints
-
-
-def _gateway_argv(args: argparse.Namespace, name: str, zmq_server: ZmqServer, ipc_dir: str) -> list[str]:
-    argv = [
-        name,
-        "--router", zmq_server.internal_endpoint or "",
-        "--pub", f"ipc://{ipc_dir}/pub",
-        "--max-batch", str(args.max_batch),
-        "--max-connections", str(args.max_ws_connections),
-        "--max-connections-per-client", str(args.max_ws_connections_per_client),
-        "--log-level", args.log_level,
-    ]  # fmt: skip
-    # Paths only: the gateway reads the token itself, so it never shows in a process listing.
-    for flag, value in (("--token-file", args.token_file), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
-        if value:
-            argv += [flag, os.path.abspath(value)]
-    for origin in args.allow_origin:
-        argv += ["--allow-origin", origin]
-    if name == "openpi":
-        argv += ["--openpi-layout", args.openpi_layout]
-        if args.default_prompt:
-            argv += ["--default-prompt", args.default_prompt]
-    return argv
-
-
-async def _run_demo(args: argparse.Namespace, endpoints: dict[str, str], stop: asyncio.Event, closers: list) -> None:
-    from runtime.demo import Demo
-
-    cfg = get_model_config(args.config)
-    demo = Demo(endpoints["router"], endpoints["pub"], args.demo_duration, model_label(args), cfg.siglip.image_size)
-    closers.append(lambda: asyncio.to_thread(demo.stop))
-
-    async def end_with_demo() -> None:
-        await asyncio.to_thread(demo.done.wait)
-        if args.demo_duration is not None:
-            stop.set()
-
-    closers.append(_cancel_on_close(asyncio.create_task(end_with_demo())))
-
-
-def _cancel_on_close(task: asyncio.Task) -> Callable[[], Awaitable[None]]:
-    async def close() -> None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    return close
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,9 +45,10 @@ from transport.messages import (
 )
 from transport.openpi_msgpack import pop_guidance
 from transport.openpi_server import OpenpiServer
+from transport.refresh_listener import RefreshListener
 from transport.ws_common import WsServer, WsSettings, read_token, tls_context
 from transport.ws_json_server import JsonApiServer
-from transport.zmq_client import AsyncPolicyClient, RefreshListener
+from transport.zmq_async_client import AsyncPolicyClient
 
 log = logging.getLogger("runtime.ws_gateway")
 

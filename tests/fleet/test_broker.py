@@ -13,7 +13,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.broker import Broker, BrokerSettings
+from runtime.fleet_broker import Broker, BrokerSettings
 from runtime.fleet_protocol import (
     DISCONNECT,
     HEARTBEAT,
@@ -247,10 +247,28 @@ _front_frames = st.lists(st.binary(max_size=300), min_size=1, max_size=4) | st.b
     ),
     st.lists(st.binary(max_size=64), max_size=3),
 )
-_worker_frames = st.lists(st.binary(max_size=300), min_size=1, max_size=4) | st.builds(
-    lambda command, rest: [PROTOCOL, command, *rest],
-    st.sampled_from([READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT, b"\x00", b"\x09", b""]),
-    st.lists(st.binary(max_size=80), max_size=4),
+_worker_frames = (
+    st.lists(st.binary(max_size=300), min_size=1, max_size=4)
+    | st.builds(
+        lambda command, rest: [PROTOCOL, command, *rest],
+        st.sampled_from([READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT, b"\x00", b"\x09", b""]),
+        st.lists(st.binary(max_size=80), max_size=4),
+    )
+    | st.builds(  # well-framed READY and HEARTBEAT maps holding anything
+        lambda command, data: [PROTOCOL, command, msgpack.packb(data, use_bin_type=True)],
+        st.sampled_from([READY, HEARTBEAT]),
+        st.dictionaries(
+            st.sampled_from(["sessions", "refreshing", "healthy", "in_flight", "name", "capacity", "info", "via", "x"]),
+            st.none()
+            | st.booleans()
+            | st.integers(-(2**63), 2**64 - 1)
+            | st.floats()
+            | st.text(max_size=70)
+            | st.lists(st.integers(-(2**63), 2**64 - 1), max_size=3)
+            | st.dictionaries(st.text(max_size=5), st.integers(-(2**63), 2**64 - 1), max_size=3),
+            max_size=6,
+        ),
+    )
 )
 
 

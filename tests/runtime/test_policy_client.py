@@ -16,7 +16,8 @@ import zmq
 from tests.helpers import free_ports
 from transport import codec
 from transport.errors import RemoteError, RequestTimeout
-from transport.zmq_client import PolicyClient, ServerUnreachable, zmq_endpoint
+from transport.zmq_client import PolicyClient
+from transport.zmq_requests import ServerUnreachable, zmq_endpoint
 
 Respond = Callable[[dict, int], list[dict]]
 

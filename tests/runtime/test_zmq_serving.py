@@ -17,7 +17,8 @@ from runtime.service import PolicyService
 from tests.helpers import free_ports
 from transport import codec
 from transport.errors import RemoteError
-from transport.zmq_client import AsyncPolicyClient, RefreshListener
+from transport.refresh_listener import RefreshListener
+from transport.zmq_async_client import AsyncPolicyClient
 from transport.zmq_server import ZmqServer, ZmqServerSettings
 
 

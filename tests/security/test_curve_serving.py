@@ -14,7 +14,10 @@ from runtime.fixed_backend import FixedBackend
 from tests.helpers import zmq_server_thread
 from tests.security.keys import any_reply, make_keys
 from transport.curve import ClientKeys, apply_client, session_key
-from transport.zmq_client import AsyncPolicyClient, PolicyClient, RefreshListener, ServerUnreachable
+from transport.refresh_listener import RefreshListener
+from transport.zmq_async_client import AsyncPolicyClient
+from transport.zmq_client import PolicyClient
+from transport.zmq_requests import ServerUnreachable
 
 # How long a refused client is watched for a reply, and a bound on waits for what must come: a
 # reply within the first, or nothing within the second, is the failure these tests detect.

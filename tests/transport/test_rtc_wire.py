@@ -13,7 +13,7 @@ from robots.adapters import ADAPTERS
 from transport import codec, json_wire, messages, openpi_msgpack
 from transport.errors import BadRequest
 from transport.messages import KEEP, build_request, client_guidance
-from transport.zmq_client import _encode_request
+from transport.zmq_requests import encode_request
 
 IMAGE = np.zeros((4, 4, 3), np.uint8)
 OBS = Observation({"base_0_rgb": IMAGE}, np.array([0.5], np.float32), 1.5)
@@ -37,7 +37,7 @@ def _zmq_bad(field: str, options: dict, arrays: dict | None = None, kind: str = 
 
 def test_the_client_encoding_round_trips_into_the_guidance():
     guidance = ChunkGuidance(LEFTOVER, 2, 3, "zeros", 40.0)
-    frames = _encode_request("infer", 7, "arm", "go", None, OBS, KEEP, guidance, True)
+    frames = encode_request("infer", 7, "arm", "go", None, OBS, KEEP, guidance, True)
     request = build_request(*codec.decode(frames), "peer")
     g = request.guidance
     assert (g.inference_delay, g.execute_horizon, g.schedule, g.max_guidance_weight) == (2, 3, "zeros", 40.0)
