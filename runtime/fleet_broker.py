@@ -336,7 +336,7 @@ class Broker:
         # Under CURVE every message on the public ROUTER carries its connection's ZAP User-Id.
         user = None if internal or not self.settings.curve else curve.user_id(frames[-1])
         try:
-            self._forward(internal, identity, user, principal_of(frames[-1], internal, user), body)
+            self._forward(internal, identity, user, principal_of(frames[-1], identity, internal, user), body)
         except TransportError as e:
             self.errors[e.code] += 1
             self._reply(internal, identity, {"type": ERROR, "id": codec.request_id(body), "error": e.to_wire()})
@@ -353,9 +353,8 @@ class Broker:
         if request.type == PING:  # exempt from the caps: a health check answers under load
             self._reply(internal, identity, self._pong(request.id))
             return
-        who = principal or f"@{identity.hex()}"
         check_in_flight(
-            s, internal, self.table.in_flight(), self._per_peer[(internal, identity)], self._per_principal[who]
+            s, internal, self.table.in_flight(), self._per_peer[(internal, identity)], self._per_principal[principal]
         )
         key = curve.session_key(user, request.robot)  # the worker's session key: what sticks
         worker = self.table.placed(key) if request.type == BYE else self.table.route(key)
@@ -378,9 +377,9 @@ class Broker:
         envelope = Envelope(seq, identity, internal, user, principal)
         if not self._to_worker(worker.identity, request_frames(envelope, body)):
             raise TransportError(f"policy worker {worker.name} cannot take requests now; retry later", "unavailable")
-        worker.in_flight[seq] = InFlight(seq, internal, identity, request.id, request.robot, who, self._clock())
+        worker.in_flight[seq] = InFlight(seq, internal, identity, request.id, request.robot, principal, self._clock())
         self._per_peer[(internal, identity)] += 1
-        self._per_principal[who] += 1
+        self._per_principal[principal] += 1
         self.forwarded += 1
         if request.type == BYE:
             self.table.leave(key)
@@ -472,7 +471,7 @@ class Broker:
         now = self._clock()
         if command == READY:  # under CURVE its frames carry the worker's key (the ZAP User-Id)
             key = curve.user_id(rest[-1]) if rest else None
-            address = principal_of(rest[-1], False, None) if rest else ""
+            address = principal_of(rest[-1], identity, False, None) if rest else ""
             self._join(identity, read_payload(rest), now, key, address)
             return
         worker = self.table.heard(identity, now)

@@ -105,7 +105,8 @@ def read_request(frames: Sequence[Any]) -> tuple[Envelope, list[Any]]:
         name, who = (user.decode() if user else None), principal.decode()
     except UnicodeDecodeError:
         raise FleetProtocolError("a REQUEST's user or principal is not UTF-8") from None
-    return Envelope(seq, identity, bool(flags[0] & INTERNAL), name, who), list(frames[5:])
+    # An empty principal is the robot's identity (a gateway's connection), as `principal_of` names it.
+    return Envelope(seq, identity, bool(flags[0] & INTERNAL), name, who or f"@{identity.hex()}"), list(frames[5:])
 
 
 def reply_frames(seq: int, reply: Sequence[Any]) -> list[Any]:

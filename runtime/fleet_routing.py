@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 from typing import Any
 
 from runtime.fleet_heartbeat import DEFAULT_INTERVAL_S, DEFAULT_MISSES, Liveness
@@ -33,7 +32,7 @@ class InFlight:
     client: bytes  # the robot's routing identity there
     request_id: Any
     robot: str
-    principal: str = ""  # whom it counts against (`transport.zmq_server.Peer.who`)
+    principal: str = ""  # whom it counts against (`transport.zmq_server.principal_of`)
     sent: float = 0.0  # when it went to the worker (the broker's clock)
 
 
@@ -187,9 +186,11 @@ class WorkerTable:
         """Takes out and returns the requests sent to a worker before `sent_before` and not answered."""
         late = []
         for worker in self.workers.values():
-            flights = worker.in_flight  # in the order they were sent
-            seqs = list(itertools.takewhile(lambda seq, f=flights: f[seq].sent < sent_before, flights))
-            late += [(worker, flights.pop(seq)) for seq in seqs]
+            while worker.in_flight:  # oldest first: in the order they were sent
+                seq, flight = next(iter(worker.in_flight.items()))
+                if flight.sent >= sent_before:
+                    break
+                late.append((worker, worker.in_flight.pop(seq)))
         return late
 
     def replied(self, identity: bytes, seq: int) -> InFlight | None:

@@ -273,7 +273,7 @@ async def serve(
                 pub_endpoints=tuple(pub_endpoints),
                 curve=curve_keys,
             ),
-            lambda peer, request: service.handle(peer.who, request, peer.user),
+            lambda peer, request: service.handle(peer.principal, request, peer.user),
         )
         zmq_server.bind()
         closers.append(zmq_server.close)

@@ -190,7 +190,7 @@ class PolicyService:
     # ------------------------------------------------------------------ requests
 
     async def handle(self, principal: str, request: Request, user: str | None = None) -> Reply:
-        """`principal` is whom the request counts against (`transport.zmq_server.Peer.who`); `user`
+        """`principal` is whom the request counts against (`transport.zmq_server.principal_of`); `user`
         is the peer's authenticated key under CURVE: a robot's session (and refresh topic) is then
         `user/robot`, out of reach of every other key."""
         key = session_key(user, request.robot)

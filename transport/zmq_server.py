@@ -19,7 +19,8 @@ The XPUB publishes refreshes with the robot id as topic and keeps the last messa
 (the ZeroMQ guide's last-value cache, bounded): a subscriber of a robot's exact topic that joins late
 gets its last message at once. Subscriptions are input like requests: the XPUB runs in manual mode
 and every (un)subscription goes through a `SubscriptionBook` (`transport.subscriptions`: bounded
-length, count and rate, per principal, an unsubscription lowers only its own principal's count), so
+length, count and rate, per principal; an unsubscription ends only what its own connection
+subscribed), so
 the server knows how many subscribers each robot's topic has: a SUB that disconnects (its process
 exited or was killed) unsubscribes. The addresses that flood subscriptions lose their connections
 (`transport.connections`), and memory freed by subscribers that leave goes back to the system.
@@ -29,8 +30,8 @@ gateway's connection: its own name). In-flight caps apply per peer identity, per
 `ping` is exempt from them, so a health check answers under load.
 
 With `ZmqServerSettings.curve` the public ROUTER and the XPUB's tcp endpoints are CURVE servers
-behind pyzmq's ZAP authenticator (`transport.curve`): a peer whose key is not allowed never gets
-a message through. Each request's `Peer.user` is its connection's User-Id, and a subscriber may
+behind the context's ZAP handler (`transport.zap`, `transport.curve`): a peer whose key is not
+allowed never gets a message through. Each request's `Peer.user` is its connection's User-Id, and a subscriber may
 hold only topics of its own user.
 """
 
@@ -70,26 +71,24 @@ class Peer:
     internal: bool = False
     # The ZAP User-Id under CURVE: the client's public key, Z85 (40 chars); None without CURVE.
     user: str | None = None
-    # Whom its sessions and requests count against (`principal`); empty: its identity.
+    # Whom its sessions and requests count against (`principal_of`).
     principal: str = ""
 
-    @property
-    def who(self) -> str:
-        return self.principal or f"@{self.identity.hex()}"
 
-
-def principal_of(frame: zmq.Frame, internal: bool, user: str | None) -> str:
+def principal_of(frame: zmq.Frame, identity: bytes, internal: bool, user: str | None) -> str:
     """A request's principal: the CURVE key under CURVE, else the connection's peer address (a TCP
     client's IP), which a client cannot choose as it chooses its identity and robot names. A gateway's
-    connection (internal) is its own principal: the gateway bounds its connections itself."""
-    if internal:
-        return ""
-    if user is not None:
-        return user
-    try:
-        return frame.get("Peer-Address") or ""
-    except zmq.ZMQError:
-        return ""
+    connection (internal) is its own principal, its identity: the gateway bounds its connections."""
+    if not internal:
+        if user is not None:
+            return user
+        try:
+            address = frame.get("Peer-Address")
+        except zmq.ZMQError:
+            address = None
+        if address:
+            return address
+    return f"@{identity.hex()}"
 
 
 Handler = Callable[[Peer, Request], Awaitable[Reply]]
@@ -196,7 +195,11 @@ class ZmqServer:
         self._ctx = zmq.Context()
         # The ZAP handler admits CURVE keys (robots' requests and subscriptions) and names the XPUB's
         # connections (`transport.subscriptions`).
-        self._auth = curve.start_authenticator(self._ctx, settings.curve, curve.DEFAULT_DOMAIN, SUBSCRIBERS_DOMAIN)
+        self._auth = (
+            curve.start_authenticator(self._ctx, settings.curve, curve.DEFAULT_DOMAIN, SUBSCRIBERS_DOMAIN)
+            if settings.curve or settings.pub_endpoints
+            else None
+        )
         self._routers: list[tuple[zmq.Socket, bool]] = []
         self._xpub: zmq.Socket | None = None
         self.connections: Connections | None = None  # the XPUB's tcp subscribers, to cut floods
@@ -205,6 +208,7 @@ class ZmqServer:
         self._readers: dict[zmq.Socket, SocketReader] = {}
         self._in_flight: Counter[bytes] = Counter()
         self._by_principal: Counter[str] = Counter()
+        self._total_in_flight = 0
         self.router_endpoint: str | None = None
         self.internal_endpoint: str | None = None
         self.pub_endpoints: list[str] = []
@@ -326,7 +330,8 @@ class ZmqServer:
     def _receive(self, router: zmq.Socket, internal: bool, frames: list) -> None:
         # Under CURVE every message on the public ROUTER carries its connection's ZAP User-Id.
         user = None if internal or not self.settings.curve else curve.user_id(frames[-1])
-        peer = Peer(frames[0].bytes, internal, user, principal_of(frames[-1], internal, user))
+        identity = frames[0].bytes
+        peer = Peer(identity, internal, user, principal_of(frames[-1], identity, internal, user))
         self.receive(peer, frames[1:], router)
 
     def receive(self, peer: Peer, body: list, router: Any) -> None:
@@ -346,7 +351,8 @@ class ZmqServer:
         counted = request.type != PING
         if counted:
             self._in_flight[peer.identity] += 1
-            self._by_principal[peer.who] += 1
+            self._by_principal[peer.principal] += 1
+            self._total_in_flight += 1
         task = asyncio.create_task(self._serve(router, peer, request, received, counted))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -364,8 +370,8 @@ class ZmqServer:
         request = build_request(header, arrays, peer.identity.hex(), peer.internal)
         if request.type != PING:
             check_in_flight(
-                s, peer.internal, sum(self._in_flight.values()), self._in_flight[peer.identity],
-                self._by_principal[peer.who],
+                s, peer.internal, self._total_in_flight, self._in_flight[peer.identity],
+                self._by_principal[peer.principal],
             )  # fmt: skip
         return request
 
@@ -389,7 +395,8 @@ class ZmqServer:
         finally:
             if counted:
                 _settle(self._in_flight, peer.identity)
-                _settle(self._by_principal, peer.who)
+                _settle(self._by_principal, peer.principal)
+                self._total_in_flight -= 1
         if "data" in header:
             header["data"]["server_timing"] = {"total_ms": (time.perf_counter() - received) * 1e3}
         self._send(router, peer.identity, header, arrays)

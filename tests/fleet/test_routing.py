@@ -99,13 +99,14 @@ def test_the_worker_table_is_bounded():
 
 def test_requests_and_replies_round_trip_through_the_envelope():
     body = [b"header", b"array"]
-    frames = request_frames(Envelope(2**40, b"\x00robot", True, "K" * 40), body)
+    frames = request_frames(Envelope(2**40, b"\x00robot", True, "K" * 40, "K" * 40), body)
     command, rest = split(frames)
     assert command == REQUEST
     envelope, got = read_request(rest)
-    assert envelope == Envelope(2**40, b"\x00robot", True, "K" * 40) and got == body
+    assert envelope == Envelope(2**40, b"\x00robot", True, "K" * 40, "K" * 40) and got == body
     envelope, _ = read_request(split(request_frames(Envelope(1, b"r", False, None), body))[1])
     assert envelope.user is None and not envelope.internal
+    assert envelope.principal == "@72"  # none given: the robot's identity, as the server names it
     command, rest = split(reply_frames(5, [b"reply"]))
     assert command == REPLY and read_seq(rest[0]) == 5 and rest[1:] == [b"reply"]
 

@@ -78,7 +78,7 @@ def _infer(request_id: int) -> list:
 async def _worker(endpoint: str) -> tuple[WorkerLink, PolicyService, ZmqServer]:
     server = ZmqServer(
         ZmqServerSettings(router_endpoint=None, pub_endpoints=()),
-        lambda peer, request: service.handle(peer.who, request, peer.user),
+        lambda peer, request: service.handle(peer.principal, request, peer.user),
     )
     link = WorkerLink(endpoint, "w0", server)
     service = PolicyService(FixedBackend(), link.publish, link.subscribers, link.forget)

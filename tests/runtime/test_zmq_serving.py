@@ -26,7 +26,7 @@ from transport.zmq_server import ZmqServer, ZmqServerSettings
 async def serving(engine, router: str = "tcp://127.0.0.1:*", pub: str | None = "tcp://127.0.0.1:*", **settings: Any):
     server = ZmqServer(
         ZmqServerSettings(router_endpoint=router, pub_endpoints=(pub,) if pub else (), **settings),
-        lambda peer, request: service.handle(peer.who, request),
+        lambda peer, request: service.handle(peer.principal, request),
     )
     await server.start()
     service = PolicyService(engine, server.publish, server.subscribers, server.forget)

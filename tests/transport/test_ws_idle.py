@@ -128,19 +128,24 @@ def _closed_by_server(sock: socket.socket) -> bool:
         return True
 
 
+async def _send_until_dropped(server: WsServer, data: bytes, pause_s: float) -> None:
+    """Sends `data` again and again on one raw connection, never reading, until the server drops it."""
+    with _raw(server.port) as sock:
+        await _until(lambda: server.connections == 1)
+        async with asyncio.timeout(HANG_S):
+            while server.connections:
+                with contextlib.suppress(BlockingIOError, ConnectionError):
+                    sock.send(data)
+                await asyncio.sleep(pause_s)
+
+
 @pytest.mark.parametrize("make", [_json_server, _openpi_server], ids=["json", "openpi"])
 def test_a_client_that_sends_requests_and_never_reads_the_replies_loses_its_place(make):
     async def scenario():
         async with _running(make()) as server:
             request = JSON_REQUEST.encode() if isinstance(server, JsonApiServer) else OPENPI_REQUEST
             frame = _frame(request, 0x1 if isinstance(server, JsonApiServer) else 0x2)
-            with _raw(server.port) as sock:
-                await _until(lambda: server.connections == 1)
-                async with asyncio.timeout(HANG_S):  # requests until the replies back up and the server gives up
-                    while server.connections:
-                        with contextlib.suppress(BlockingIOError, ConnectionError):
-                            sock.send(frame)
-                        await asyncio.sleep(0.005)
+            await _send_until_dropped(server, frame, 0.005)  # until the replies back up and the server gives up
             await _served(server)
 
     asyncio.run(scenario())
@@ -155,13 +160,7 @@ def test_a_client_that_floods_pings_and_never_reads_the_pongs_is_dropped():
     async def scenario():
         async with _running(_json_server(settings=settings)) as server:
             pings = _frame(b"p" * 125, 0x9) * 1000
-            with _raw(server.port) as sock:
-                await _until(lambda: server.connections == 1)
-                async with asyncio.timeout(HANG_S):
-                    while server.connections:
-                        with contextlib.suppress(BlockingIOError, ConnectionError):
-                            sock.send(pings)
-                        await asyncio.sleep(0.001)
+            await _send_until_dropped(server, pings, 0.001)
             await _served(server)
 
     asyncio.run(scenario())
