@@ -22,6 +22,8 @@ import msgpack
 import pytest
 import websockets.sync.client as ws_client
 import zmq
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from runtime.server_process import ServerProcess
 from tests.runtime.servers import RawDealer, image
@@ -137,6 +139,42 @@ def test_twenty_one_megabyte_subscriptions_cost_no_memory(server):
     _assert_serving(server, "20 subscriptions of 1 MB")
     grown = server.rss_mb()["server"] - before
     assert grown < 50, f"20 subscriptions of 1 MB raised the server's memory by {grown:.0f} MB"
+
+
+_subscription_messages = st.lists(
+    st.one_of(
+        st.builds(RawPeer.subscription, st.binary(max_size=64), st.booleans()),
+        st.builds(RawPeer.subscription, st.sampled_from([b"", b"@json/1-1", b"x" * 1064, b"x" * 1066]), st.booleans()),
+        st.builds(lambda n, s: RawPeer.subscription(b"z" * n, s), st.integers(1000, 70_000), st.booleans()),
+        st.builds(RawPeer.message, st.binary(max_size=300)),  # upstream messages, empty ones included
+    ),
+    min_size=1,
+    max_size=40,
+)
+_RSS: dict[str, float] = {}
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    phases=(Phase.explicit, Phase.generate),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(messages=_subscription_messages, other_host=st.booleans())
+def test_random_and_oversized_subscription_traffic_leaves_the_server_serving_with_flat_memory(
+    server, messages, other_host
+):
+    """Random topics, oversized ones, messages that are not subscriptions, from one host or another,
+    each batch on a connection of its own: the server (or front host) answers a ping after every
+    batch, and its memory after all of them is where it was after the first."""
+    with RawPeer(server.pub, source=OTHER_HOST if other_host else None) as peer:
+        peer.send_raw(b"".join(messages))
+        peer.closed_by_peer(0.05)  # oversized ones close it; let the server read the rest
+    _assert_serving(server, "random subscription traffic")
+    rss = server.rss_mb()["server"]
+    first = _RSS.setdefault(" ".join(server.argv), rss)
+    assert rss - first < 30, f"random subscription traffic raised the server's memory from {first:.0f} to {rss:.0f} MB"
 
 
 # ============================================================================ floods
