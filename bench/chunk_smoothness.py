@@ -41,14 +41,14 @@ import numpy as np
 
 from bench.report import write_section
 from configs import DEMO_MODEL, get_model_config
-from policy.engine import AsyncPi05Inference
+from policy.engine.inference import AsyncPi05Inference
 from policy.request import SCHEDULES
 from robots.sim import SimArm
 from robots.tasks import PickPlaceTask
-from runtime.chunk_buffer import BufferSettings
-from runtime.control_loop import ControlLoop, LoopSettings
-from runtime.server_thread import ServerThread, free_local_ports
-from runtime.virtual_time import Chunk, InjectedLatency, VirtualClock
+from runtime.robot.chunk_buffer import BufferSettings
+from runtime.robot.control_loop import ControlLoop, LoopSettings
+from runtime.robot.virtual_time import Chunk, InjectedLatency, VirtualClock
+from tests.support.server_thread import ServerThread, free_local_ports
 from transport.zmq_client import PolicyClient
 
 MODES = ("replace", "crossfade", "rtc")

@@ -13,11 +13,11 @@ import asyncio
 import logging
 
 from bench.report import write_section
-from policy.engine import AsyncPi05Inference
+from policy.engine.inference import AsyncPi05Inference
 from robots.sim import SimArm
-from runtime.chunk_buffer import BufferSettings
-from runtime.control_loop import ControlLoop, LoopSettings
-from runtime.server_thread import ServerThread, free_local_ports
+from runtime.robot.chunk_buffer import BufferSettings
+from runtime.robot.control_loop import ControlLoop, LoopSettings
+from tests.support.server_thread import ServerThread, free_local_ports
 from transport.zmq_client import PolicyClient
 
 

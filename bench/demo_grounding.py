@@ -1,7 +1,7 @@
 """Does the demo policy go for the block the prompt names, and does its subtask name the right place?
 The shipped checkpoint against random weights.
 
-In-process, no server. Acting: `policy.demo_data.policy_episodes` runs the policy on new scenes
+In-process, no server. Acting: `runtime.training.demo_data.policy_episodes` runs the policy on new scenes
 (batched, 10 actions executed per chunk, the simulator's own subtask in the action prompt, so a wrong
 subtask cannot be the cause), and each episode's frames say which block the gripper reached first
 (came within grasp range of). With three blocks on the table, a policy that reaches blocks but has
@@ -11,7 +11,7 @@ Naming: the subtask names the place it goes to ("reach for the red block at 3"),
 stack the action expert goes where the subtask says, so the place token is where the cameras must be
 read. On the expert's frames of new scenes (the first reach frame and the first move frame of each),
 the cross-entropy of the true place token given the prompt, the state, the cameras and the subtask's
-words before it (teacher forcing, `policy.training.text_loss`), with the real cameras and with
+words before it (teacher forcing, `policy.model.training.text_loss`), with the real cameras and with
 cameras that contradict the label: the named block's colour swapped with another block's (reach),
 the plate drawn in its other place (move). A policy that reads the cameras does much worse on the
 contradicting ones; one that guesses does the same on both.
@@ -29,16 +29,16 @@ import numpy as np
 
 from bench.report import write_section
 from configs import DEMO_MODEL, SHIPPED_CHECKPOINTS, get_model_config
-from policy import params as params_lib
-from policy import training
 from policy.checkpoint import load_params
-from policy.demo_data import Frame, demonstrations, policy_episodes
+from policy.model import params as params_lib
+from policy.model import training
 from policy.normalize import Normalizer, checkpoint_normalizer
 from policy.prompts import Prompts
 from policy.tokenizer import load_tokenizer
-from policy.train_demo import BatchMaker
 from robots.sim import SimArm, forward_kinematics
 from robots.tasks import PLATE_PLACES, PickPlaceTask, Scene
+from runtime.training.demo_data import Frame, demonstrations, policy_episodes
+from runtime.training.train_demo import BatchMaker
 
 
 def first_reached(frames: list[Frame], task: PickPlaceTask, link_length: float) -> int | None:

@@ -4,7 +4,7 @@ Two parts, one server (the real engine on `configs/assets/pi05_demo`, ZMQ on 127
 
 - as a robot runs it: wall-clock 50 Hz, subtask refreshes on the PUB every 0.5 s, crossfade, the
   latency whatever this machine's inference takes (`robots.eval`'s defaults);
-- at 200 ms injected latency, on virtual time (`runtime.virtual_time`: each reply lands 10 steps
+- at 200 ms injected latency, on virtual time (`runtime.robot.virtual_time`: each reply lands 10 steps
   after its observation, however fast the CPU), naive switching, crossfade and RTC side by side
   on the same scenes and seeds.
 
@@ -21,12 +21,12 @@ from pathlib import Path
 
 from bench.report import write_section
 from configs import DEMO_MODEL, SHIPPED_CHECKPOINTS, get_model_config
-from policy.engine import AsyncPi05Inference
+from policy.engine.inference import AsyncPi05Inference
 from robots import eval as robots_eval
 from robots.tasks import PickPlaceTask
-from runtime.chunk_buffer import BufferSettings
-from runtime.control_loop import LoopSettings
-from runtime.server_thread import ServerThread, free_local_ports
+from runtime.robot.chunk_buffer import BufferSettings
+from runtime.robot.control_loop import LoopSettings
+from tests.support.server_thread import ServerThread, free_local_ports
 
 MODES = ("replace", "crossfade", "rtc")
 _ROOT = Path(__file__).resolve().parents[1]  # the checkpoint is shown relative to the repository
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> str:
     checkpoint = Path(args.checkpoint).resolve()
     shown = checkpoint.relative_to(_ROOT) if checkpoint.is_relative_to(_ROOT) else checkpoint
     body = (
-        f"`{DEMO_MODEL}` from `{shown}` (trained by `python -m policy.train_demo`), the real engine on CPU, "
+        f"`{DEMO_MODEL}` from `{shown}` (trained by `python -m runtime.training`), the real engine on CPU, "
         f"{args.episodes} episodes per row (seed {args.seed}: the same scenes in every row), at most "
         f"{args.max_episode_s:g} s each, 50 Hz, a chunk requested when 15 of its 30 actions are left (RTC: every "
         f"s = {args.execute_horizon} steps, beta 10). Subtasks: decoded by the periodic refresh in the first row, with "

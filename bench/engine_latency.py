@@ -21,8 +21,8 @@ import time
 import numpy as np
 
 from bench.report import write_section
-from policy import jax_setup
-from policy.engine import AsyncPi05Inference
+from policy.engine import jax_setup
+from policy.engine.inference import AsyncPi05Inference
 from policy.request import InferenceRequest, Observation, Options
 
 log = logging.getLogger("bench.engine_latency")

@@ -39,9 +39,9 @@ import numpy as np
 
 from bench.report import percentiles_ms, write_section
 from policy.request import InferenceRequest, InferenceResult
-from runtime.fixed_backend import FixedBackend
-from runtime.server_process import REPO, ServerProcess
-from runtime.server_thread import free_local_ports
+from runtime.policy_server.fixed_backend import FixedBackend
+from tests.support.server_process import REPO, ServerProcess
+from tests.support.server_thread import free_local_ports
 from transport.zmq_async_client import AsyncPolicyClient
 from transport.zmq_client import PolicyClient
 
@@ -119,7 +119,7 @@ def serve_worker(argv: list[str], device_ms: float, max_batch: int, window_ms: f
     """A worker process with the simulated device (`--serve-worker`)."""
     import logging
 
-    from runtime.policy_server import parse_args, serve
+    from runtime.policy_server.main import parse_args, serve
 
     args = parse_args(argv)
     logging.basicConfig(

@@ -24,8 +24,8 @@ import msgpack
 import zmq
 
 from bench.report import write_section
-from runtime.server_process import ServerProcess
 from tests.runtime.servers import RawDealer, image
+from tests.support.server_process import ServerProcess
 from tests.zmtp import RawPeer
 
 INTERVAL_S = 0.1

@@ -24,7 +24,7 @@ import numpy as np
 from bench.report import percentiles_ms, write_section
 from bench.transport_latency import ACTION_DIM, HORIZON, PROMPT, wait_compiled
 from robots.adapters import BASE, LEFT_WRIST, RIGHT_WRIST
-from runtime.server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 from transport.errors import TransportError
 from transport.ws_client import JsonApiClient, build_request
 from transport.zmq_client import PolicyClient

@@ -18,8 +18,8 @@ import numpy as np
 
 from bench.report import percentiles_ms, write_section
 from configs import get_model_config
-from policy import pi05
-from policy.params import init_params
+from policy.model import pi05
+from policy.model.params import init_params
 
 log = logging.getLogger("bench.model_latency")
 

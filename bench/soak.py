@@ -46,7 +46,7 @@ from bench.transport_latency import (
     wait_compiled,
 )
 from robots.adapters import BASE, LEFT_WRIST, RIGHT_WRIST
-from runtime.server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 from transport.errors import RequestTimeout, TransportError
 from transport.messages import ACTIONS
 from transport.ws_client import JsonApiClient, build_request

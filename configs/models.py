@@ -72,7 +72,7 @@ _MODELS = _build_registry(
         # The CPU default and the test model: the layout of openpi's parity fixture.
         _tiny("pi05_tiny"),
         _tiny("pi05_tiny_bf16", dtype="bfloat16"),
-        # The policy trained on the simulated arm's pick-and-place task (`python -m policy.train_demo`),
+        # The policy trained on the simulated arm's pick-and-place task (`python -m runtime.training`),
         # sized to train on 2 CPU cores in about 30 minutes: 3 x 16 image tokens and a 48-token prompt
         # (the longest task prompt with its state and subtask is 40), 30-step chunks (0.6 s at 50 Hz)
         # of the task arm's 3 action values (the gripper's target x, y and its command), padded to the
@@ -102,7 +102,7 @@ _ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_TOKENIZERS: dict[str, Path] = {"tiny": _ASSETS / "tiny_tokenizer.model"}
 
 # Checkpoints small enough to ship, in openpi's layout (`params/`, `assets/<asset_id>/`): a config
-# named here loads its checkpoint unless random weights are asked for. `python -m policy.train_demo`
+# named here loads its checkpoint unless random weights are asked for. `python -m runtime.training`
 # writes `pi05_demo`'s.
 SHIPPED_CHECKPOINTS: dict[str, Path] = {"pi05_demo": _ASSETS / "pi05_demo"}
 

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from configs.model_config import ModelConfig
-from policy.params import Params, flatten, param_shapes
+from policy.model.params import Params, flatten, param_shapes
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from configs.model_config import GemmaConfig, ModelConfig, SiglipConfig
-from policy.pi05 import Observation
+from policy.model.pi05 import Observation
 
 
 def _gemma(d: dict) -> GemmaConfig:

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from policy import checkpoint, fixture, phases, pi05
+from policy import checkpoint, fixture
+from policy.engine import phases
+from policy.model import pi05
 
 log = logging.getLogger("policy.replay")
 

@@ -41,9 +41,9 @@ from robots.adapters import BASE
 from robots.run import default_pub, endpoint_arg
 from robots.sim import BASE_VIEW, SimArm
 from robots.tasks import PHASES, PickPlaceTask, Scene, without_place
-from runtime.chunk_buffer import BLENDS, BufferSettings
-from runtime.control_loop import ControlLoop, LoopSettings, LoopStatus
-from runtime.virtual_time import InjectedLatency, VirtualClock
+from runtime.robot.chunk_buffer import BLENDS, BufferSettings
+from runtime.robot.control_loop import ControlLoop, LoopSettings, LoopStatus
+from runtime.robot.virtual_time import InjectedLatency, VirtualClock
 from transport.errors import TransportError
 from transport.zmq_client import PolicyClient
 
@@ -175,7 +175,7 @@ class EvalSettings:
     loop: LoopSettings = dataclasses.field(default_factory=LoopSettings)
     timeout_s: float = 60.0
     connect_timeout_s: float = 3.0
-    # On virtual time (`runtime.virtual_time`): replies land exactly latency_ms later in control
+    # On virtual time (`runtime.robot.virtual_time`): replies land exactly latency_ms later in control
     # steps, however long the model takes, so the outcome does not depend on the machine.
     virtual_time: bool = False
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from policy.request import SCHEDULES
 from robots.sim import SimArm
-from runtime.chunk_buffer import BLENDS, BufferSettings
-from runtime.control_loop import ControlLoop, LoopSettings
-from runtime.demo import StatusLine
+from runtime.robot.chunk_buffer import BLENDS, BufferSettings
+from runtime.robot.control_loop import ControlLoop, LoopSettings
+from runtime.robot.demo import StatusLine
 from transport.curve import CurveError, load_client_keys
 from transport.errors import TransportError
 from transport.zmq_client import PolicyClient

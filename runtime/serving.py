@@ -2,7 +2,7 @@
 WebSocket ports, name the endpoints, start the gateways with their flags, run the demo, and wait for
 work unless told to stop.
 
-Both `runtime.policy_server` and `runtime.fleet_front` use it; neither imports the other's internals.
+Both `runtime.policy_server` and `runtime.fleet.front` use it; neither imports the other's internals.
 `server` below is the `ZmqServer` of a single server or the `Broker` of a front host: both have a
 `router_endpoint`, `pub_endpoints` and an `internal_endpoint` for the gateways.
 """
@@ -69,7 +69,7 @@ def endpoints(args: argparse.Namespace, server: Any, sockets: dict[str, socket.s
 
 
 def gateway_argv(args: argparse.Namespace, name: str, server: Any, ipc_dir: str) -> list[str]:
-    """The command line of the `name` gateway (`runtime.ws_gateway`), after its module name."""
+    """The command line of the `name` gateway (`runtime.gateway`), after its module name."""
     argv = [
         name,
         "--router", server.internal_endpoint or "",
@@ -95,7 +95,7 @@ def gateway_argv(args: argparse.Namespace, name: str, server: Any, ipc_dir: str)
 async def run_demo(args: argparse.Namespace, found: dict[str, str], stop: asyncio.Event, closers: list) -> None:
     """Drives the simulated arm through the endpoints `found` (`--demo`), until `stop` or the end
     of `--demo-duration`, which then sets `stop`."""
-    from runtime.demo import Demo
+    from runtime.robot.demo import Demo
 
     cfg = get_model_config(args.config)
     demo = Demo(found["router"], found["pub"], args.demo_duration, model_label(args), cfg.siglip.image_size)

@@ -60,7 +60,7 @@ def fixture_obs(tiny_cfg):
 def jax_cache(tmp_path_factory):
     """The process-wide compilation cache, as the server's `main` sets it: engines of the same
     configuration after the first compile from it."""
-    from policy import jax_setup
+    from policy.engine import jax_setup
 
     path = tmp_path_factory.mktemp("jax_cache")
     jax_setup.configure(path)
@@ -76,7 +76,7 @@ def engine(jax_cache):
     """
     import asyncio
 
-    from policy.engine import AsyncPi05Inference
+    from policy.engine.inference import AsyncPi05Inference
 
     eng = AsyncPi05Inference(
         "pi05_tiny",

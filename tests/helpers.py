@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from runtime.server_thread import ServerThread
-from runtime.server_thread import free_local_ports as free_ports
+from tests.support.server_thread import ServerThread
+from tests.support.server_thread import free_local_ports as free_ports
 
 __all__ = ["free_ports", "server_thread", "zmq_server_thread"]
 

@@ -33,7 +33,7 @@ def _modules(package: str) -> list[str]:
 
 
 def test_transport_robots_and_the_control_loop_import_without_jax():
-    modules = [*_modules("transport"), *_modules("robots"), "runtime.chunk_buffer", "runtime.control_loop"]
+    modules = [*_modules("transport"), *_modules("robots"), "runtime.robot.chunk_buffer", "runtime.robot.control_loop"]
     result = subprocess.run(
         [sys.executable, "-c", _BLOCK_AND_IMPORT, *modules], capture_output=True, text=True, cwd=ROOT, timeout=120
     )

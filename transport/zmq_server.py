@@ -337,7 +337,7 @@ class ZmqServer:
     def receive(self, peer: Peer, body: list, router: Any) -> None:
         """Serves one request message of `peer`; the reply goes out as `router.send_multipart([identity,
         *frames])`. The ROUTERs' readers call it, and so does a fleet worker for the requests its
-        broker forwards (`runtime.worker_link`), with a sink that wraps the reply for the broker."""
+        broker forwards (`runtime.fleet.worker_link`), with a sink that wraps the reply for the broker."""
         received = time.perf_counter()
         try:
             request = self._admit(peer, body)

@@ -13,8 +13,8 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.fleet_broker import Broker, BrokerSettings
-from runtime.fleet_protocol import (
+from runtime.fleet.broker import Broker, BrokerSettings
+from runtime.fleet.protocol import (
     DISCONNECT,
     HEARTBEAT,
     PROTOCOL,

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from runtime.server_process import ServerProcess
 from tests.security.keys import any_reply, make_keys
+from tests.support.server_process import ServerProcess
 from transport.zmq_client import PolicyClient
 
 CAP_S = 60.0  # failure detection only

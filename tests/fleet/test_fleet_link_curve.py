@@ -21,14 +21,14 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from runtime import broker as broker_cli
-from runtime.fleet_front import join_keys
-from runtime.fleet_protocol import READY, message, payload
+from runtime.fleet import broker_main as broker_cli
+from runtime.fleet.front import join_keys
+from runtime.fleet.protocol import READY, message, payload
 from runtime.keys import create_pair
-from runtime.policy_server import parse_args
-from runtime.server_process import ServerProcess
-from runtime.server_thread import free_local_ports
+from runtime.policy_server.main import parse_args
 from tests.security.keys import Keys, make_keys
+from tests.support.server_process import ServerProcess
+from tests.support.server_thread import free_local_ports
 from transport.curve import ClientKeys, CurveError, apply_client, load_client_keys, load_pair, load_public
 from transport.zmq_client import PolicyClient
 
@@ -81,7 +81,7 @@ def _broker(ports: list[int], *flags: str) -> ServerProcess:
         "--worker-port", str(ports[2]), "--worker-pub-port", str(ports[3]), "--heartbeat", str(HEARTBEAT_S), *flags,
     ]  # fmt: skip
     proc.spawn()
-    assert proc.wait_for(lambda line: line.rstrip().endswith("runtime.broker: ready"), CAP_S), proc.log
+    assert proc.wait_for(lambda line: line.rstrip().endswith("runtime.fleet.broker_main: ready"), CAP_S), proc.log
     return proc
 
 
@@ -283,7 +283,7 @@ def test_one_folder_cannot_be_both_allow_lists_and_a_bad_key_is_a_start_up_error
         broker_cli.settings_from(broker_cli.build_parser().parse_args([*robots.server_flags(), *same]))
     missing = ["--worker-curve-secret", str(tmp_path / "none.key_secret"), "--worker-curve-clients", "clients"]
     ports = ["--router-port", "0", "--pub-port", "0"]
-    with caplog.at_level(logging.ERROR, logger="runtime.broker"):
+    with caplog.at_level(logging.ERROR, logger="runtime.fleet.broker_main"):
         assert broker_cli.main([*ports, *missing]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "none.key_secret: no such key file" in errors[0]

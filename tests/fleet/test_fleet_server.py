@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from robots.sim import SimArm
-from runtime.chunk_buffer import BufferSettings
-from runtime.control_loop import ControlLoop, LoopSettings
-from runtime.server_process import ServerProcess
+from runtime.robot.chunk_buffer import BufferSettings
+from runtime.robot.control_loop import ControlLoop, LoopSettings
+from tests.support.server_process import ServerProcess
 from transport.errors import RemoteError
 from transport.ws_client import JsonApiClient
 from transport.zmq_client import PolicyClient

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.fleet_front import FRONT_ONLY
-from runtime.fleet_workers import worker_argv, worker_specs
-from runtime.policy_server import build_parser, parse_args
+from runtime.fleet.front import FRONT_ONLY
+from runtime.fleet.workers import worker_argv, worker_specs
+from runtime.policy_server.main import build_parser, parse_args
 
 
 def test_workers_get_the_model_and_serving_flags_and_none_of_the_front_hosts():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from runtime.fleet_heartbeat import Liveness
-from runtime.fleet_protocol import (
+from runtime.fleet.heartbeat import Liveness
+from runtime.fleet.protocol import (
     PROTOCOL,
     READY,
     REPLY,
@@ -21,7 +21,7 @@ from runtime.fleet_protocol import (
     request_frames,
     split,
 )
-from runtime.fleet_routing import InFlight, WorkerTable
+from runtime.fleet.routing import InFlight, WorkerTable
 
 
 def test_a_peer_is_dead_only_after_its_misses_and_heartbeats_go_out_once_per_interval():

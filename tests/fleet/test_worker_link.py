@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import zmq
 
-from runtime.fixed_backend import FixedBackend
-from runtime.fleet_protocol import (
+from runtime.fleet.protocol import (
     DISCONNECT,
     HEARTBEAT,
     READY,
@@ -28,8 +27,9 @@ from runtime.fleet_protocol import (
     request_frames,
     split,
 )
-from runtime.service import PolicyService
-from runtime.worker_link import WorkerLink
+from runtime.fleet.worker_link import WorkerLink
+from runtime.policy_server.fixed_backend import FixedBackend
+from runtime.policy_server.service import PolicyService
 from transport import codec
 from transport.zmq_server import ZmqServer, ZmqServerSettings
 

@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture
 def small_engine(jax_cache):
     """A batch-1 engine a test may break or close (compiles come from the cache after the first)."""
-    from policy.engine import AsyncPi05Inference
+    from policy.engine.inference import AsyncPi05Inference
 
     eng = AsyncPi05Inference(
         "pi05_tiny", max_batch=1, max_decoding_steps_limit=4, image_resolutions=(), compile_in_background=False

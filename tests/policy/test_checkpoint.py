@@ -10,7 +10,7 @@ import pytest
 
 from configs import get_model_config
 from policy.checkpoint import CheckpointError, load_params, save_params
-from policy.params import flatten, init_params
+from policy.model.params import flatten, init_params
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from policy import decoding, gemma, phases, pi05
-from policy.layers import make_attn_mask
+from policy.engine import phases
+from policy.model import decoding, gemma, pi05
+from policy.model.layers import make_attn_mask
 
 
 def _uncached_greedy(params, obs, cfg, steps):

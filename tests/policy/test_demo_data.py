@@ -1,4 +1,4 @@
-"""`policy.demo_data`: the expert's chunks, and DAgger's frames from the policy's own episodes."""
+"""`runtime.training.demo_data`: the expert's chunks, and DAgger's frames from the policy's own episodes."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from configs import get_model_config
-from policy import params as params_lib
-from policy import train_demo as td
-from policy.demo_data import demonstrations, expert_chunk, policy_episodes
+from policy.model import params as params_lib
 from policy.prompts import Prompts
 from policy.tokenizer import load_tokenizer
 from robots.expert import ScriptedExpert
 from robots.sim import SimArm
 from robots.tasks import PickPlaceTask
+from runtime.training import train_demo as td
+from runtime.training.demo_data import demonstrations, expert_chunk, policy_episodes
 
 TICKS = 20
 EXECUTE = 5

@@ -20,9 +20,9 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from configs import SHIPPED_TOKENIZERS, get_model_config
 from policy import checkpoint, download, tokenizer
-from policy.engine import AsyncPi05Inference
+from policy.engine.inference import AsyncPi05Inference
+from policy.model.params import flatten
 from policy.normalize import checkpoint_normalizer, load_norm_stats
-from policy.params import flatten
 from policy.request import InferenceRequest, Observation, Options
 
 CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")

@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from policy import phases, pi05
-from policy.engine import AsyncPi05Inference
+from policy.engine import phases
+from policy.engine.inference import AsyncPi05Inference
+from policy.model import pi05
 from policy.request import (
     DeadlineExceeded,
     EngineBusy,
@@ -165,7 +166,7 @@ def test_masked_camera_is_ignored_and_an_unmasked_one_is_not(engine):
 
 
 def _row(engine, request):
-    from policy.scheduler import Ticket
+    from policy.engine.scheduler import Ticket
 
     ticket = Ticket(request, request.options.seed, 0.0, 0.0, None, False)
     engine._prep.prepare(ticket)
@@ -225,13 +226,13 @@ def test_prepare_images_resizes_once_and_a_prepared_image_passes_unchanged(engin
 
 
 def test_an_undeclared_resolution_compiles_with_a_log_line(engine, caplog):
-    with caplog.at_level(logging.WARNING, logger="policy.images"):
+    with caplog.at_level(logging.WARNING, logger="policy.engine.images"):
         run(engine.prepare_images(_images(8, ("base_0_rgb",), (100, 200, 3))))
         run(engine.prepare_images(_images(9, ("base_0_rgb",), (100, 200, 3))))
     compiles = [r for r in caplog.records if "undeclared camera resolution 100x200" in r.getMessage()]
     assert len(compiles) == 1
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="policy.images"):
+    with caplog.at_level(logging.WARNING, logger="policy.engine.images"):
         run(engine.prepare_images(_images(8, ("base_0_rgb",), (480, 640, 3))))  # declared
     assert not caplog.records
 
@@ -247,7 +248,7 @@ def test_a_failing_batch_fails_only_its_requests_and_the_engine_goes_on(engine, 
         return real_run(phase, b, *args)
 
     monkeypatch.setattr(engine._executables, "run", run_failing_once)
-    with caplog.at_level(logging.ERROR, logger="policy.worker"):
+    with caplog.at_level(logging.ERROR, logger="policy.engine.worker"):
         with pytest.raises(EngineError, match="injected device failure") as failed:
             run(engine.submit(_request(generate_subtask=False, seed=1)))
     assert failed.value.code == "internal"
@@ -266,11 +267,11 @@ def test_a_failing_preparation_logs_the_clients_text_quoted(engine, monkeypatch,
         raise RuntimeError(f"cannot prepare {ticket.request.prompt}")
 
     monkeypatch.setattr(engine._prep, "prepare", failing)
-    with caplog.at_level(logging.DEBUG, logger="policy.engine"):
+    with caplog.at_level(logging.DEBUG, logger="policy.engine.inference"):
         with pytest.raises(EngineError) as failed:
             run(engine.submit(_request(prompt=prompt, generate_subtask=False, seed=1)))
     assert failed.value.code == "internal"
-    records = [r for r in caplog.records if r.name == "policy.engine"]
+    records = [r for r in caplog.records if r.name == "policy.engine.inference"]
     messages = [r.getMessage() for r in records]
     assert any(repr(f"cannot prepare {prompt}") in m for m in messages), messages
     assert not any("\n2026-01-01" in m or "\x1b" in m for m in messages), messages
@@ -349,8 +350,8 @@ def test_two_engines_serve_in_one_process(engine, small_engine):
 
 _START_AND_CLOSE = """
 import asyncio, sys
-from policy import jax_setup
-from policy.engine import AsyncPi05Inference
+from policy.engine import jax_setup
+from policy.engine.inference import AsyncPi05Inference
 
 async def main():
     engine = AsyncPi05Inference("pi05_tiny", max_batch=1, max_decoding_steps_limit=4, image_resolutions=())

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from configs import get_model_config
-from policy.engine import AsyncPi05Inference
-from policy.images import Resizer
+from policy.engine.images import Resizer
+from policy.engine.inference import AsyncPi05Inference
+from policy.engine.validation import RequestValidator
 from policy.normalize import Normalizer, Stats
 from policy.prompts import Prompts
 from policy.request import ChunkGuidance, EngineError, InferenceRequest
 from policy.tokenizer import load_tokenizer
-from policy.validation import RequestValidator
-from runtime.fixed_backend import FixedBackend
+from runtime.policy_server.fixed_backend import FixedBackend
 from tests.policy.test_engine import _images, _request, run
 
 

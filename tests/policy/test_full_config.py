@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from configs import get_model_config
-from policy import pi05
-from policy.params import count_params, flatten, param_specs
+from policy.model import pi05
+from policy.model.params import count_params, flatten, param_specs
 
 
 def _count(tree: dict, prefix: str, exclude: str | None = None) -> int:

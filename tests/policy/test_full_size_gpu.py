@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from configs import get_model_config
-from policy import phases, pi05
-from policy.params import init_params
+from policy.engine import phases
+from policy.model import pi05
+from policy.model.params import init_params
 
 pytestmark = [
     pytest.mark.gpu,

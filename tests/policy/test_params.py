@@ -1,4 +1,4 @@
-"""`policy.params.init_params`: random weights that train, as `policy.train_demo` starts from them."""
+"""`policy.model.params.init_params`: random weights that train, as `runtime.training` starts from them."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import get_model_config
-from policy import params as params_lib
-from policy import pi05
+from policy.model import params as params_lib
+from policy.model import pi05
 
 
 def test_random_weights_let_the_cameras_reach_the_backbone_as_strongly_as_the_prompt():

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from policy import gemma, pi05, siglip
 from policy.checkpoint import load_params
-from policy.layers import make_attn_mask
+from policy.model import gemma, pi05, siglip
+from policy.model.layers import make_attn_mask
 
 
 def _valid(a: np.ndarray, mask: np.ndarray) -> np.ndarray:

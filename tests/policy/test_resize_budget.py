@@ -1,4 +1,4 @@
-"""The camera-resolution budget of `policy.images.Resizer`: odd resolutions cannot lock a camera out
+"""The camera-resolution budget of `policy.engine.images.Resizer`: odd resolutions cannot lock a camera out
 (the least recently used undeclared one is evicted, declared ones never), an evicted executable still
 held keeps working, new compiles are rate-bounded (an injected clock: no wall-clock budgets), and
 threads share one compile. Real compiles on the host CPU, no model."""
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from configs import DEFAULT_IMAGE_RESOLUTIONS, get_model_config
-from policy.images import Resizer, resize_with_pad
+from policy.engine.images import Resizer, resize_with_pad
+from policy.engine.validation import RequestValidator
 from policy.normalize import IDENTITY
 from policy.prompts import Prompts
 from policy.request import InferenceRequest, Observation, Options
 from policy.tokenizer import load_tokenizer
-from policy.validation import RequestValidator
 
 COMPILING = "compiling the image resize for undeclared camera resolution"
 EVICTED = "evicted the image resize for camera resolution"
@@ -58,7 +58,7 @@ def test_odd_resolutions_no_longer_lock_out_a_normal_camera(caplog):
     resizer = Resizer(224, DEFAULT_IMAGE_RESOLUTIONS, 16, clock=clock)
     resizer.warm()
     validator = _validator(resizer)
-    with caplog.at_level(logging.WARNING, logger="policy.images"):
+    with caplog.at_level(logging.WARNING, logger="policy.engine.images"):
         for i in range(14):
             image = _image(50 + i, 60)
             validator.check(_request(image))
@@ -79,7 +79,7 @@ def test_odd_resolutions_no_longer_lock_out_a_normal_camera(caplog):
 def test_the_least_recently_used_is_evicted_and_declared_ones_never(caplog):
     resizer = Resizer(16, [(8, 8), (9, 9)], max_resolutions=4, compile_burst=100)  # 2 undeclared slots
     resizer.warm()
-    with caplog.at_level(logging.WARNING, logger="policy.images"):
+    with caplog.at_level(logging.WARNING, logger="policy.engine.images"):
         resizer(_image(10, 10))
         resizer(_image(11, 11))
         resizer(_image(10, 10))  # 10x10 is now the most recently used: 11x11 goes first
@@ -128,7 +128,7 @@ def test_new_compiles_are_rate_bounded_and_the_refusal_recovers(caplog):
     clock.now += 3.0
     validator.check(_request(_image(32, 32)))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="policy.images"):
+    with caplog.at_level(logging.WARNING, logger="policy.engine.images"):
         resizer(_image(32, 32))
     assert _messages(caplog, COMPILING) == [
         f"{COMPILING} 32x32 while serving; declare it in the engine's image_resolutions"
@@ -143,7 +143,7 @@ def test_a_flood_of_odd_resolutions_compiles_at_the_rate_and_spares_a_camera_in_
     resizer.warm()
     camera = _image(40, 50)
     refused = 0
-    with caplog.at_level(logging.WARNING, logger="policy.images"):
+    with caplog.at_level(logging.WARNING, logger="policy.engine.images"):
         resizer(camera)
         for tick in range(200):
             clock.now = tick / 10
@@ -183,7 +183,7 @@ def test_threads_share_one_compile_and_survive_evictions(caplog):
         except BaseException as e:
             errors.append(e)
 
-    with caplog.at_level(logging.WARNING, logger="policy.images"):
+    with caplog.at_level(logging.WARNING, logger="policy.engine.images"):
         threads = [threading.Thread(target=same_new_resolution) for _ in range(4)]
         for t in threads:
             t.start()

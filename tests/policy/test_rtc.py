@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from policy import phases, pi05, rtc
-from policy.engine import AsyncPi05Inference
+from policy.engine import phases
+from policy.engine.inference import AsyncPi05Inference
+from policy.model import pi05, rtc
 from policy.normalize import Normalizer, Stats
 from policy.request import ChunkGuidance
 from tests.policy.test_engine import _images, _request, _row, run

@@ -8,8 +8,8 @@ import concurrent.futures
 import numpy as np
 import pytest
 
+from policy.engine.scheduler import ActionBatch, DecodeJob, FollowUp, Scheduler, Segment, StartDecode, Ticket
 from policy.request import DeadlineExceeded, EngineError, InferenceRequest, Observation
-from policy.scheduler import ActionBatch, DecodeJob, FollowUp, Scheduler, Segment, StartDecode, Ticket
 
 
 class Clock:

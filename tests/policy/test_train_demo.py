@@ -1,4 +1,4 @@
-"""`policy.train_demo`: batches as the server builds its inputs, a loss that goes down, the same run
+"""`runtime.training`: batches as the server builds its inputs, a loss that goes down, the same run
 from the same seed, and a checkpoint the server's engine loads into the same actions."""
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from configs import get_model_config
-from policy import phases, pi05
-from policy import train_demo as td
-from policy.engine import AsyncPi05Inference
+from policy.engine import phases
+from policy.engine.inference import AsyncPi05Inference
+from policy.model import pi05
 from policy.request import InferenceRequest, Observation, Options
 from policy.tokenizer import load_tokenizer
 from robots.sim import SimArm
 from robots.tasks import PickPlaceTask
+from runtime.training import train_demo as td
 
 
 class _OneBatch:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs import get_model_config
-from policy import images, normalize, prompts
+from policy import normalize, prompts
+from policy.engine import images
 from policy.tokenizer import load_tokenizer
 
 

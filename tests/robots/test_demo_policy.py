@@ -2,7 +2,7 @@
 
 This is the test that passes only when every part is right: the checkpoint's layout and norm
 stats, the tokenizer, the prompt format, subtask decoding, the flow sampler, unnormalization,
-the chunk buffer and the simulator. It runs on virtual time (`runtime.virtual_time`): each reply
+the chunk buffer and the simulator. It runs on virtual time (`runtime.robot.virtual_time`): each reply
 lands a fixed number of control steps after its observation, so a loaded CI machine sees the same
 episodes as an idle one.
 """
@@ -16,8 +16,8 @@ import pytest
 from configs import DEMO_MODEL, SHIPPED_CHECKPOINTS
 from robots import eval as robots_eval
 from robots.tasks import PHASES, PickPlaceTask
-from runtime.chunk_buffer import BufferSettings
-from runtime.control_loop import LoopSettings
+from runtime.robot.chunk_buffer import BufferSettings
+from runtime.robot.control_loop import LoopSettings
 from tests.helpers import zmq_server_thread
 
 EPISODES = 20
@@ -35,7 +35,7 @@ TRANSITIONS_FLOOR = 1.5
 
 @pytest.fixture(scope="module")
 def demo_server(jax_cache):
-    from policy.engine import AsyncPi05Inference
+    from policy.engine.inference import AsyncPi05Inference
 
     engine = AsyncPi05Inference(
         DEMO_MODEL,

@@ -11,7 +11,7 @@ from PIL import Image
 from robots import eval as robots_eval
 from robots.sim import SimArm
 from robots.tasks import COLOURS, PickPlaceTask
-from runtime.fixed_backend import FixedBackend
+from runtime.policy_server.fixed_backend import FixedBackend
 from tests.helpers import zmq_server_thread
 
 

@@ -1,6 +1,6 @@
 """Servers and raw clients for the hostile-input and fault tests.
 
-The servers run as `runtime.server_process.ServerProcess` with `--fixed-reply`, each in its own
+The servers run as `tests.support.server_process.ServerProcess` with `--fixed-reply`, each in its own
 process (as deployed), so an input that crashes the server shows as a dead process instead of a
 dead test run. `RawDealer` sends arbitrary frames to a ROUTER and waits for one reply
 with a bounded timeout: the hostile tests build their own frames rather than using the robot's

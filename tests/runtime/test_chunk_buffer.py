@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.chunk_buffer import ActionChunkBuffer, BufferSettings
+from runtime.robot.chunk_buffer import ActionChunkBuffer, BufferSettings
 
 
 def _chunk(start: float, n: int = 10, dim: int = 2) -> np.ndarray:

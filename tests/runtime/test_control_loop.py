@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from robots.base import RobotObservation
-from runtime.chunk_buffer import BufferSettings
-from runtime.control_loop import ControlLoop, LoopSettings, LoopStatus
+from runtime.robot.chunk_buffer import BufferSettings
+from runtime.robot.control_loop import ControlLoop, LoopSettings, LoopStatus
 from transport.errors import RequestTimeout
 
 HZ = 50.0

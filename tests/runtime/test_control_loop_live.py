@@ -14,10 +14,10 @@ import time
 import numpy as np
 
 from robots.sim import SimArm
-from runtime.chunk_buffer import BufferSettings
-from runtime.control_loop import ControlLoop, LoopSettings, LoopStatus
-from runtime.server_thread import ServerThread
+from runtime.robot.chunk_buffer import BufferSettings
+from runtime.robot.control_loop import ControlLoop, LoopSettings, LoopStatus
 from tests.helpers import free_ports
+from tests.support.server_thread import ServerThread
 from transport.zmq_client import PolicyClient
 
 HZ = 50.0

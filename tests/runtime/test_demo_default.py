@@ -7,9 +7,9 @@ import pytest
 from configs import DEFAULT_MODEL, DEMO_MODEL, SHIPPED_CHECKPOINTS
 from robots.sim import SimArm
 from robots.tasks import PickPlaceTask
-from runtime.control_loop import LoopStatus
-from runtime.demo import format_status
-from runtime.policy_server import model_label, parse_args
+from runtime.policy_server.main import model_label, parse_args
+from runtime.robot.control_loop import LoopStatus
+from runtime.robot.demo import format_status
 
 
 def test_demo_runs_the_shipped_trained_policy():

@@ -34,10 +34,8 @@ import websockets.sync.client as ws_client
 import zmq
 
 from policy.request import InferenceRequest, InferenceResult
-from runtime.fixed_backend import FixedBackend
-from runtime.server_process import READY_LINE, REPO, ServerProcess
-from runtime.server_thread import free_local_ports
-from runtime.service import ServiceLimits
+from runtime.policy_server.fixed_backend import FixedBackend
+from runtime.policy_server.service import ServiceLimits
 from tests.helpers import zmq_server_thread as server_thread
 from tests.runtime.servers import (
     RawDealer,
@@ -47,6 +45,8 @@ from tests.runtime.servers import (
     ping,
     wait_pids_gone,
 )
+from tests.support.server_process import READY_LINE, REPO, ServerProcess
+from tests.support.server_thread import free_local_ports
 from transport import codec
 from transport.zmq_client import PolicyClient
 

@@ -22,7 +22,7 @@ import pytest
 import websockets.sync.client as ws_client
 from websockets.exceptions import ConnectionClosed
 
-from runtime.server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 from transport import openpi_msgpack
 
 MAX_RISE_MB = 200
@@ -50,7 +50,7 @@ def server():
 def _gateway_pid(server: ServerProcess, protocol: str) -> int:
     for pid in server.children():
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if b"runtime.ws_gateway" in argv and argv[argv.index(b"runtime.ws_gateway") + 1] == protocol.encode():
+        if b"runtime.gateway.main" in argv and argv[argv.index(b"runtime.gateway.main") + 1] == protocol.encode():
             return pid
     raise AssertionError(f"no {protocol} gateway among {server.children()}")
 

@@ -14,8 +14,8 @@ import urllib.request
 import pytest
 import zmq
 
-from runtime.server_process import ServerProcess
 from tests.runtime.servers import RawDealer, image, ping
+from tests.support.server_process import ServerProcess
 from transport import codec
 
 OBS = {"image/base_0_rgb": image(8, 8)}
@@ -114,7 +114,7 @@ def test_under_the_session_table_attack_a_new_robot_is_served_at_once():
             ctx.destroy(linger=0)
 
 
-FORGED = "2026-12-07 00:00:00,000 ERROR runtime.policy_server: forged"
+FORGED = "2026-12-07 00:00:00,000 ERROR runtime.policy_server.main: forged"
 
 
 @pytest.mark.parametrize("robot", ["evil\n" + FORGED, "\x1b[2J\x1b[31mred"], ids=["newline", "escape"])

@@ -39,8 +39,8 @@ from openpi_client import msgpack_numpy as openpi_msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from websockets.exceptions import ConnectionClosed
 
-from runtime.server_process import ServerProcess
 from tests.runtime.servers import RawDealer, image, infer_arrays, infer_header
+from tests.support.server_process import ServerProcess
 from transport import codec
 from transport.errors import RemoteError
 from transport.messages import GUIDANCE_OPTIONS, PREV_ACTIONS, REPLY_TYPE, RETURN_MODEL_ACTIONS

@@ -25,8 +25,8 @@ import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from runtime.server_process import ServerProcess
 from tests.runtime.servers import RawDealer, image
+from tests.support.server_process import ServerProcess
 from tests.zmtp import RawPeer
 
 OTHER_HOST = "127.0.0.2"

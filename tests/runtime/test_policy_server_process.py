@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from runtime.server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 from transport.zmq_client import PolicyClient
 
 

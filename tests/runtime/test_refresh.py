@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from policy.request import InferenceResult
-from runtime.refresh import RefreshScheduler
+from runtime.policy_server.refresh import RefreshScheduler
 from tests.virtual_clock import VirtualClock
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.chunk_buffer import ActionChunkBuffer, BufferSettings
+from runtime.robot.chunk_buffer import ActionChunkBuffer, BufferSettings
 from tests.runtime.test_control_loop import HORIZON, CountingRobot, SimClock, SimServer, _loop
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from bench.chunk_smoothness import metrics
-from runtime.virtual_time import Chunk
+from runtime.robot.virtual_time import Chunk
 
 STEPS = 20
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from policy.request import ChunkGuidance, InferenceRequest, Observation, Options
-from runtime.fixed_backend import FixedBackend
-from runtime.service import PolicyService, ServiceLimits
+from runtime.policy_server.fixed_backend import FixedBackend
+from runtime.policy_server.service import PolicyService, ServiceLimits
 from transport.errors import BadRequest, TransportError
 from transport.messages import BYE, INFER, KEEP, PING, Request
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.server_thread import ServerThread
 from tests.helpers import free_ports
+from tests.support.server_thread import ServerThread
 from transport import ws_client
 
 REPLY = re.compile(r"round trip ([\d.]+) ms \| server_timing ([\d.]+) ms \| timing ([\d.]+) ms")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from runtime.fixed_backend import FixedBackend
+from runtime.policy_server.fixed_backend import FixedBackend
 from tests.helpers import free_ports, server_thread
 from transport.errors import RemoteError
 from transport.ws_client import JsonApiClient, build_request

@@ -13,7 +13,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from runtime.service import PolicyService
+from runtime.policy_server.service import PolicyService
 from tests.helpers import free_ports
 from transport import codec
 from transport.errors import RemoteError

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from robots import run as robots_run
-from runtime.fixed_backend import FixedBackend
+from runtime.policy_server.fixed_backend import FixedBackend
 from tests.helpers import zmq_server_thread
 from tests.security.keys import make_keys
 

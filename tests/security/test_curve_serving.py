@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
-from runtime.fixed_backend import FixedBackend
+from runtime.policy_server.fixed_backend import FixedBackend
 from tests.helpers import zmq_server_thread
 from tests.security.keys import any_reply, make_keys
 from transport.curve import ClientKeys, apply_client, session_key

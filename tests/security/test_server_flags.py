@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from runtime import policy_server
+from runtime.policy_server import main as policy_server
 from tests.security.keys import make_keys, self_signed_cert
 
 
@@ -29,7 +29,7 @@ def test_flags_that_go_together(flags, error, capsys):
 
 def _warnings(caplog, argv: list[str]) -> list[str]:
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="runtime.policy_server"):
+    with caplog.at_level(logging.WARNING, logger="runtime.policy_server.main"):
         policy_server._check_access(policy_server.parse_args(argv))
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -62,7 +62,7 @@ def test_an_unusable_file_is_one_line_and_exit_code_2(tmp_path, caplog, problem)
         "bad certificate": ["--tls-cert", str(token), "--tls-key", str(token)],
     }[problem]
     ports = ["--router-port", "0", "--pub-port", "0", "--ws-port", "0", "--openpi-port", "0"]
-    with caplog.at_level(logging.ERROR, logger="runtime.policy_server"):
+    with caplog.at_level(logging.ERROR, logger="runtime.policy_server.main"):
         assert policy_server.main([*ports, "--fixed-reply", *flags]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "\n" not in errors[0]

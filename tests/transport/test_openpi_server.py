@@ -14,7 +14,7 @@ from transport import openpi_msgpack
 from transport.openpi_server import OpenpiServer
 from transport.ws_common import WsSettings
 
-FORGED = "2026-01-01 00:00:00,000 ERROR runtime.policy_server: the server is compromised"
+FORGED = "2026-01-01 00:00:00,000 ERROR runtime.policy_server.main: the server is compromised"
 
 
 async def _nothing(key: str) -> None:

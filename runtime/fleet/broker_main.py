@@ -1,0 +1,137 @@
+"""`python -m runtime.broker`: one endpoint for robots in front of many policy workers.
+
+The command around `runtime.fleet.broker.Broker` (what it does, and the protocol, are described
+there and in docs/protocol.md, section 6): its flags, the keys of its two sides, loaded before
+anything binds, and the warnings about what is left open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+import zmq
+
+from runtime.cli_args import LOG_LEVELS, loopback, port, positive
+from runtime.fleet.broker import Broker, BrokerSettings
+from runtime.fleet.heartbeat import DEFAULT_INTERVAL_S, DEFAULT_MISSES
+from transport import curve, logs
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtime.broker", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1", help="address the robots' endpoints bind to")
+    p.add_argument("--router-port", type=port, default=5555, help="ZMQ ROUTER for robots' requests")
+    p.add_argument("--pub-port", type=port, default=5556, help="ZMQ XPUB for subtask refreshes (0: off)")
+    p.add_argument("--worker-host", default="127.0.0.1", help="address the workers' endpoints bind to")
+    p.add_argument("--worker-port", type=port, default=5557, help="ROUTER the workers join (--join)")
+    p.add_argument("--worker-pub-port", type=port, default=5558, help="XSUB the workers publish into")
+    p.add_argument("--heartbeat", type=positive(float), default=DEFAULT_INTERVAL_S, help="heartbeat interval, s")
+    p.add_argument(
+        "--heartbeat-misses", type=positive(int), default=DEFAULT_MISSES, help="intervals of silence: a worker is dead"
+    )
+    p.add_argument("--max-workers", type=positive(int), default=64, help="workers joined at once")
+    p.add_argument(
+        "--max-workers-per-key",
+        type=positive(int),
+        default=16,
+        help="workers joined with one worker key (without keys: from one address)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=positive(float),
+        default=30.0,
+        help="seconds a worker may hold a request before the broker answers it 'timeout'",
+    )
+    p.add_argument("--max-robots", type=positive(int), default=4096, help="robots whose worker is remembered")
+    p.add_argument("--curve-secret", default=None, metavar="FILE", help="the broker's CURVE .key_secret (robots' side)")
+    p.add_argument("--curve-clients", default=None, metavar="DIR", help="with --curve-secret: robot public keys let in")
+    p.add_argument(
+        "--worker-curve-secret", default=None, metavar="FILE", help="the broker's CURVE .key_secret, workers' side"
+    )
+    p.add_argument(
+        "--worker-curve-clients", default=None, metavar="DIR", help="with --worker-curve-secret: worker keys let in"
+    )
+    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    return p
+
+
+def worker_side_keys(
+    secret: str | None, clients: str | None, host: str, robot_keys: curve.ServerKeys | None
+) -> curve.ServerKeys | None:
+    """The keys of the workers' side (`--worker-curve-secret/--worker-curve-clients`), loaded now (a
+    bad file is a one-line `CurveError` before anything binds). Without them, a TCP worker endpoint is
+    warned about, on loopback too: whoever reaches it (any local process, on loopback) can join as a
+    worker, be given robots, read their requests and answer them. The two allow-lists must be
+    different folders, or every robot could join as a worker."""
+    keys = curve.load_server_keys(secret, clients) if secret else None
+    if keys is None:
+        log.warning(
+            "the workers' TCP endpoints on %s take no keys: %s can join as a worker, be sent robots' requests "
+            "(their images included) and answer them; use --worker-curve-secret and --worker-curve-clients",
+            host,
+            "any process on this host" if loopback(host) else "anyone who reaches them",
+        )
+    if keys is not None and robot_keys is not None and keys.clients_dir.resolve() == robot_keys.clients_dir.resolve():
+        raise curve.CurveError(
+            f"{keys.clients_dir}: also the robots' allow-list; give the workers a folder of their own"
+        )
+    if keys is not None:
+        log.info("CURVE on the workers' side: %d worker keys allowed from %s", keys.clients, keys.clients_dir)
+    return keys
+
+
+def settings_from(args: argparse.Namespace) -> BrokerSettings:
+    robot_keys = curve.load_server_keys(args.curve_secret, args.curve_clients) if args.curve_secret else None
+    return BrokerSettings(
+        router_endpoint=f"tcp://{args.host}:{args.router_port}" if args.router_port else None,
+        pub_endpoints=(f"tcp://{args.host}:{args.pub_port}",) if args.pub_port else (),
+        backend_endpoint=f"tcp://{args.worker_host}:{args.worker_port}",
+        xsub_endpoint=f"tcp://{args.worker_host}:{args.worker_pub_port}",
+        heartbeat_s=args.heartbeat,
+        heartbeat_misses=args.heartbeat_misses,
+        max_workers=args.max_workers,
+        max_workers_per_principal=args.max_workers_per_key,
+        request_timeout_s=args.request_timeout,
+        max_robots=args.max_robots,
+        curve=robot_keys,
+        worker_curve=worker_side_keys(
+            args.worker_curve_secret, args.worker_curve_clients, args.worker_host, robot_keys
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.curve_secret) != bool(args.curve_clients):
+        parser.error("--curve-secret and --curve-clients go together")
+    if bool(args.worker_curve_secret) != bool(args.worker_curve_clients):
+        parser.error("--worker-curve-secret and --worker-curve-clients go together")
+    logs.configure(args.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        broker = Broker(settings_from(args))
+        broker.bind()
+    except curve.CurveError as e:
+        log.error("%s", e)
+        return 2
+    except zmq.ZMQError as e:
+        log.error("cannot bind a ZMQ endpoint: %s", e)
+        return 2
+    if not args.curve_secret and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the robots' endpoints on %s are open to anyone who can reach them: use --curve-secret", args.host)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("robots: router %s, pub %s", broker.router_endpoint, ", ".join(broker.pub_endpoints) or "off")
+    log.info("workers join %s (refreshes into %s)", broker.backend_endpoint, broker.xsub_endpoint)
+    log.info("ready")
+    try:
+        broker.run(stop)
+    finally:
+        broker.close()
+    return 0

@@ -1,0 +1,176 @@
+"""The policy server in a process of its own, as deployed: for benchmarks and tests.
+
+Unlike `ServerThread` (the server on a thread of the caller), an input that crashes the server
+shows here as a dead process, signals reach it as they reach a service, and its memory is its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tests.support.server_thread import free_local_ports
+
+REPO = Path(__file__).resolve().parent.parent
+READY_LINE = "INFO runtime.policy_server.main: ready"
+START_TIMEOUT_S = 600.0
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"process {pid} has no VmRSS")
+
+
+class ServerProcess:
+    """The policy server as a child process on free 127.0.0.1 ports (or the `ports` given: router,
+    pub, ws, openpi), as deployed; its log (the gateways' too) is collected line by line."""
+
+    def __init__(self, *extra: str, ports: Sequence[int] | None = None, gateways: bool = True, env=None):
+        self.ports = list(ports) if ports is not None else free_local_ports(4)
+        router, pub, ws, openpi = self.ports
+        if not gateways:
+            ws = openpi = 0
+            self.ports[2:] = [0, 0]
+        self.argv = [
+            sys.executable, "-m", "runtime.policy_server",
+            "--router-port", str(router), "--pub-port", str(pub),
+            "--ws-port", str(ws), "--openpi-port", str(openpi), *extra,
+        ]  # fmt: skip
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._ended = False
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+
+    # ------------------------------------------------------------------ endpoints
+
+    @property
+    def router(self) -> str:
+        return f"tcp://127.0.0.1:{self.ports[0]}"
+
+    @property
+    def pub(self) -> str:
+        return f"tcp://127.0.0.1:{self.ports[1]}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.ports[2]}"
+
+    @property
+    def openpi(self) -> str:
+        return f"ws://127.0.0.1:{self.ports[3]}"
+
+    # ------------------------------------------------------------------ life
+
+    def spawn(self) -> ServerProcess:
+        with self._changed:
+            self.lines, self._ended = [], False
+            self.started_at = time.monotonic()
+            self.proc = subprocess.Popen(
+                self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self._env, cwd=REPO
+            )
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        return self
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> ServerProcess:
+        """Spawns the server and returns once it logged `ready`."""
+        self.spawn()
+        if not self.wait_for(lambda line: line.rstrip().endswith(READY_LINE), timeout_s):
+            self.kill()
+            raise AssertionError("the server never logged 'ready':\n" + self.log)
+        return self
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            with self._changed:
+                if proc is self.proc:  # not a previous run's late output
+                    self.lines.append(line)
+                    self._changed.notify_all()
+        with self._changed:
+            if proc is self.proc:
+                self._ended = True
+                self._changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout_s: float, start: int = 0) -> bool:
+        """Whether a log line from index `start` on satisfies `predicate` within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        seen = start
+        with self._changed:
+            while True:
+                if any(predicate(line) for line in self.lines[seen:]):
+                    return True
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if self._ended or left <= 0:
+                    return False
+                self._changed.wait(min(left, 0.2))
+
+    @property
+    def log(self) -> str:
+        with self._changed:
+            return "".join(self.lines)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def children(self) -> list[int]:
+        """Pids of the server's child processes (its WebSocket gateways)."""
+        assert self.proc is not None
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                return [int(p) for p in f.read().split()]
+        except FileNotFoundError:
+            return []
+
+    def complaints(self) -> list[str]:
+        """The WARNING, ERROR and CRITICAL lines logged since `ready`."""
+        with self._changed:
+            lines = list(self.lines)
+        after = next((i for i, line in enumerate(lines) if line.rstrip().endswith(READY_LINE)), len(lines))
+        levels = (" WARNING ", " ERROR ", " CRITICAL ")
+        return [line.rstrip() for line in lines[after:] if any(level in line for level in levels)]
+
+    def rss_mb(self) -> dict[str, float]:
+        """Resident memory (VmRSS) of the server and of each gateway process, MB, by name."""
+        assert self.proc is not None
+        out = {"server": _rss_mb(self.proc.pid)}
+        for pid in self.children():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                out[f"{argv[argv.index(b'runtime.gateway.main') + 1].decode()} gateway"] = _rss_mb(pid)
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile, or not a gateway
+        return out
+
+    def stop(self, sig: int = signal.SIGINT, timeout_s: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.wait_for(lambda line: False, 5.0, start=len(self.lines))  # the log read to its end
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
