@@ -1,4 +1,5 @@
-"""Camera images into the model's input: any HxWx3 uint8 to 224x224 in [-1, 1].
+"""Camera images into the model's input: any HxWx3 uint8 to 224x224 uint8 (the model scales them to
+[-1, 1] itself, `policy.model.pixels`).
 
 Resizing follows openpi's `resize_with_pad`: keep the aspect ratio (target size truncated with
 `int()`), bilinear `jax.image.resize`, round back to uint8, centre with floor offsets and pad with
@@ -204,18 +205,3 @@ class Resizer:
         executable = _resize_with_pad.lower(spec, size=self.size).compile()
         log.debug("resize for %dx%d compiled in %.2f s", *hw, time.perf_counter() - start)
         return executable
-
-
-# openpi's `x / 255 * 2 - 1` for every uint8 value, computed once on the host.
-_UINT8_TO_MODEL = np.arange(256, dtype=np.float32) / 255.0 * 2.0 - 1.0
-
-
-def to_model_range(image):
-    """uint8 -> float32 in [-1, 1], bit for bit openpi's conversion, for numpy or JAX arrays.
-
-    A table lookup rather than arithmetic: compiled code would turn the division into a
-    multiplication by 1/255 and be off by an ulp.
-    """
-    if isinstance(image, np.ndarray):
-        return _UINT8_TO_MODEL[image]
-    return jnp.asarray(_UINT8_TO_MODEL)[image]

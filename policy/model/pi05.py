@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from configs.model_config import ModelConfig
-from policy.engine.images import to_model_range
 from policy.model import gemma, siglip
 from policy.model.gemma import KVCache
 from policy.model.layers import dense, make_attn_mask, posemb_sincos
+from policy.model.pixels import to_model_range
 
 
 @jax.tree_util.register_dataclass

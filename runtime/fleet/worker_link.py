@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -44,12 +44,14 @@ from runtime.fleet.protocol import (
     reply_frames,
     split,
 )
-from runtime.policy_server.service import PolicyService
 from transport import curve
 from transport.subscriptions import FROM_BROKER, SubscriptionBook, configure_xpub
 from transport.supervise import supervise
 from transport.zmq_reader import SocketReader
 from transport.zmq_server import Peer, Publisher, ZmqServer
+
+if TYPE_CHECKING:  # the fleet never imports the single server: the worker is handed its service
+    from runtime.policy_server.service import PolicyService
 
 log = logging.getLogger("runtime.fleet.worker_link")
 

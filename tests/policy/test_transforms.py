@@ -10,6 +10,7 @@ import pytest
 from configs import get_model_config
 from policy import normalize, prompts
 from policy.engine import images
+from policy.model.pixels import to_model_range
 from policy.tokenizer import load_tokenizer
 
 
@@ -168,4 +169,4 @@ def test_resize_matches_openpi_client_within_one(shape):
 
 def test_to_model_range_is_openpis_conversion():
     x = np.array([[[0, 128, 255]]], np.uint8)
-    np.testing.assert_array_equal(images.to_model_range(x), x.astype(np.float32) / 255.0 * 2.0 - 1.0)
+    np.testing.assert_array_equal(to_model_range(x), x.astype(np.float32) / 255.0 * 2.0 - 1.0)
