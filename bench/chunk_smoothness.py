@@ -48,7 +48,8 @@ from robots.tasks import PickPlaceTask
 from runtime.robot.chunk_buffer import BufferSettings
 from runtime.robot.control_loop import ControlLoop, LoopSettings
 from runtime.robot.virtual_time import Chunk, InjectedLatency, VirtualClock
-from tests.support.server_thread import ServerThread, free_local_ports
+from tests.support.ports import free_local_ports
+from tests.support.server_thread import ServerThread
 from transport.zmq_client import PolicyClient
 
 MODES = ("replace", "crossfade", "rtc")

@@ -17,7 +17,8 @@ from policy.engine.inference import AsyncPi05Inference
 from robots.sim import SimArm
 from runtime.robot.chunk_buffer import BufferSettings
 from runtime.robot.control_loop import ControlLoop, LoopSettings
-from tests.support.server_thread import ServerThread, free_local_ports
+from tests.support.ports import free_local_ports
+from tests.support.server_thread import ServerThread
 from transport.zmq_client import PolicyClient
 
 

@@ -26,7 +26,8 @@ from robots import eval as robots_eval
 from robots.tasks import PickPlaceTask
 from runtime.robot.chunk_buffer import BufferSettings
 from runtime.robot.control_loop import LoopSettings
-from tests.support.server_thread import ServerThread, free_local_ports
+from tests.support.ports import free_local_ports
+from tests.support.server_thread import ServerThread
 
 MODES = ("replace", "crossfade", "rtc")
 _ROOT = Path(__file__).resolve().parents[1]  # the checkpoint is shown relative to the repository

@@ -40,8 +40,8 @@ import numpy as np
 from bench.report import percentiles_ms, write_section
 from policy.request import InferenceRequest, InferenceResult
 from runtime.policy_server.fixed_backend import FixedBackend
+from tests.support.ports import free_local_ports
 from tests.support.server_process import REPO, ServerProcess
-from tests.support.server_thread import free_local_ports
 from transport.zmq_async_client import AsyncPolicyClient
 from transport.zmq_client import PolicyClient
 

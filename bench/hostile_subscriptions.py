@@ -24,9 +24,9 @@ import msgpack
 import zmq
 
 from bench.report import write_section
-from tests.runtime.servers import RawDealer, image
+from tests.support.raw_dealer import RawDealer, image
 from tests.support.server_process import ServerProcess
-from tests.zmtp import RawPeer
+from tests.support.zmtp import RawPeer
 
 INTERVAL_S = 0.1
 OTHER_HOST = "127.0.0.2"

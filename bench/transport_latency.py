@@ -39,8 +39,8 @@ import zmq
 from bench.report import percentiles_ms, write_section
 from policy.request import Observation, Options
 from robots.adapters import BASE, LEFT_WRIST, RIGHT_WRIST
+from tests.support.ports import free_local_ports
 from tests.support.server_process import ServerProcess
-from tests.support.server_thread import free_local_ports
 from transport import codec
 from transport.messages import ACTIONS, INFER, REPLY_TYPE, observation_arrays, options_to_wire
 from transport.ws_client import JsonApiClient, build_request

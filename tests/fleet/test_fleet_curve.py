@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.security.keys import any_reply, make_keys
+from tests.support.keys import any_reply, make_keys
 from tests.support.server_process import ServerProcess
 from transport.zmq_client import PolicyClient
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,9 +25,10 @@ from runtime.fleet.front import join_keys
 from runtime.fleet.protocol import READY, message, payload
 from runtime.keys import create_pair
 from runtime.policy_server.main import parse_args
-from tests.security.keys import Keys, make_keys
+from tests.support.eventually import eventually
+from tests.support.keys import Keys, make_keys
+from tests.support.ports import free_local_ports
 from tests.support.server_process import ServerProcess
-from tests.support.server_thread import free_local_ports
 from transport.curve import ClientKeys, CurveError, apply_client, load_client_keys, load_pair, load_public
 from transport.zmq_client import PolicyClient
 
@@ -61,15 +61,6 @@ class WorkerKeys:
     def client(self, key_secret: Path) -> ClientKeys:
         """A pair from anywhere (a robot's, say) as a client of the broker's worker side."""
         return load_client_keys(self.root / "broker.key", key_secret)
-
-
-def _eventually(condition: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + CAP_S
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def _broker(ports: list[int], *flags: str) -> ServerProcess:
@@ -135,7 +126,7 @@ def _refreshed(clients: list[PolicyClient], pub: str, at_least: int) -> dict[str
             c.poll(0.01)
         return len(heard) == len(clients) and min(heard.values()) >= at_least
 
-    assert _eventually(enough), heard
+    assert eventually(enough), heard
     return heard
 
 
@@ -166,7 +157,7 @@ def test_a_worker_without_an_allowed_key_is_never_sent_a_robots_request(tmp_path
         keys = robots.client("robot-a")
         clients = [PolicyClient(broker.router, f"arm{i}", keys=keys, timeout_s=10) for i in range(3)]
         try:
-            assert _eventually(lambda: _workers(clients[0]) == {"good": 0})
+            assert eventually(lambda: _workers(clients[0]) == {"good": 0})
             for c in clients:
                 for _ in range(2):
                     assert c.infer(IMAGES, "go")["actions"].shape[0] > 0
@@ -207,7 +198,7 @@ def test_a_front_hosts_own_workers_stay_on_ipc_and_a_remote_worker_joins_with_it
     clients = [PolicyClient(front.router, f"arm{i}", timeout_s=10) for i in range(2)]
     try:
         assert plain.refused()
-        assert _eventually(lambda: _workers(clients[0]) == {"cpu0": 0, "remote": 0})
+        assert eventually(lambda: _workers(clients[0]) == {"cpu0": 0, "remote": 0})
         for c in clients:
             assert c.infer(IMAGES, "go")["actions"].shape[0] > 0
         assert _workers(clients[0]) == {"cpu0": 1, "remote": 1}

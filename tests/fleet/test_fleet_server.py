@@ -1,7 +1,7 @@
 """`python -m runtime.policy_server --workers 2` as deployed: a front host (broker) and two worker
 processes on 127.0.0.1, the fixed backend (no model), robots through the one endpoint.
 
-Runs end by counting (chunks, refreshes, replies); `CAP_S` and the deadlines of `_eventually` only turn
+Runs end by counting (chunks, refreshes, replies); `CAP_S` and the deadlines of `eventually` only turn
 a hang into a failure. Which worker holds a robot is read from the replies' `epoch` (each worker's
 own) and from the broker's `ping`.
 """
@@ -12,7 +12,6 @@ import asyncio
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 from robots.sim import SimArm
 from runtime.robot.chunk_buffer import BufferSettings
 from runtime.robot.control_loop import ControlLoop, LoopSettings
+from tests.support.eventually import eventually
 from tests.support.server_process import ServerProcess
 from transport.errors import RemoteError
 from transport.ws_client import JsonApiClient
@@ -30,15 +30,6 @@ from transport.zmq_client import PolicyClient
 HEARTBEAT_S = 0.2
 CAP_S = 60.0  # failure detection only
 IMAGES = {"base_0_rgb": np.zeros((8, 8, 3), np.uint8)}
-
-
-def _eventually(condition: Callable[[], bool], timeout_s: float = CAP_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture
@@ -120,7 +111,7 @@ def test_refreshes_from_both_workers_reach_their_subscribers_and_gone_robots_exp
                 c.poll(0.01)
             return all(received.get(c.robot_id, 0) >= 3 for c in clients)
 
-        assert _eventually(all_refreshed), received
+        assert eventually(all_refreshed), received
         assert clients[0].ping()["server"]["refreshing"] == 4
     finally:
         for c in clients[1:]:
@@ -128,9 +119,9 @@ def test_refreshes_from_both_workers_reach_their_subscribers_and_gone_robots_exp
     try:
         # Each worker counts its topics' subscribers through the broker: the gone robots' sessions end
         # (3 intervals, at least 2 s, of silence without a subscriber); the one still listening stays.
-        assert _eventually(lambda: clients[0].ping()["server"]["refreshing"] == 1)
+        assert eventually(lambda: clients[0].ping()["server"]["refreshing"] == 1)
         count = received[clients[0].robot_id]
-        assert _eventually(lambda: (clients[0].poll(0.01), received[clients[0].robot_id] > count + 2)[1])
+        assert eventually(lambda: (clients[0].poll(0.01), received[clients[0].robot_id] > count + 2)[1])
     finally:
         clients[0].close()
 
@@ -157,10 +148,10 @@ def test_a_refresh_set_once_resumes_on_the_new_worker_after_a_move(fleet):
         for c in clients:
             c.listen_refreshes(fleet.pub, count)
             c.set_refresh(0.2, IMAGES, "tidy up")
-        assert _eventually(lambda: served_and_refreshed({c.robot_id: 2 for c in clients}))
+        assert eventually(lambda: served_and_refreshed({c.robot_id: 2 for c in clients}))
         os.kill(_workers(fleet)["cpu0"], signal.SIGKILL)
         goal = {c.robot_id: received[c.robot_id] + 4 for c in clients}
-        assert _eventually(lambda: served_and_refreshed(goal)), (received, goal)
+        assert eventually(lambda: served_and_refreshed(goal)), (received, goal)
         assert clients[0].ping()["broker"]["robots_moved"] == 2
     finally:
         for c in clients:
@@ -184,10 +175,10 @@ def _loops_through(fleet: ServerProcess, fault: Callable[[int], None], robots: i
         threads.append(thread)
         thread.start()
     try:
-        assert _eventually(lambda: all(loop.buffer.metrics.chunks_received >= 3 for loop, _ in loops))
+        assert eventually(lambda: all(loop.buffer.metrics.chunks_received >= 3 for loop, _ in loops))
         before = [loop.buffer.metrics.chunks_received for loop, _ in loops]
         fault(pid)
-        assert _eventually(
+        assert eventually(
             lambda: all(lp.buffer.metrics.chunks_received >= b + 10 for (lp, _), b in zip(loops, before, strict=True))
         )
     finally:
@@ -219,7 +210,7 @@ def test_killing_a_worker_mid_run_leaves_every_robot_served(fleet):
     # The front host starts the dead worker again; it joins and is placed new robots.
     assert "policy worker cpu0 exited with -9" in fleet.log
     with PolicyClient(fleet.router, "late", timeout_s=10) as probe:
-        assert _eventually(lambda: len(probe.ping()["broker"]["workers"]) == 2)
+        assert eventually(lambda: len(probe.ping()["broker"]["workers"]) == 2)
         assert probe.ping()["broker"]["robots_moved"] == 2
 
 
@@ -242,8 +233,8 @@ def test_a_hung_worker_is_noticed_by_its_missing_heartbeats_and_its_requests_ans
     assert "worker 'cpu0' presumed dead" in fleet.log
     # Woken up, it hears that the broker dropped it, drops its sessions and joins again.
     with PolicyClient(fleet.router, "late", timeout_s=10) as probe:
-        assert _eventually(lambda: len(probe.ping()["broker"]["workers"]) == 2)
-    assert _eventually(lambda: "joining again" in fleet.log)
+        assert eventually(lambda: len(probe.ping()["broker"]["workers"]) == 2)
+    assert eventually(lambda: "joining again" in fleet.log)
 
 
 def test_a_worker_that_cannot_start_is_a_start_up_error_not_a_restart_loop():

@@ -9,6 +9,7 @@ import json
 import logging
 import subprocess
 import sys
+from asyncio import run
 
 import jax
 import numpy as np
@@ -21,27 +22,12 @@ from policy.request import (
     DeadlineExceeded,
     EngineBusy,
     EngineError,
-    InferenceRequest,
     Observation,
-    Options,
 )
-
-CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
-
-
-def _images(seed: int, cameras=CAMERAS, shape=(224, 224, 3)) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {k: rng.integers(0, 256, shape, dtype=np.uint8) for k in cameras}
-
-
-def _request(images=None, prompt="pick up the pen", state=None, kind="infer", priority="action", **options):
-    images = _images(0) if images is None else images
-    state = None if state is None else np.asarray(state, np.float32)
-    return InferenceRequest(Observation(images, state), prompt, Options(**options), kind=kind, priority=priority)
-
-
-def run(coro):
-    return asyncio.run(coro)
+from tests.support.engine_requests import CAMERAS
+from tests.support.engine_requests import inference_request as _request
+from tests.support.engine_requests import prepared_row as _row
+from tests.support.engine_requests import random_images as _images
 
 
 def test_infer_returns_every_field(engine):
@@ -163,14 +149,6 @@ def test_masked_camera_is_ignored_and_an_unmasked_one_is_not(engine):
     unmasked = row.images.copy()
     unmasked[1] = 255 - unmasked[1]  # left wrist: sent
     assert np.abs(_actions(params, cfg, row, unmasked) - a).max() > 1e-4
-
-
-def _row(engine, request):
-    from policy.engine.scheduler import Ticket
-
-    ticket = Ticket(request, request.options.seed, 0.0, 0.0, None, False)
-    engine._prep.prepare(ticket)
-    return ticket.row
 
 
 def _actions(params, cfg, row, images):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+from asyncio import run
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ from policy.prompts import Prompts
 from policy.request import ChunkGuidance, EngineError, InferenceRequest
 from policy.tokenizer import load_tokenizer
 from runtime.policy_server.fixed_backend import FixedBackend
-from tests.policy.test_engine import _images, _request, run
+from tests.support.engine_requests import inference_request as _request
+from tests.support.engine_requests import random_images as _images
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import math
+from asyncio import run
 
 import jax
 import numpy as np
@@ -19,7 +20,9 @@ from policy.engine.inference import AsyncPi05Inference
 from policy.model import pi05, rtc
 from policy.normalize import Normalizer, Stats
 from policy.request import ChunkGuidance
-from tests.policy.test_engine import _images, _request, _row, run
+from tests.support.engine_requests import inference_request as _request
+from tests.support.engine_requests import prepared_row as _row
+from tests.support.engine_requests import random_images as _images
 
 H = 50  # the tiny model's horizon
 D = 5  # inference delay of the tests' guidance

@@ -18,7 +18,7 @@ from robots import eval as robots_eval
 from robots.tasks import PHASES, PickPlaceTask
 from runtime.robot.chunk_buffer import BufferSettings
 from runtime.robot.control_loop import LoopSettings
-from tests.helpers import zmq_server_thread
+from tests.support.serving import zmq_server_thread
 
 EPISODES = 20
 SEED = 100  # scenes the demonstrations never showed

@@ -8,7 +8,7 @@ from robots.adapters import ALOHA_CAMERAS, get_adapter
 from robots.environment import EnvironmentRobot
 from runtime.robot.chunk_buffer import BufferSettings
 from runtime.robot.control_loop import ControlLoop, LoopSettings
-from tests.helpers import zmq_server_thread
+from tests.support.serving import zmq_server_thread
 from transport.zmq_client import PolicyClient
 
 

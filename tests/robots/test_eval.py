@@ -12,7 +12,7 @@ from robots import eval as robots_eval
 from robots.sim import SimArm
 from robots.tasks import COLOURS, PickPlaceTask
 from runtime.policy_server.fixed_backend import FixedBackend
-from tests.helpers import zmq_server_thread
+from tests.support.serving import zmq_server_thread
 
 
 def test_one_episode_against_a_fixed_reply_server_writes_the_summary_and_the_picture(tmp_path):

@@ -10,12 +10,13 @@ import time
 import pytest
 
 from robots import run as robots_run
-from tests.helpers import free_ports, zmq_server_thread
+from tests.support.ports import free_local_ports
+from tests.support.serving import zmq_server_thread
 from transport.zmq_client import PolicyClient
 
 
 def test_an_unreachable_server_is_one_clear_line_without_a_traceback():
-    (port,) = free_ports(1)
+    (port,) = free_local_ports(1)
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "robots.run", "--server", f"127.0.0.1:{port}", "--connect-timeout", "1",

@@ -16,7 +16,7 @@ import numpy as np
 from robots.sim import SimArm
 from runtime.robot.chunk_buffer import BufferSettings
 from runtime.robot.control_loop import ControlLoop, LoopSettings, LoopStatus
-from tests.helpers import free_ports
+from tests.support.ports import free_local_ports
 from tests.support.server_thread import ServerThread
 from transport.zmq_client import PolicyClient
 
@@ -73,7 +73,7 @@ def _finish(thread: threading.Thread, out: dict) -> dict:
 
 
 def test_chunks_from_the_real_server_run_at_the_steps_they_were_computed_for(engine):
-    router, pub = free_ports(2)
+    router, pub = free_local_ports(2)
     with _server(engine, router, pub) as server:
         latency = _measured_latency_s(server.endpoints["router"])
         with PolicyClient(server.endpoints["router"], "arm", timeout_s=60) as client:
@@ -104,7 +104,7 @@ def test_chunks_from_the_real_server_run_at_the_steps_they_were_computed_for(eng
 
 
 def test_the_loop_rides_through_a_server_restart_on_the_same_ports(engine):
-    router, pub = free_ports(2)
+    router, pub = free_local_ports(2)
     first = _server(engine, router, pub)
     latency = _measured_latency_s(first.endpoints["router"])
     outage = threading.Event()
@@ -156,7 +156,7 @@ def test_the_loop_rides_through_a_server_restart_on_the_same_ports(engine):
 
 
 def test_after_the_loop_stops_the_server_no_longer_refreshes_it(engine):
-    router, pub = free_ports(2)
+    router, pub = free_local_ports(2)
     with _server(engine, router, pub) as server:
         latency = _measured_latency_s(server.endpoints["router"])
         settings = _settings(latency, subtask_mode="refresh", refresh_interval_s=max(0.2, 3 * latency), max_in_flight=1)

@@ -24,7 +24,6 @@ import textwrap
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -36,30 +35,20 @@ import zmq
 from policy.request import InferenceRequest, InferenceResult
 from runtime.policy_server.fixed_backend import FixedBackend
 from runtime.policy_server.service import ServiceLimits
-from tests.helpers import zmq_server_thread as server_thread
-from tests.runtime.servers import (
+from tests.support.eventually import eventually
+from tests.support.ports import free_local_ports
+from tests.support.processes import wait_pids_gone
+from tests.support.raw_dealer import (
     RawDealer,
     image,
     infer_arrays,
     infer_header,
     ping,
-    wait_pids_gone,
 )
 from tests.support.server_process import READY_LINE, REPO, ServerProcess
-from tests.support.server_thread import free_local_ports
+from tests.support.serving import zmq_server_thread as server_thread
 from transport import codec
 from transport.zmq_client import PolicyClient
-
-
-def _eventually(condition: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> bool:
-    """Whether `condition()` becomes true within `timeout_s` (a deadline for failing, not a budget)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if condition():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step_s)
 
 
 def _error_code(reply: dict[str, Any]) -> str | None:
@@ -195,7 +184,7 @@ def test_a_client_that_leaves_before_its_reply_is_dropped_quietly_and_others_are
         assert frames is not None, "the client that stayed got no reply"
         reply, arrays = codec.decode(frames)
         assert reply["type"] == "result" and reply["id"] == 7 and arrays["actions"].shape == (50, 32)
-        assert _eventually(lambda: backend.served == 4, 10)
+        assert eventually(lambda: backend.served == 4, 10)
         with PolicyClient(router, "after", timeout_s=10, retries=0) as client:
             assert client.infer({"base_0_rgb": image()}, "go")["actions"].shape == (50, 32)
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith(("transport", "runtime"))]
@@ -261,7 +250,7 @@ def test_a_subscriber_that_never_reads_slows_neither_publishing_nor_requests():
         with RawDealer(router) as dealer:
             for i in range(robots):
                 assert dealer.request(_refresh_header(i, f"r{i}", interval), OBS)["type"] == "refresh_ack"
-        assert _eventually(lambda: len(reader.seqs) > 50, 10), "no refreshes arrived"
+        assert eventually(lambda: len(reader.seqs) > 50, 10), "no refreshes arrived"
 
         # Baseline: the same refresh load, every subscriber reading.
         before, start = len(reader.seqs), time.monotonic()
@@ -278,7 +267,7 @@ def test_a_subscriber_that_never_reads_slows_neither_publishing_nor_requests():
         try:
             # Past the server's send high-water mark (1000) and both kernel buffers: it now drops.
             joined = len(reader.seqs)
-            assert _eventually(lambda: len(reader.seqs) - joined > 2500, 30), "refreshes stopped arriving"
+            assert eventually(lambda: len(reader.seqs) - joined > 2500, 30), "refreshes stopped arriving"
             before, start = len(reader.seqs), time.monotonic()
             with_stalled = _infer_latencies(router, n)
             stalled_rate = (len(reader.seqs) - before) / (time.monotonic() - start)
@@ -363,7 +352,7 @@ def test_refreshes_go_on_after_a_generation_fails():
                 client.poll(0.05)
                 return len(got) >= 2
 
-            assert _eventually(refreshed, 10), "the refresh stopped after its generations failed"
+            assert eventually(refreshed, 10), "the refresh stopped after its generations failed"
     assert backend.failures == 0 and [m["refresh_count"] for m in got[:2]] == [1, 2]
 
 
@@ -397,7 +386,7 @@ def test_a_rejected_request_leaves_the_session_unchanged():
             def refreshes() -> list[Seen]:
                 return [s for s in backend.seen if s.priority == "refresh"]
 
-            assert _eventually(lambda: len(refreshes()) >= 1, 10)
+            assert eventually(lambda: len(refreshes()) >= 1, 10)
             rejected = [
                 # An unknown camera, with a new prompt and a faster refresh.
                 (_refresh_header(2, "arm", 0.05, high_level_prompt="prompt B") | {"type": "infer"},
@@ -412,7 +401,7 @@ def test_a_rejected_request_leaves_the_session_unchanged():
                 assert _error_code(reply) == "bad_request", reply
                 # Each rejection on its own: the refreshes that follow still run as before it.
                 after = len(refreshes())
-                assert _eventually(lambda n=after: len(refreshes()) >= n + 2, 10), f"no refresh after {header}"
+                assert eventually(lambda n=after: len(refreshes()) >= n + 2, 10), f"no refresh after {header}"
                 for seen in refreshes()[after:]:
                     assert seen == Seen("subtask", "refresh", ("base_0_rgb",), "prompt A", 25), (header, seen)
             ack = dealer.request({"type": "refresh", "id": 5, "robot": "arm"})
@@ -478,7 +467,7 @@ def test_a_robot_that_leaves_without_bye_is_no_longer_refreshed(how):
                 client = PolicyClient(router, "gone-robot", timeout_s=10, retries=0)
                 client.listen_refreshes(pub, got.append)
                 client.set_refresh(interval, {"base_0_rgb": image()}, "tidy up")
-                assert _eventually(lambda: client.poll(0.05) or bool(got), 10)
+                assert eventually(lambda: client.poll(0.05) or bool(got), 10)
             assert ping(router)["refreshing"] == 1
             # Alive, subscribed and quiet for longer than a gone robot is given: still refreshing.
             limits = ServiceLimits()  # the server's defaults: how long a gone robot is given
@@ -492,7 +481,7 @@ def test_a_robot_that_leaves_without_bye_is_no_longer_refreshed(how):
             else:
                 assert client is not None
                 client.close()
-            assert _eventually(lambda: ping(router)["refreshing"] == 0, 2 * quiet_s), (
+            assert eventually(lambda: ping(router)["refreshing"] == 0, 2 * quiet_s), (
                 f"the robot is still refreshing {time.monotonic() - left:.1f} s after it left"
             )
             print(f"expired {time.monotonic() - left:.1f} s after the robot left ({how})")

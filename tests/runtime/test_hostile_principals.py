@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 import zmq
 
-from tests.runtime.servers import RawDealer, image, ping
+from tests.support.raw_dealer import RawDealer, image, ping
 from tests.support.server_process import ServerProcess
 from transport import codec
 

@@ -39,7 +39,7 @@ from openpi_client import msgpack_numpy as openpi_msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from websockets.exceptions import ConnectionClosed
 
-from tests.runtime.servers import RawDealer, image, infer_arrays, infer_header
+from tests.support.raw_dealer import RawDealer, image, infer_arrays, infer_header
 from tests.support.server_process import ServerProcess
 from transport import codec
 from transport.errors import RemoteError

@@ -25,9 +25,9 @@ import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.runtime.servers import RawDealer, image
+from tests.support.raw_dealer import RawDealer, image
 from tests.support.server_process import ServerProcess
-from tests.zmtp import RawPeer
+from tests.support.zmtp import RawPeer
 
 OTHER_HOST = "127.0.0.2"
 MUST_COME_S = 20.0  # a bound on waiting for what must happen; reaching it is the failure detected

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zmq
 
-from tests.helpers import free_ports
+from tests.support.ports import free_local_ports as free_ports
 from transport import codec
 from transport.errors import RemoteError, RequestTimeout
 from transport.zmq_client import PolicyClient

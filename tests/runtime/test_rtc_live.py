@@ -20,7 +20,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from tests.helpers import server_thread
+from tests.support.serving import server_thread
 from transport.errors import RemoteError
 from transport.ws_client import JsonApiClient, build_request
 from transport.zmq_client import PolicyClient

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import free_ports
+from tests.support.ports import free_local_ports
 from tests.support.server_thread import ServerThread
 from transport import ws_client
 
@@ -18,7 +18,7 @@ REPLY = re.compile(r"round trip ([\d.]+) ms \| server_timing ([\d.]+) ms \| timi
 
 
 def _json_server(engine) -> ServerThread:
-    router, pub, ws = free_ports(3)
+    router, pub, ws = free_local_ports(3)
     argv = ["--router-port", str(router), "--pub-port", str(pub), "--ws-port", str(ws), "--openpi-port", "0"]
     return ServerThread(argv, backend=engine)
 
@@ -95,7 +95,7 @@ def test_images_are_required_and_checked(capsys, tmp_path):
 
 
 def test_no_server_is_one_error_line():
-    (port,) = free_ports(1)
+    (port,) = free_local_ports(1)
     result = subprocess.run(
         [sys.executable, "-m", "transport.ws_client", "--url", f"ws://127.0.0.1:{port}", "--random-images"],
         capture_output=True, text=True, timeout=300,

@@ -12,7 +12,8 @@ import pytest
 from websockets.asyncio.client import connect
 
 from runtime.policy_server.fixed_backend import FixedBackend
-from tests.helpers import free_ports, server_thread
+from tests.support.ports import free_local_ports
+from tests.support.serving import server_thread
 from transport.errors import RemoteError
 from transport.ws_client import JsonApiClient, build_request
 from transport.zmq_client import PolicyClient
@@ -206,7 +207,7 @@ def test_openpi_client_and_action_chunk_broker(engine, layout, dim):
 
 
 def test_json_client_reconnects_after_a_server_restart(engine):
-    ports = free_ports(4)
+    ports = free_local_ports(4)
 
     async def scenario():
         client = JsonApiClient(f"ws://127.0.0.1:{ports[2]}", retries=20, backoff_s=0.2)

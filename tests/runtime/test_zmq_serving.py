@@ -14,7 +14,7 @@ import zmq
 import zmq.asyncio
 
 from runtime.policy_server.service import PolicyService
-from tests.helpers import free_ports
+from tests.support.ports import free_local_ports
 from transport import codec
 from transport.errors import RemoteError
 from transport.refresh_listener import RefreshListener
@@ -211,7 +211,7 @@ def test_refresh_on_sub_until_cleared_and_only_to_its_robot(engine):
 
 
 def test_client_rides_through_a_server_restart(engine):
-    (port,) = free_ports(1)
+    (port,) = free_local_ports(1)
     endpoint = f"tcp://127.0.0.1:{port}"
 
     async def scenario():

@@ -9,8 +9,8 @@ import pytest
 
 from robots import run as robots_run
 from runtime.policy_server.fixed_backend import FixedBackend
-from tests.helpers import zmq_server_thread
-from tests.security.keys import make_keys
+from tests.support.keys import make_keys
+from tests.support.serving import zmq_server_thread
 
 
 def _key_flags(keys, name: str) -> list[str]:

@@ -11,8 +11,8 @@ import pytest
 import zmq
 
 from runtime.policy_server.fixed_backend import FixedBackend
-from tests.helpers import zmq_server_thread
-from tests.security.keys import any_reply, make_keys
+from tests.support.keys import any_reply, make_keys
+from tests.support.serving import zmq_server_thread
 from transport.curve import ClientKeys, apply_client, session_key
 from transport.refresh_listener import RefreshListener
 from transport.zmq_async_client import AsyncPolicyClient

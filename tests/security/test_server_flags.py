@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from runtime.policy_server import main as policy_server
-from tests.security.keys import make_keys, self_signed_cert
+from tests.support.keys import make_keys, self_signed_cert
 
 
 @pytest.mark.parametrize(

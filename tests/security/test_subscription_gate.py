@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import zmq
 
-from tests.security.keys import make_keys
+from tests.support.keys import make_keys
 from transport.curve import (
     apply_client,
     apply_server,

@@ -17,9 +17,9 @@ from websockets.sync.client import connect
 
 from robots.adapters import get_adapter
 from runtime.policy_server.fixed_backend import FixedBackend
-from tests.helpers import server_thread
-from tests.security.keys import self_signed_cert
+from tests.support.keys import self_signed_cert
 from tests.support.server_process import ServerProcess
+from tests.support.serving import server_thread
 from transport import openpi_msgpack
 from transport.ws_client import JsonApiClient, build_request
 

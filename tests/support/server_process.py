@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tests.support.server_thread import free_local_ports
+from tests.support.ports import free_local_ports
 
 REPO = Path(__file__).resolve().parent.parent
 READY_LINE = "INFO runtime.policy_server.main: ready"

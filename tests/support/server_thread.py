@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import threading
 
 from runtime.policy_server.main import parse_args, serve
@@ -63,14 +62,3 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def free_local_ports(n: int) -> list[int]:
-    """n TCP ports free on 127.0.0.1 right now (for tests and benchmarks that start servers)."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports

@@ -1,15 +1,13 @@
-"""Servers and raw clients for the hostile-input and fault tests.
+"""A raw ZMQ client for the hostile-input and fault tests, and the well-formed requests it sends.
 
-The servers run as `tests.support.server_process.ServerProcess` with `--fixed-reply`, each in its own
-process (as deployed), so an input that crashes the server shows as a dead process instead of a
-dead test run. `RawDealer` sends arbitrary frames to a ROUTER and waits for one reply
-with a bounded timeout: the hostile tests build their own frames rather than using the robot's
-client, which would refuse to send most of them.
+`RawDealer` sends arbitrary frames to a server's ROUTER (usually a `ServerProcess` with
+`--fixed-reply`, so a crash shows as a dead process) and waits for one reply with a bounded timeout:
+the hostile tests build their own frames rather than using the robot's client, which would refuse
+to send most of them.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,24 +17,6 @@ import zmq
 from transport import codec
 
 REPLY_TIMEOUT_S = 5.0
-
-
-def wait_pids_gone(pids: Sequence[int], timeout_s: float) -> list[int]:
-    """The pids among `pids` still running after up to `timeout_s` (zombies count as gone)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = [p for p in pids if _running(p)]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.05)
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
 
 
 class RawDealer:
