@@ -9,159 +9,15 @@ step s + i, so a loop that aligns chunks correctly executes, at every step, that
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
-from typing import Any
 
 import numpy as np
 import pytest
 
-from robots.base import RobotObservation
-from runtime.robot.chunk_buffer import BufferSettings
-from runtime.robot.control_loop import ControlLoop, LoopSettings, LoopStatus
+from runtime.robot.control_loop import LoopStatus
+from tests.support.simulated_loop import HZ, PERIOD, SAFE, CountingRobot, SimClock, SimServer, simulated_loop
 from transport.errors import RequestTimeout
-
-HZ = 50.0
-PERIOD = 1.0 / HZ
-HORIZON = 50
-SAFE = (-1.0, -1.0)
-
-
-class SimClock:
-    """Simulated monotonic time; every sleep lets some time pass, as on a real machine."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, dt: float) -> None:
-        self.t += max(dt, 1e-4)
-
-
-class CountingRobot:
-    """Its state is the number of actions it has executed, i.e. the step its observation is for."""
-
-    control_hz = HZ
-    action_dim = 2
-
-    def __init__(self, clock: SimClock, act_s: dict[int, float] | None = None):
-        self.clock = clock
-        self.act_s = act_s or {}  # tick -> seconds that tick's act takes
-        self.actions: list[np.ndarray] = []
-        self.times: list[float] = []
-
-    def observe(self) -> RobotObservation:
-        return RobotObservation(
-            {"base_0_rgb": np.zeros((4, 4, 3), np.uint8)}, np.array([len(self.actions)], np.float32)
-        )
-
-    def act(self, action: np.ndarray) -> None:
-        self.times.append(self.clock())
-        self.clock.t += self.act_s.get(len(self.actions), 0.0)
-        self.actions.append(np.array(action))
-
-    def reset(self) -> RobotObservation:
-        return self.observe()
-
-    def values(self) -> np.ndarray:
-        return np.array([a[0] for a in self.actions])
-
-
-@dataclasses.dataclass
-class SimRequest:
-    sent: float
-    obs_step: int
-    options: dict[str, Any]
-    timeout_s: float | None
-    retries: int | None
-    future: concurrent.futures.Future
-    answered: float | None = None
-
-
-class SimServer:
-    """The loop's client and the server behind it, on the simulated clock."""
-
-    def __init__(self, clock: SimClock, latency_s: float, down: tuple[float, float] | None = None, shift: float = 0.0):
-        self.clock = clock
-        self.latency_s = latency_s
-        self.shift = shift  # each chunk answered plans `shift` more than the one before: a model changing its mind
-        self.chunks_sent = 0
-        self.broken_replies: set[int] = set()  # the numbers (from 1) of the replies that are malformed
-        self.down = down  # (from, until): absolute simulated times
-        self.requests: list[SimRequest] = []
-        self.calls: list[tuple] = []  # set_refresh / bye, in order
-        self.epoch = 1.0
-        self.refresh_every: float | None = None
-        self.refresh_callback = None
-        self.refreshes = 0
-        self._next_refresh = math.inf
-
-    def _up_during(self, start: float, end: float) -> bool:
-        return self.down is None or end < self.down[0] or start >= self.down[1]
-
-    def start_infer(self, images, high_level_prompt, state=None, timestamp=None, *, timeout_s=None, retries=None, **o):
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self.requests.append(SimRequest(self.clock(), int(state[0]), o, timeout_s, retries, future))
-        interval = o.get("subtask_refresh_interval")
-        if interval is not None and self.refresh_every is None:
-            self.refresh_every = interval
-            self._next_refresh = self.clock() + interval
-        return future
-
-    def poll(self, timeout_s: float = 0.0) -> None:
-        now = self.clock()
-        for r in self.requests:
-            if r.future.done():
-                continue
-            ready = r.sent + self.latency_s
-            if now >= ready and self._up_during(r.sent, ready):
-                r.answered = ready
-                offset = self.shift * self.chunks_sent
-                self.chunks_sent += 1
-                chunk = (offset + r.obs_step + np.arange(HORIZON, dtype=np.float64))[:, None] * np.ones((1, 2))
-                if self.chunks_sent in self.broken_replies:
-                    chunk = chunk[:, :1]  # too few action dimensions for the robot
-                r.future.set_result({"actions": chunk, "subtask": "generated", "epoch": self.epoch})
-            elif now >= r.sent + (r.timeout_s or 10.0):
-                r.future.set_exception(RequestTimeout(f"no reply within {r.timeout_s} s"))
-        if self.refresh_callback is not None and now >= self._next_refresh and self._up_during(now, now):
-            self.refreshes += 1
-            self._next_refresh += self.refresh_every
-            message = {"subtask": f"subtask {self.refreshes}", "refresh_count": self.refreshes, "epoch": self.epoch}
-            self.refresh_callback({**message, "seq": self.refreshes})
-
-    def wait(self, future: concurrent.futures.Future) -> dict[str, Any]:
-        while not future.done():
-            self.clock.sleep(0.001)
-            self.poll()
-        return future.result()
-
-    def listen_refreshes(self, pub_endpoint, callback) -> None:
-        self.refresh_callback = callback
-
-    def set_refresh(self, interval_s, *, timeout_s=None, retries=None) -> dict[str, Any]:
-        self.calls.append(("refresh", interval_s, timeout_s, retries))
-        return {"subtask_refresh_enabled": interval_s is not None}
-
-    def bye(self, *, timeout_s=None, retries=None) -> dict[str, Any]:
-        self.calls.append(("bye", timeout_s, retries))
-        return {"dropped": True}
-
-
-def _loop(server: SimServer, robot: CountingRobot, on_tick=None, pub=None, **settings) -> ControlLoop:
-    buffer = BufferSettings(**{"blend": "replace", "safe_action": SAFE, **settings.pop("buffer", {})})
-    return ControlLoop(
-        robot,
-        server,
-        LoopSettings(hz=HZ, buffer=buffer, **settings),
-        pub_endpoint=pub,
-        on_tick=on_tick,
-        clock=server.clock,
-        sleep=server.clock.sleep,
-    )
 
 
 def test_ticks_follow_the_clock_without_drift_and_catch_up_after_a_stall():
@@ -169,7 +25,7 @@ def test_ticks_follow_the_clock_without_drift_and_catch_up_after_a_stall():
     # Every act takes 7 ms; the act of tick 40 takes 70 ms: ticks 41 to 44 then run back to back
     # (7 ms each) until tick 45 is on schedule again.
     robot = CountingRobot(clock, {k: 0.007 for k in range(150)} | {40: 0.07})
-    summary = _loop(SimServer(clock, 0.05), robot, buffer={"request_when_left": 20}).run(3.0)
+    summary = simulated_loop(SimServer(clock, 0.05), robot, buffer={"request_when_left": 20}).run(3.0)
     assert summary["ticks"] == 150 and len(robot.times) == 150
     late = np.asarray(robot.times) - (robot.times[0] + np.arange(150) * PERIOD)
     on_time = [k for k in range(150) if k not in (41, 42, 43, 44)]
@@ -181,7 +37,7 @@ def test_ticks_follow_the_clock_without_drift_and_catch_up_after_a_stall():
 def test_each_chunk_is_executed_at_the_steps_it_was_planned_for():
     clock = SimClock()
     robot = CountingRobot(clock)
-    loop = _loop(SimServer(clock, 0.13), robot, buffer={"request_when_left": 20})
+    loop = simulated_loop(SimServer(clock, 0.13), robot, buffer={"request_when_left": 20})
     summary = loop.run(4.0)
     assert summary["underruns"] == 0 and summary["chunks_received"] >= 5
     np.testing.assert_array_equal(robot.values(), np.arange(200))  # every step ran its own planned action
@@ -197,7 +53,7 @@ def test_a_crossfade_spreads_a_change_of_plan_over_its_steps(blend, largest_step
     # Each chunk plans 10 more than the last one at the same step: a jump of 10 where they meet,
     # spread by the crossfade over 8 steps (plus the plan's own step of 1).
     server = SimServer(clock, 0.13, shift=10.0)
-    loop = _loop(server, robot, buffer={"request_when_left": 20, "blend": blend, "crossfade_steps": 8})
+    loop = simulated_loop(server, robot, buffer={"request_when_left": 20, "blend": blend, "crossfade_steps": 8})
     summary = loop.run(4.0)
     assert summary["underruns"] == 0 and summary["chunks_received"] >= 5
     assert np.diff(robot.values()).max() == pytest.approx(largest_step)
@@ -207,7 +63,7 @@ def test_underruns_are_counted_exactly_and_hold_the_safe_action():
     clock = SimClock()
     robot = CountingRobot(clock)
     # 24.5 periods of latency, asked for at 10 actions left: 14 steps without a plan per chunk.
-    loop = _loop(SimServer(clock, 0.49), robot, buffer={"request_when_left": 10}, max_in_flight=1)
+    loop = simulated_loop(SimServer(clock, 0.49), robot, buffer={"request_when_left": 10}, max_in_flight=1)
     summary = loop.run(4.0)
     starved = [step for step, a in enumerate(robot.actions) if tuple(a) == SAFE]
     expected = [s for start in (50, 90, 130, 170) for s in range(start, start + 14)]
@@ -224,7 +80,7 @@ def test_pipelined_requests_cover_a_latency_beyond_the_chunk_slack(in_flight, st
     # 29.5 periods of latency, asked for at 40 actions left: a request sent when the previous one
     # arrives comes too late (the plan ends 10 steps after it was asked for); two in flight do not.
     server = SimServer(clock, 0.59)
-    summary = _loop(server, robot, buffer={"request_when_left": 40}, max_in_flight=in_flight).run(4.0)
+    summary = simulated_loop(server, robot, buffer={"request_when_left": 40}, max_in_flight=in_flight).run(4.0)
     assert (summary["underruns"] > 0) is starved
     concurrent_max = max(
         sum(1 for r in server.requests if r.sent <= q.sent < (r.answered or math.inf)) for q in server.requests
@@ -238,7 +94,7 @@ def test_an_outage_holds_the_safe_action_is_counted_and_ends_with_the_next_chunk
     start = clock()
     server = SimServer(clock, 0.1, down=(start + 1.0, start + 3.0))
     statuses: list[LoopStatus] = []
-    loop = _loop(
+    loop = simulated_loop(
         server,
         robot,
         on_tick=lambda st: statuses.append(dataclasses.replace(st)),
@@ -273,7 +129,7 @@ def test_a_malformed_reply_is_a_counted_error_and_the_loop_goes_on():
     robot = CountingRobot(clock)
     server = SimServer(clock, 0.1)
     server.broken_replies = {2, 3}
-    summary = _loop(server, robot, buffer={"request_when_left": 20}).run(3.0)
+    summary = simulated_loop(server, robot, buffer={"request_when_left": 20}).run(3.0)
     assert summary["request_errors"] == 2 and summary["outages"] == 0
     assert summary["chunks_received"] == len([r for r in server.requests if r.answered is not None]) - 2
     assert robot.values()[-1] == 149  # back on plan
@@ -282,7 +138,7 @@ def test_a_malformed_reply_is_a_counted_error_and_the_loop_goes_on():
 def test_refresh_mode_registers_with_every_request_and_signs_off_at_the_end():
     clock = SimClock()
     server = SimServer(clock, 0.1)
-    loop = _loop(server, CountingRobot(clock), pub="sim://pub", subtask_mode="refresh", refresh_interval_s=0.5)
+    loop = simulated_loop(server, CountingRobot(clock), pub="sim://pub", subtask_mode="refresh", refresh_interval_s=0.5)
     summary = loop.run(3.0)
     assert len(server.requests) >= 5
     assert all(r.options["subtask_refresh_interval"] == 0.5 for r in server.requests)
@@ -298,7 +154,7 @@ def test_refresh_mode_registers_with_every_request_and_signs_off_at_the_end():
 def test_off_mode_sends_no_refresh_interval_and_says_bye():
     clock = SimClock()
     server = SimServer(clock, 0.1)
-    _loop(server, CountingRobot(clock)).run(1.0)
+    simulated_loop(server, CountingRobot(clock)).run(1.0)
     assert all("subtask_refresh_interval" not in r.options for r in server.requests)
     assert all(r.options["generate_subtask"] is False for r in server.requests)
     assert server.calls == [("bye", 1.0, 0)]
@@ -307,7 +163,7 @@ def test_off_mode_sends_no_refresh_interval_and_says_bye():
 def test_a_new_server_epoch_counts_as_one_restart():
     clock = SimClock()
     server = SimServer(clock, 0.1)
-    loop = _loop(server, CountingRobot(clock), pub="sim://pub", subtask_mode="refresh", refresh_interval_s=0.3)
+    loop = simulated_loop(server, CountingRobot(clock), pub="sim://pub", subtask_mode="refresh", refresh_interval_s=0.3)
 
     def restart_at_step_60(st: LoopStatus) -> None:
         if st.step == 60:
@@ -323,7 +179,7 @@ def test_a_new_server_epoch_counts_as_one_restart():
 def test_stop_cancels_requests_in_flight_and_signs_off():
     clock = SimClock()
     server = SimServer(clock, 0.3)
-    loop = _loop(server, CountingRobot(clock), buffer={"request_when_left": 45})
+    loop = simulated_loop(server, CountingRobot(clock), buffer={"request_when_left": 45})
     loop._on_tick = lambda st: loop.stop() if st.step == 30 else None
     summary = loop.run()
     assert summary["ticks"] == 30
@@ -334,7 +190,7 @@ def test_stop_cancels_requests_in_flight_and_signs_off():
 def test_a_server_that_never_answered_gets_no_goodbye():
     clock = SimClock()
     server = SimServer(clock, 0.1, down=(0.0, math.inf))
-    loop = _loop(server, CountingRobot(clock), subtask_mode="refresh", pub="sim://pub")
+    loop = simulated_loop(server, CountingRobot(clock), subtask_mode="refresh", pub="sim://pub")
     with pytest.raises(RequestTimeout):
         loop.run(1.0)
     assert server.calls == [] and loop.ticks == 0

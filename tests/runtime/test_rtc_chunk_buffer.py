@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from runtime.robot.chunk_buffer import ActionChunkBuffer, BufferSettings
-from tests.runtime.test_control_loop import HORIZON, CountingRobot, SimClock, SimServer, _loop
+from tests.support.simulated_loop import HORIZON, CountingRobot, SimClock, SimServer, simulated_loop
 
 
 def _chunk(start: float, n: int = 50, dim: int = 3) -> np.ndarray:
@@ -112,7 +112,7 @@ def test_the_control_loop_sends_the_aligned_leftover_every_s_steps():
     robot = CountingRobot(clock)
     # Answered 6.5 periods after the observation: merged 6 steps after the observation's step.
     server = SimServer(clock, 0.13)
-    loop = _loop(server, robot, buffer={"blend": "rtc", "rtc_execute_horizon": 15, "rtc_schedule": "zeros"})
+    loop = simulated_loop(server, robot, buffer={"blend": "rtc", "rtc_execute_horizon": 15, "rtc_schedule": "zeros"})
     summary = loop.run(3.0)
     assert summary["underruns"] == 0
     np.testing.assert_array_equal(robot.values(), np.arange(150))  # every step ran its own planned action
