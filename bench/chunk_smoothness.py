@@ -42,6 +42,7 @@ import numpy as np
 from bench.report import write_section
 from configs import DEMO_MODEL, get_model_config
 from policy.engine.inference import AsyncPi05Inference
+from policy.engine.settings import EngineSettings
 from policy.request import SCHEDULES
 from robots.sim import SimArm
 from robots.tasks import PickPlaceTask
@@ -188,19 +189,21 @@ def _headline(results: dict[tuple[int, str], dict[str, float]], trained: bool) -
 
 def run(args: argparse.Namespace) -> str:
     engine = AsyncPi05Inference(
-        args.config,
-        checkpoint_dir=args.checkpoint,
-        max_batch=1,
-        batch_buckets=(1,),
-        max_decoding_steps_limit=1,
-        image_resolutions=((get_model_config(args.config).siglip.image_size,) * 2,),
-        compile_in_background=False,
-        rtc_method=args.rtc_method,
+        EngineSettings(
+            args.config,
+            checkpoint_dir=args.checkpoint,
+            max_batch=1,
+            batch_buckets=(1,),
+            max_decoding_steps_limit=1,
+            image_resolutions=((get_model_config(args.config).siglip.image_size,) * 2,),
+            compile_in_background=False,
+            rtc_method=args.rtc_method,
+        )
     )
     asyncio.run(engine.start())
     router, pub = free_local_ports(2)
-    argv = ["--router-port", str(router), "--pub-port", str(pub), "--ws-port", "0", "--openpi-port", "0",
-            "--log-level", "WARNING"]  # fmt: skip
+    argv = ["--config", args.config, "--router-port", str(router), "--pub-port", str(pub), "--ws-port", "0",
+            "--openpi-port", "0", "--log-level", "WARNING"]  # fmt: skip
     results: dict[tuple[int, str], dict[str, float]] = {}
     sent: dict[int, dict[str, Any]] = {}
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 from bench.report import write_section
 from configs import DEMO_MODEL, SHIPPED_CHECKPOINTS, get_model_config
 from policy.engine.inference import AsyncPi05Inference
+from policy.engine.settings import EngineSettings
 from robots import eval as robots_eval
 from robots.tasks import PickPlaceTask
 from runtime.robot.chunk_buffer import BufferSettings
@@ -51,18 +52,20 @@ def run(args: argparse.Namespace) -> str:
     cfg = get_model_config(DEMO_MODEL)
     size = cfg.siglip.image_size
     engine = AsyncPi05Inference(
-        DEMO_MODEL,
-        checkpoint_dir=str(args.checkpoint),
-        max_batch=1,
-        batch_buckets=(1,),
-        max_decoding_steps_limit=12,
-        image_resolutions=((size, size),),
-        compile_in_background=False,
+        EngineSettings(
+            DEMO_MODEL,
+            checkpoint_dir=str(args.checkpoint),
+            max_batch=1,
+            batch_buckets=(1,),
+            max_decoding_steps_limit=12,
+            image_resolutions=((size, size),),
+            compile_in_background=False,
+        )
     )
     asyncio.run(engine.start())
     router, pub = free_local_ports(2)
-    argv = ["--router-port", str(router), "--pub-port", str(pub), "--ws-port", "0", "--openpi-port", "0",
-            "--log-level", "WARNING"]  # fmt: skip
+    argv = ["--config", DEMO_MODEL, "--router-port", str(router), "--pub-port", str(pub), "--ws-port", "0",
+            "--openpi-port", "0", "--log-level", "WARNING"]  # fmt: skip
     task = PickPlaceTask()
     loop = LoopSettings(hz=50.0, buffer=BufferSettings(request_when_left=15), max_decoding_steps=12)
     results: list[tuple[str, dict]] = []

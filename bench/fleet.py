@@ -119,7 +119,8 @@ def serve_worker(argv: list[str], device_ms: float, max_batch: int, window_ms: f
     """A worker process with the simulated device (`--serve-worker`)."""
     import logging
 
-    from runtime.policy_server.main import parse_args, serve
+    from runtime.policy_server.flags import parse_args
+    from runtime.policy_server.main import serve
 
     args = parse_args(argv)
     logging.basicConfig(

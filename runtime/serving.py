@@ -1,16 +1,19 @@
 """What the single policy server and a fleet's front host both do around their sockets: bind the
-WebSocket ports, name the endpoints, start the gateways with their flags, run the demo, and wait for
-work unless told to stop.
+WebSocket ports, name the endpoints and the model, start the gateways with their flags, run the
+demo, signal readiness, and wait for work unless told to stop.
 
-Both `runtime.policy_server` and `runtime.fleet.front` use it; neither imports the other's internals.
+Both `runtime.policy_server.main` and `runtime.fleet.front` use it; neither imports the other's internals.
 `server` below is the `ZmqServer` of a single server or the `Broker` of a front host: both have a
-`router_endpoint`, `pub_endpoints` and an `internal_endpoint` for the gateways.
+`router_endpoint`, `pub_endpoints` and an `internal_endpoint` for the gateways. What they start is
+closed by the caller's `contextlib.AsyncExitStack`, in reverse order, each close logged if it fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -18,17 +21,34 @@ from pathlib import Path
 from typing import Any
 
 from configs import SHIPPED_CHECKPOINTS, get_model_config
+from runtime.gateway.supervisor import GatewayProcess
+
+log = logging.getLogger(__name__)
 
 
-def model_label(args: argparse.Namespace) -> str:
-    """Which model answers, in words, for the log and the demo's status line."""
+def checkpoint_of(args: argparse.Namespace) -> str | None:
+    """The checkpoint served: `--checkpoint`, else the one the config ships with (unless
+    `--random-weights`), else none (random weights)."""
+    if args.checkpoint or args.random_weights:
+        return args.checkpoint
+    shipped = SHIPPED_CHECKPOINTS.get(args.config)
+    return str(shipped) if shipped is not None else None
+
+
+def model_info(args: argparse.Namespace) -> dict[str, Any]:
+    """Which model answers, for the `ready` line, the ready file and the demo's status line."""
+    checkpoint = checkpoint_of(args)
+    shipped = SHIPPED_CHECKPOINTS.get(args.config)
+    trained = checkpoint is not None and not args.fixed_reply
     if args.fixed_reply:
-        return f"{args.config}: fixed reply, no model"
-    if args.checkpoint is None:
-        return f"{args.config}: random weights"
-    if args.config in SHIPPED_CHECKPOINTS and Path(args.checkpoint) == SHIPPED_CHECKPOINTS[args.config]:
-        return f"{args.config}: trained demo policy"
-    return f"{args.config}: {args.checkpoint}"
+        label = f"{args.config}: fixed reply, no model"
+    elif checkpoint is None:
+        label = f"{args.config}: random weights"
+    elif shipped is not None and Path(checkpoint) == shipped:
+        label = f"{args.config}: trained demo policy ({checkpoint})"
+    else:
+        label = f"{args.config}: checkpoint {checkpoint}"
+    return {"config": args.config, "checkpoint": checkpoint, "trained": trained, "label": label}
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -36,6 +56,28 @@ def listen(host: str, port: int) -> socket.socket:
     sock = socket.create_server((host, port), backlog=128)
     sock.set_inheritable(True)
     return sock
+
+
+def listen_websockets(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> dict[str, socket.socket]:
+    """The WebSocket ports that are on (`--ws-port`, `--openpi-port`), bound now, by gateway name."""
+    sockets = {}
+    for name, port in (("json", args.ws_port), ("openpi", args.openpi_port)):
+        if port:
+            sockets[name] = stack.enter_context(contextlib.closing(listen(args.host, port)))
+    return sockets
+
+
+def on_close(stack: contextlib.AsyncExitStack, close: Callable[[], Awaitable[Any]]) -> None:
+    """`close` runs when `stack` unwinds; a failure is logged and the other closes still run, so one
+    stuck part cannot keep a port or a device held."""
+
+    async def logged() -> None:
+        try:
+            await close()
+        except Exception:
+            log.exception("error while shutting down")
+
+    stack.push_async_callback(logged)
 
 
 async def until_stopped(work: Awaitable[Any], stop: asyncio.Event) -> bool:
@@ -52,7 +94,7 @@ async def until_stopped(work: Awaitable[Any], stop: asyncio.Event) -> bool:
 
 
 def endpoints(args: argparse.Namespace, server: Any, sockets: dict[str, socket.socket]) -> dict[str, str]:
-    """The public endpoints, by name, as the `ready` log line and `on_ready` give them."""
+    """The public endpoints, by name, as the log, the ready file and `on_ready` give them."""
     found: dict[str, str] = {}
     if server.router_endpoint:
         found["router"] = server.router_endpoint
@@ -63,8 +105,7 @@ def endpoints(args: argparse.Namespace, server: Any, sockets: dict[str, socket.s
     if "json" in sockets:
         found["json websocket"] = f"{scheme}://{args.host}:{sockets['json'].getsockname()[1]}"
     if "openpi" in sockets:
-        port_ = sockets["openpi"].getsockname()[1]
-        found["openpi websocket"] = f"{scheme}://{args.host}:{port_} (layout {args.openpi_layout})"
+        found["openpi websocket"] = f"{scheme}://{args.host}:{sockets['openpi'].getsockname()[1]}"
     return found
 
 
@@ -92,28 +133,45 @@ def gateway_argv(args: argparse.Namespace, name: str, server: Any, ipc_dir: str)
     return argv
 
 
-async def run_demo(args: argparse.Namespace, found: dict[str, str], stop: asyncio.Event, closers: list) -> None:
+async def start_gateways(
+    args: argparse.Namespace,
+    server: Any,
+    sockets: dict[str, socket.socket],
+    ipc_dir: str,
+    stop: asyncio.Event,
+    stack: contextlib.AsyncExitStack,
+) -> bool:
+    """One gateway process per WebSocket socket, each serving before the next starts; False if
+    `stop` came first."""
+    for name, sock in sockets.items():
+        gateway = GatewayProcess(name, sock, gateway_argv(args, name, server, ipc_dir))
+        on_close(stack, gateway.close)
+        if not await until_stopped(gateway.start(), stop):
+            return False
+    return True
+
+
+async def run_demo(
+    args: argparse.Namespace, found: dict[str, str], stop: asyncio.Event, stack: contextlib.AsyncExitStack
+) -> None:
     """Drives the simulated arm through the endpoints `found` (`--demo`), until `stop` or the end
     of `--demo-duration`, which then sets `stop`."""
     from runtime.robot.demo import Demo
 
     cfg = get_model_config(args.config)
-    demo = Demo(found["router"], found["pub"], args.demo_duration, model_label(args), cfg.siglip.image_size)
-    closers.append(lambda: asyncio.to_thread(demo.stop))
+    demo = Demo(found["router"], found["pub"], args.demo_duration, model_info(args)["label"], cfg.siglip.image_size)
+    on_close(stack, lambda: asyncio.to_thread(demo.stop))
 
     async def end_with_demo() -> None:
         await asyncio.to_thread(demo.done.wait)
         if args.demo_duration is not None:
             stop.set()
 
-    closers.append(cancel_on_close(asyncio.create_task(end_with_demo())))
+    task = asyncio.create_task(end_with_demo())
+    on_close(stack, lambda: cancel(task))
 
 
-def cancel_on_close(task: asyncio.Task) -> Callable[[], Awaitable[None]]:
-    """A closer that cancels `task` and waits for it."""
-
-    async def close() -> None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    return close
+async def cancel(task: asyncio.Task) -> None:
+    """Cancels `task` and waits for it."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -14,9 +14,23 @@ import threading
 
 import zmq
 
-from runtime.cli_args import LOG_LEVELS, loopback, port, positive
+from runtime.cli_args import (
+    CURVE_CLIENTS,
+    CURVE_PAIRS,
+    CURVE_SECRET,
+    LOG_LEVEL,
+    READY_FILE,
+    WORKER_CURVE_CLIENTS,
+    WORKER_CURVE_SECRET,
+    check_together,
+    heartbeat_option,
+    loopback,
+    port,
+    positive,
+)
 from runtime.fleet.broker import Broker, BrokerSettings
 from runtime.fleet.heartbeat import DEFAULT_INTERVAL_S, DEFAULT_MISSES
+from runtime.ready import Readiness
 from transport import curve, logs
 
 log = logging.getLogger(__name__)
@@ -30,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-host", default="127.0.0.1", help="address the workers' endpoints bind to")
     p.add_argument("--worker-port", type=port, default=5557, help="ROUTER the workers join (--join)")
     p.add_argument("--worker-pub-port", type=port, default=5558, help="XSUB the workers publish into")
-    p.add_argument("--heartbeat", type=positive(float), default=DEFAULT_INTERVAL_S, help="heartbeat interval, s")
+    heartbeat_option(DEFAULT_INTERVAL_S).add_to(p)
     p.add_argument(
         "--heartbeat-misses", type=positive(int), default=DEFAULT_MISSES, help="intervals of silence: a worker is dead"
     )
@@ -48,15 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a worker may hold a request before the broker answers it 'timeout'",
     )
     p.add_argument("--max-robots", type=positive(int), default=4096, help="robots whose worker is remembered")
-    p.add_argument("--curve-secret", default=None, metavar="FILE", help="the broker's CURVE .key_secret (robots' side)")
-    p.add_argument("--curve-clients", default=None, metavar="DIR", help="with --curve-secret: robot public keys let in")
-    p.add_argument(
-        "--worker-curve-secret", default=None, metavar="FILE", help="the broker's CURVE .key_secret, workers' side"
-    )
-    p.add_argument(
-        "--worker-curve-clients", default=None, metavar="DIR", help="with --worker-curve-secret: worker keys let in"
-    )
-    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    for option in (CURVE_SECRET, CURVE_CLIENTS, WORKER_CURVE_SECRET, WORKER_CURVE_CLIENTS, READY_FILE, LOG_LEVEL):
+        option.add_to(p)
     return p
 
 
@@ -108,10 +115,7 @@ def settings_from(args: argparse.Namespace) -> BrokerSettings:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if bool(args.curve_secret) != bool(args.curve_clients):
-        parser.error("--curve-secret and --curve-clients go together")
-    if bool(args.worker_curve_secret) != bool(args.worker_curve_clients):
-        parser.error("--worker-curve-secret and --worker-curve-clients go together")
+    check_together(parser, args, *CURVE_PAIRS)
     logs.configure(args.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         broker = Broker(settings_from(args))
@@ -122,16 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     except zmq.ZMQError as e:
         log.error("cannot bind a ZMQ endpoint: %s", e)
         return 2
-    if not args.curve_secret and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not args.curve_secret and not loopback(args.host):
         log.warning("the robots' endpoints on %s are open to anyone who can reach them: use --curve-secret", args.host)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     log.info("robots: router %s, pub %s", broker.router_endpoint, ", ".join(broker.pub_endpoints) or "off")
     log.info("workers join %s (refreshes into %s)", broker.backend_endpoint, broker.xsub_endpoint)
+    endpoints = {"router": broker.router_endpoint, "pub": ", ".join(broker.pub_endpoints)}
+    endpoints |= {"workers": broker.backend_endpoint, "worker pub": broker.xsub_endpoint}
+    readiness = Readiness(args.ready_file)
     log.info("ready")
+    readiness.ready({"role": "broker", "endpoints": {k: v for k, v in endpoints.items() if v}})
     try:
         broker.run(stop)
     finally:
+        readiness.stopping()
         broker.close()
     return 0

@@ -12,7 +12,6 @@ host (`PR_SET_PDEATHSIG`, armed by `--die-with-parent`).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import logging
@@ -87,20 +86,3 @@ class WorkerProcess:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
-
-
-def worker_argv(parser: argparse.ArgumentParser, argv: list[str], front_only: frozenset[str]) -> list[str]:
-    """The front host's command line without the options in `front_only` (and their values)."""
-    out: list[str] = []
-    skip = False
-    for token in argv:
-        if skip:
-            skip = False
-            continue
-        flag = token.split("=", 1)[0]
-        action = parser._option_string_actions.get(flag) if token.startswith("--") else None
-        if action is not None and any(s in front_only for s in action.option_strings):
-            skip = "=" not in token and action.nargs != 0
-            continue
-        out.append(token)
-    return out

@@ -24,7 +24,7 @@ from runtime.fleet import broker_main as broker_cli
 from runtime.fleet.front import join_keys
 from runtime.fleet.protocol import READY, message, payload
 from runtime.keys import create_pair
-from runtime.policy_server.main import parse_args
+from runtime.policy_server.flags import parse_args
 from tests.support.eventually import eventually
 from tests.support.keys import Keys, make_keys
 from tests.support.ports import free_local_ports
@@ -69,10 +69,13 @@ def _broker(ports: list[int], *flags: str) -> ServerProcess:
     proc = ServerProcess(ports=[*ports[:2], 0, 0])
     proc.argv = [
         sys.executable, "-m", "runtime.broker", "--router-port", str(ports[0]), "--pub-port", str(ports[1]),
-        "--worker-port", str(ports[2]), "--worker-pub-port", str(ports[3]), "--heartbeat", str(HEARTBEAT_S), *flags,
+        "--worker-port", str(ports[2]), "--worker-pub-port", str(ports[3]), "--heartbeat", str(HEARTBEAT_S),
+        "--ready-file", str(proc.ready_file), *flags,
     ]  # fmt: skip
     proc.spawn()
-    assert proc.wait_for(lambda line: line.rstrip().endswith("runtime.fleet.broker_main: ready"), CAP_S), proc.log
+    assert proc.wait_ready(CAP_S), proc.log
+    assert proc.ready is not None and proc.ready["role"] == "broker"
+    assert proc.ready["endpoints"]["router"] == f"tcp://127.0.0.1:{ports[0]}"
     return proc
 
 

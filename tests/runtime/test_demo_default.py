@@ -1,39 +1,44 @@
-"""Which model the server runs when none is named: the demo shows the trained policy it ships."""
+"""Which model the server runs when none is named: the trained policy it ships."""
 
 from pathlib import Path
 
 import pytest
 
-from configs import DEFAULT_MODEL, DEMO_MODEL, SHIPPED_CHECKPOINTS
+from configs import DEMO_MODEL, SHIPPED_CHECKPOINTS
 from robots.sim import SimArm
 from robots.tasks import PickPlaceTask
-from runtime.policy_server.main import model_label, parse_args
+from runtime.policy_server.flags import parse_args
 from runtime.robot.control_loop import LoopStatus
 from runtime.robot.demo import format_status
+from runtime.serving import checkpoint_of, model_info
+
+SHIPPED = SHIPPED_CHECKPOINTS[DEMO_MODEL]
 
 
-def test_demo_runs_the_shipped_trained_policy():
-    args = parse_args(["--demo"])
+@pytest.mark.parametrize("argv", [[], ["--demo"]])
+def test_the_default_is_the_shipped_trained_policy(argv):
+    args = parse_args(argv)
     assert args.config == DEMO_MODEL
-    assert Path(args.checkpoint) == SHIPPED_CHECKPOINTS[DEMO_MODEL]
-    assert (Path(args.checkpoint) / "params").is_dir()
-    assert model_label(args) == f"{DEMO_MODEL}: trained demo policy"
+    assert Path(checkpoint_of(args)) == SHIPPED and (SHIPPED / "params").is_dir()
+    info = model_info(args)
+    assert info["trained"] is True and info["checkpoint"] == str(SHIPPED)
+    assert info["label"] == f"{DEMO_MODEL}: trained demo policy ({SHIPPED})"
 
 
 def test_random_weights_when_asked_for_or_when_nothing_ships():
-    args = parse_args(["--demo", "--random-weights"])
-    assert (args.config, args.checkpoint) == (DEFAULT_MODEL, None)
-    assert model_label(args) == f"{DEFAULT_MODEL}: random weights"
-    args = parse_args([])
-    assert (args.config, args.checkpoint) == (DEFAULT_MODEL, None)
-    args = parse_args(["--config", DEMO_MODEL, "--random-weights"])
-    assert args.checkpoint is None and model_label(args) == f"{DEMO_MODEL}: random weights"
+    args = parse_args(["--random-weights"])
+    assert (args.config, checkpoint_of(args)) == (DEMO_MODEL, None)
+    assert model_info(args) == {
+        "config": DEMO_MODEL, "checkpoint": None, "trained": False, "label": f"{DEMO_MODEL}: random weights",
+    }  # fmt: skip
+    assert checkpoint_of(parse_args(["--config", "pi05_tiny"])) is None
 
 
-def test_a_named_config_loads_its_shipped_checkpoint_and_a_given_one_wins(tmp_path):
-    assert Path(parse_args(["--config", DEMO_MODEL]).checkpoint) == SHIPPED_CHECKPOINTS[DEMO_MODEL]
-    args = parse_args(["--config", DEMO_MODEL, "--checkpoint", str(tmp_path)])
-    assert args.checkpoint == str(tmp_path) and model_label(args) == f"{DEMO_MODEL}: {tmp_path}"
+def test_a_given_checkpoint_wins_and_parsing_changes_no_value(tmp_path):
+    args = parse_args(["--checkpoint", str(tmp_path)])
+    assert checkpoint_of(args) == str(tmp_path) == args.checkpoint
+    assert model_info(args)["label"] == f"{DEMO_MODEL}: checkpoint {tmp_path}"
+    assert parse_args([]).checkpoint is None  # the shipped one is derived where it is used
 
 
 def test_random_weights_and_a_checkpoint_contradict(capsys):

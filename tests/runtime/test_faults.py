@@ -45,7 +45,7 @@ from tests.support.raw_dealer import (
     infer_header,
     ping,
 )
-from tests.support.server_process import READY_LINE, REPO, ServerProcess
+from tests.support.server_process import REPO, ServerProcess
 from tests.support.serving import zmq_server_thread as server_thread
 from transport import codec
 from transport.zmq_client import PolicyClient
@@ -610,11 +610,20 @@ def _open_port(port: int) -> bool:
     return False
 
 
-def test_ready_is_logged_only_once_every_endpoint_serves():
+def test_the_ready_file_appears_only_once_every_endpoint_serves_and_names_them():
     server = ServerProcess("--fixed-reply").spawn()
     try:
-        assert server.wait_for(lambda line: line.rstrip().endswith(READY_LINE), 60), server.log
-        # Right after `ready`, no retries: each endpoint answers.
+        assert server.wait_ready(60), server.log
+        assert server.ready is not None and server.ready["pid"] == server.proc.pid
+        assert server.ready["role"] == "server"
+        assert server.ready["endpoints"] == {
+            "router": server.router, "pub": server.pub,
+            "json websocket": server.ws, "openpi websocket": server.openpi,
+        }  # fmt: skip
+        assert server.ready["model"] == {
+            "config": "pi05_tiny", "checkpoint": None, "trained": False, "label": "pi05_tiny: fixed reply, no model",
+        }  # fmt: skip
+        # Right after the ready file, no retries: each endpoint answers.
         with ws_client.connect(server.ws, open_timeout=5, max_size=None) as connection:
             connection.send('{"images": {"base_0_rgb": [[[0, 0, 0]]]}, "high_level_prompt": "go"}')
             assert '"status": "success"' in connection.recv(timeout=10)
@@ -643,6 +652,27 @@ def test_sigint_stops_the_server_and_its_gateways_promptly():
     assert shutdown_s < startup_s, f"stopping took {shutdown_s:.2f} s, longer than starting ({startup_s:.2f} s)"
     for port in server.ports:
         assert not _open_port(port), f"port {port} still accepts connections after the server stopped"
+
+
+def test_systemd_hears_ready_once_serving_and_stopping_at_shutdown(tmp_path):
+    """Under systemd (`Type=notify`) the service manager learns readiness from `READY=1` on
+    `$NOTIFY_SOCKET`, sent when the ready file is written; `STOPPING=1` when it shuts down, after
+    which the ready file is gone."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(str(tmp_path / "notify"))
+        manager.settimeout(60)
+        server = ServerProcess("--fixed-reply", gateways=False, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        server.spawn()
+        try:
+            first = manager.recv(4096).decode()
+            assert first.startswith("READY=1\nSTATUS=serving pi05_tiny"), first
+            assert server.ready_file.exists(), "READY=1 came before the ready file"
+            assert ping(server.router)["healthy"] is True
+            assert server.stop(signal.SIGTERM) == 0, server.log
+            assert manager.recv(4096) == b"STOPPING=1"
+            assert not server.ready_file.exists(), "the ready file outlived the server"
+        finally:
+            server.kill()
 
 
 def test_a_second_sigint_exits_at_once():

@@ -50,7 +50,7 @@ def server():
 def _gateway_pid(server: ServerProcess, protocol: str) -> int:
     for pid in server.children():
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if b"runtime.gateway.main" in argv and argv[argv.index(b"runtime.gateway.main") + 1] == protocol.encode():
+        if b"runtime.gateway" in argv and argv[argv.index(b"runtime.gateway") + 1] == protocol.encode():
             return pid
     raise AssertionError(f"no {protocol} gateway among {server.children()}")
 

@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from runtime.policy_server import main as policy_server
+from runtime.policy_server.flags import parse_args
 from tests.support.keys import make_keys, self_signed_cert
 
 
@@ -22,7 +23,7 @@ from tests.support.keys import make_keys, self_signed_cert
 )
 def test_flags_that_go_together(flags, error, capsys):
     with pytest.raises(SystemExit) as info:
-        policy_server.parse_args(flags)
+        parse_args(flags)
     assert info.value.code == 2
     assert error in capsys.readouterr().err
 
@@ -30,7 +31,7 @@ def test_flags_that_go_together(flags, error, capsys):
 def _warnings(caplog, argv: list[str]) -> list[str]:
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="runtime.policy_server.main"):
-        policy_server._check_access(policy_server.parse_args(argv))
+        policy_server.check_access(parse_args(argv))
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 

@@ -6,19 +6,22 @@ shows here as a dead process, signals reach it as they reach a service, and its 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tests.support.ports import free_local_ports
+from tests.support.server_thread import TEST_CONFIG
 
 REPO = Path(__file__).resolve().parent.parent
-READY_LINE = "INFO runtime.policy_server.main: ready"
 START_TIMEOUT_S = 600.0
 
 
@@ -31,7 +34,9 @@ def _rss_mb(pid: int) -> float:
 
 class ServerProcess:
     """The policy server as a child process on free 127.0.0.1 ports (or the `ports` given: router,
-    pub, ws, openpi), as deployed; its log (the gateways' too) is collected line by line."""
+    pub, ws, openpi), as deployed; its log (the gateways' too) is collected line by line. It is
+    ready when its `--ready-file` appears (`ready` then holds that JSON). Without `--config` in
+    `extra` it runs `TEST_CONFIG`."""
 
     def __init__(self, *extra: str, ports: Sequence[int] | None = None, gateways: bool = True, env=None):
         self.ports = list(ports) if ports is not None else free_local_ports(4)
@@ -42,8 +47,14 @@ class ServerProcess:
         self.argv = [
             sys.executable, "-m", "runtime.policy_server",
             "--router-port", str(router), "--pub-port", str(pub),
-            "--ws-port", str(ws), "--openpi-port", str(openpi), *extra,
+            "--ws-port", str(ws), "--openpi-port", str(openpi),
+            *([] if "--config" in extra else ["--config", TEST_CONFIG]), *extra,
         ]  # fmt: skip
+        self._dir = tempfile.TemporaryDirectory(prefix="pi05-server-")  # removed with this object
+        self.ready_file = Path(self._dir.name) / "ready.json"
+        self.argv += ["--ready-file", str(self.ready_file)]
+        self.ready: dict | None = None
+        self._ready_line = 0
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -73,8 +84,10 @@ class ServerProcess:
 
     def spawn(self) -> ServerProcess:
         with self._changed:
-            self.lines, self._ended = [], False
+            self.lines, self._ended, self.ready = [], False, None
             self.started_at = time.monotonic()
+            with contextlib.suppress(FileNotFoundError):
+                self.ready_file.unlink()
             self.proc = subprocess.Popen(
                 self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self._env, cwd=REPO
             )
@@ -82,12 +95,24 @@ class ServerProcess:
         return self
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> ServerProcess:
-        """Spawns the server and returns once it logged `ready`."""
+        """Spawns the server and returns once it is ready."""
         self.spawn()
-        if not self.wait_for(lambda line: line.rstrip().endswith(READY_LINE), timeout_s):
+        if not self.wait_ready(timeout_s):
             self.kill()
-            raise AssertionError("the server never logged 'ready':\n" + self.log)
+            raise AssertionError("the server never wrote its ready file:\n" + self.log)
         return self
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Whether the server wrote its ready file within `timeout_s` (False at once if it exited)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.ready_file.exists():
+            if time.monotonic() > deadline or (self.proc is not None and self.proc.poll() is not None):
+                return False
+            time.sleep(0.02)
+        self.ready = json.loads(self.ready_file.read_text())
+        with self._changed:
+            self._ready_line = len(self.lines)
+        return True
 
     def _read(self, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
@@ -136,7 +161,7 @@ class ServerProcess:
         """The WARNING, ERROR and CRITICAL lines logged since `ready`."""
         with self._changed:
             lines = list(self.lines)
-        after = next((i for i, line in enumerate(lines) if line.rstrip().endswith(READY_LINE)), len(lines))
+        after = self._ready_line if self.ready is not None else len(lines)
         levels = (" WARNING ", " ERROR ", " CRITICAL ")
         return [line.rstrip() for line in lines[after:] if any(level in line for level in levels)]
 
@@ -147,7 +172,7 @@ class ServerProcess:
         for pid in self.children():
             try:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                out[f"{argv[argv.index(b'runtime.gateway.main') + 1].decode()} gateway"] = _rss_mb(pid)
+                out[f"{argv[argv.index(b'runtime.gateway') + 1].decode()} gateway"] = _rss_mb(pid)
             except (OSError, ValueError, IndexError):
                 continue  # gone meanwhile, or not a gateway
         return out

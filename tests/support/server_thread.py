@@ -1,7 +1,6 @@
-"""The policy server on a background thread of the current process.
-
-For the demo (server and simulated robot in one process), for tests and benchmarks that drive a
-real server from synchronous code.
+"""The policy server on a background thread of the current process, for tests and benchmarks
+that drive a real server from synchronous code (or hand it their own engine as `backend`).
+Without `--config` in its argv it runs `TEST_CONFIG`: the shapes tests assert are that config's.
 """
 
 from __future__ import annotations
@@ -10,13 +9,16 @@ import argparse
 import asyncio
 import threading
 
-from runtime.policy_server.main import parse_args, serve
+from runtime.policy_server.flags import parse_args
+from runtime.policy_server.main import serve
 from runtime.policy_server.service import InferenceBackend
+
+TEST_CONFIG = "pi05_tiny"
 
 
 class ServerThread:
     def __init__(self, argv: list[str], backend: InferenceBackend | None = None, start_timeout_s: float = 600.0):
-        self.args: argparse.Namespace = parse_args(argv)
+        self.args: argparse.Namespace = parse_args(argv if "--config" in argv else ["--config", TEST_CONFIG, *argv])
         self.endpoints: dict[str, str] = {}
         self._backend = backend
         self._ready = threading.Event()
