@@ -5,12 +5,17 @@ demo policy's test, `robots.eval --virtual-time`) run the real loop, the real cl
 server, but the loop's clock moves only when the loop sleeps, and a reply reaches the loop exactly
 `latency_steps` control steps after its observation however long the model took: a 2-core CI
 runner and a GPU host see the same episode.
+
+`VirtualClock` is also the one manual clock of the tests: the code under test takes a clock (and a
+sleep) as arguments, and the test moves this one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
+import heapq
 import itertools
 from typing import Any
 
@@ -21,17 +26,56 @@ from transport.zmq_client import PolicyClient
 
 
 class VirtualClock:
-    """The loop's clock: time moves only when the loop sleeps (by at least 10 us a call, so a
-    spin-wait ends)."""
+    """Monotonic seconds that move only when code or a test moves them, so anything timed (a control
+    loop's cadence, an expiry, a heartbeat, a refresh ticker) is checked by counting, never by waiting
+    on a CPU whose speed varies.
 
-    def __init__(self) -> None:
-        self.t = 0.0
+    It is the clock (`clock()`), and time moves in one of three ways:
+    - `sleep(dt)`: the caller moves time itself, by at least 10 us a call so a spin-wait ends (the
+      control loop on virtual time, whose clock moves only when the loop sleeps);
+    - `advance(dt)` or setting `t`: a test moves time between the steps it drives;
+    - `await advance_async(dt)`: a test moves time for asyncio tasks that `await sleep_async(dt)`,
+      waking each at its own time, in order, and letting the tasks run before time moves on.
+    """
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.t = start
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()  # sleepers due at the same time wake in the order they slept
 
     def __call__(self) -> float:
         return self.t
 
     def sleep(self, dt: float) -> None:
         self.t += max(dt, 1e-5)
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+    async def sleep_async(self, dt: float) -> None:
+        """Returns once `advance_async` has moved time `dt` past now."""
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self.t + max(0.0, dt), next(self._order), woken))
+        await woken
+
+    async def advance_async(self, dt: float) -> None:
+        until = self.t + dt
+        await _settle()
+        while self._sleepers and self._sleepers[0][0] <= until:
+            when, _, woken = heapq.heappop(self._sleepers)
+            self.t = max(self.t, when)
+            if not woken.done():
+                woken.set_result(None)
+            await _settle()
+        self.t = until
+        await _settle()
+
+
+async def _settle() -> None:
+    """Lets every task that can run, run, before virtual time moves on (a bounded number of turns:
+    a task that never blocks must not hang the test)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
 
 
 @dataclasses.dataclass

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 from runtime.robot.control_loop import LoopStatus
-from tests.support.simulated_loop import HZ, PERIOD, SAFE, CountingRobot, SimClock, SimServer, simulated_loop
+from runtime.robot.virtual_time import VirtualClock
+from tests.support.simulated_loop import HZ, PERIOD, SAFE, START_S, CountingRobot, SimServer, simulated_loop
 from transport.errors import RequestTimeout
 
 
 def test_ticks_follow_the_clock_without_drift_and_catch_up_after_a_stall():
-    clock = SimClock()
+    clock = VirtualClock(START_S)
     # Every act takes 7 ms; the act of tick 40 takes 70 ms: ticks 41 to 44 then run back to back
     # (7 ms each) until tick 45 is on schedule again.
     robot = CountingRobot(clock, {k: 0.007 for k in range(150)} | {40: 0.07})
@@ -35,7 +36,7 @@ def test_ticks_follow_the_clock_without_drift_and_catch_up_after_a_stall():
 
 
 def test_each_chunk_is_executed_at_the_steps_it_was_planned_for():
-    clock = SimClock()
+    clock = VirtualClock(START_S)
     robot = CountingRobot(clock)
     loop = simulated_loop(SimServer(clock, 0.13), robot, buffer={"request_when_left": 20})
     summary = loop.run(4.0)
@@ -48,7 +49,7 @@ def test_each_chunk_is_executed_at_the_steps_it_was_planned_for():
 
 @pytest.mark.parametrize(("blend", "largest_step"), [("replace", 11.0), ("crossfade", 1 + 10 / 9)])
 def test_a_crossfade_spreads_a_change_of_plan_over_its_steps(blend, largest_step):
-    clock = SimClock()
+    clock = VirtualClock(START_S)
     robot = CountingRobot(clock)
     # Each chunk plans 10 more than the last one at the same step: a jump of 10 where they meet,
     # spread by the crossfade over 8 steps (plus the plan's own step of 1).
@@ -60,7 +61,7 @@ def test_a_crossfade_spreads_a_change_of_plan_over_its_steps(blend, largest_step
 
 
 def test_underruns_are_counted_exactly_and_hold_the_safe_action():
-    clock = SimClock()
+    clock = VirtualClock(START_S)
     robot = CountingRobot(clock)
     # 24.5 periods of latency, asked for at 10 actions left: 14 steps without a plan per chunk.
     loop = simulated_loop(SimServer(clock, 0.49), robot, buffer={"request_when_left": 10}, max_in_flight=1)
@@ -75,7 +76,7 @@ def test_underruns_are_counted_exactly_and_hold_the_safe_action():
 
 @pytest.mark.parametrize(("in_flight", "starved"), [(1, True), (2, False)])
 def test_pipelined_requests_cover_a_latency_beyond_the_chunk_slack(in_flight, starved):
-    clock = SimClock()
+    clock = VirtualClock(START_S)
     robot = CountingRobot(clock)
     # 29.5 periods of latency, asked for at 40 actions left: a request sent when the previous one
     # arrives comes too late (the plan ends 10 steps after it was asked for); two in flight do not.
@@ -89,7 +90,7 @@ def test_pipelined_requests_cover_a_latency_beyond_the_chunk_slack(in_flight, st
 
 
 def test_an_outage_holds_the_safe_action_is_counted_and_ends_with_the_next_chunk():
-    clock = SimClock()
+    clock = VirtualClock(START_S)
     robot = CountingRobot(clock)
     start = clock()
     server = SimServer(clock, 0.1, down=(start + 1.0, start + 3.0))
@@ -125,7 +126,7 @@ def test_an_outage_holds_the_safe_action_is_counted_and_ends_with_the_next_chunk
 
 
 def test_a_malformed_reply_is_a_counted_error_and_the_loop_goes_on():
-    clock = SimClock()
+    clock = VirtualClock(START_S)
     robot = CountingRobot(clock)
     server = SimServer(clock, 0.1)
     server.broken_replies = {2, 3}
@@ -136,7 +137,7 @@ def test_a_malformed_reply_is_a_counted_error_and_the_loop_goes_on():
 
 
 def test_refresh_mode_registers_with_every_request_and_signs_off_at_the_end():
-    clock = SimClock()
+    clock = VirtualClock(START_S)
     server = SimServer(clock, 0.1)
     loop = simulated_loop(server, CountingRobot(clock), pub="sim://pub", subtask_mode="refresh", refresh_interval_s=0.5)
     summary = loop.run(3.0)
@@ -152,7 +153,7 @@ def test_refresh_mode_registers_with_every_request_and_signs_off_at_the_end():
 
 
 def test_off_mode_sends_no_refresh_interval_and_says_bye():
-    clock = SimClock()
+    clock = VirtualClock(START_S)
     server = SimServer(clock, 0.1)
     simulated_loop(server, CountingRobot(clock)).run(1.0)
     assert all("subtask_refresh_interval" not in r.options for r in server.requests)
@@ -161,7 +162,7 @@ def test_off_mode_sends_no_refresh_interval_and_says_bye():
 
 
 def test_a_new_server_epoch_counts_as_one_restart():
-    clock = SimClock()
+    clock = VirtualClock(START_S)
     server = SimServer(clock, 0.1)
     loop = simulated_loop(server, CountingRobot(clock), pub="sim://pub", subtask_mode="refresh", refresh_interval_s=0.3)
 
@@ -177,7 +178,7 @@ def test_a_new_server_epoch_counts_as_one_restart():
 
 
 def test_stop_cancels_requests_in_flight_and_signs_off():
-    clock = SimClock()
+    clock = VirtualClock(START_S)
     server = SimServer(clock, 0.3)
     loop = simulated_loop(server, CountingRobot(clock), buffer={"request_when_left": 45})
     loop._on_tick = lambda st: loop.stop() if st.step == 30 else None
@@ -188,7 +189,7 @@ def test_stop_cancels_requests_in_flight_and_signs_off():
 
 
 def test_a_server_that_never_answered_gets_no_goodbye():
-    clock = SimClock()
+    clock = VirtualClock(START_S)
     server = SimServer(clock, 0.1, down=(0.0, math.inf))
     loop = simulated_loop(server, CountingRobot(clock), subtask_mode="refresh", pub="sim://pub")
     with pytest.raises(RequestTimeout):

@@ -6,7 +6,7 @@ import asyncio
 
 from policy.request import InferenceResult
 from runtime.policy_server.refresh import RefreshScheduler
-from tests.virtual_clock import VirtualClock
+from runtime.robot.virtual_time import VirtualClock
 
 
 def _result(text: str) -> InferenceResult:
@@ -21,11 +21,11 @@ class _Harness:
         self.published: list[dict] = []
         self.calls = 0
         self.generation_s = generation_s
-        self.scheduler = RefreshScheduler(self._generate, self._publish, self.clock.time, self.clock.sleep)
+        self.scheduler = RefreshScheduler(self._generate, self._publish, self.clock, self.clock.sleep_async)
 
     async def _generate(self, key: str) -> InferenceResult:
         self.calls += 1
-        await self.clock.sleep(self.generation_s)
+        await self.clock.sleep_async(self.generation_s)
         return _result(f"step {self.calls}")
 
     async def _publish(self, key: str, message: dict) -> None:
@@ -36,7 +36,7 @@ def test_fast_generation_refreshes_every_tick():
     async def scenario():
         h = _Harness(generation_s=0.01)
         h.scheduler.set("a", 0.1)
-        await h.clock.advance(0.55)  # ticks at 0.1 .. 0.5, each done 0.01 later
+        await h.clock.advance_async(0.55)  # ticks at 0.1 .. 0.5, each done 0.01 later
         state = h.scheduler.state("a")
         await h.scheduler.close()
         return h, state
@@ -52,7 +52,7 @@ def test_slow_generation_skips_ticks_and_never_queues():
     async def scenario():
         h = _Harness(generation_s=0.25)
         h.scheduler.set("a", 0.1)
-        await h.clock.advance(1.05)  # ticks at 0.1, 0.2, ..., 1.0
+        await h.clock.advance_async(1.05)  # ticks at 0.1, 0.2, ..., 1.0
         state = h.scheduler.state("a")
         await h.scheduler.close()
         return h, state
@@ -70,21 +70,21 @@ def test_same_interval_again_changes_nothing_and_a_new_one_restarts():
         h = _Harness(generation_s=0.0)
         s = h.scheduler
         s.set("a", 0.1)
-        await h.clock.advance(0.15)
+        await h.clock.advance_async(0.15)
         s.set("a", 0.1)  # repeated with every request: the ticker keeps its phase
-        await h.clock.advance(0.1)
+        await h.clock.advance_async(0.1)
         assert len(h.published) == 2
         s.set("a", 0.5)  # slower now: restarts from here
-        await h.clock.advance(0.45)
+        await h.clock.advance_async(0.45)
         assert len(h.published) == 2
-        await h.clock.advance(0.1)
+        await h.clock.advance_async(0.1)
         assert len(h.published) == 3
         s.set("a", None)
         assert s.interval("a") is None and s.active() == 0 and s.last("a") == h.published[-1]
-        await h.clock.advance(2.0)
+        await h.clock.advance_async(2.0)
         assert len(h.published) == 3
         s.set("a", 0.1)  # re-enabled: the count runs on
-        await h.clock.advance(0.1)
+        await h.clock.advance_async(0.1)
         await s.close()
         return h
 
@@ -108,9 +108,9 @@ def test_a_failing_generation_is_counted_and_the_ticker_goes_on():
         async def publish(key: str, message: dict) -> None:
             published.append(message)
 
-        s = RefreshScheduler(generate, publish, clock.time, clock.sleep)
+        s = RefreshScheduler(generate, publish, clock, clock.sleep_async)
         s.set("a", 1.0)
-        await clock.advance(3.5)
+        await clock.advance_async(3.5)
         state = s.state("a")
         await s.close()
         return state, published

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from runtime.robot.chunk_buffer import ActionChunkBuffer, BufferSettings
-from tests.support.simulated_loop import HORIZON, CountingRobot, SimClock, SimServer, simulated_loop
+from runtime.robot.virtual_time import VirtualClock
+from tests.support.simulated_loop import HORIZON, START_S, CountingRobot, SimServer, simulated_loop
 
 
 def _chunk(start: float, n: int = 50, dim: int = 3) -> np.ndarray:
@@ -108,7 +109,7 @@ def test_rtc_settings_are_checked():
 
 
 def test_the_control_loop_sends_the_aligned_leftover_every_s_steps():
-    clock = SimClock()
+    clock = VirtualClock(START_S)
     robot = CountingRobot(clock)
     # Answered 6.5 periods after the observation: merged 6 steps after the observation's step.
     server = SimServer(clock, 0.13)

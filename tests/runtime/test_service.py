@@ -12,16 +12,9 @@ import pytest
 from policy.request import ChunkGuidance, InferenceRequest, Observation, Options
 from runtime.policy_server.fixed_backend import FixedBackend
 from runtime.policy_server.service import PolicyService, ServiceLimits
+from runtime.robot.virtual_time import VirtualClock
 from transport.errors import BadRequest, TransportError
 from transport.messages import BYE, INFER, KEEP, PING, Request
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _obs(camera: str = "base_0_rgb") -> Observation:
@@ -33,7 +26,7 @@ def _infer(robot: str, obs: Observation | None = None, interval=KEEP) -> Request
 
 
 def _service(limits: ServiceLimits | None = None, subscribers=lambda topic: 0):
-    clock = _Clock()
+    clock = VirtualClock(100.0)
     published: list[tuple[str, dict]] = []
 
     async def publish(topic: str, message: dict) -> None:
@@ -75,12 +68,12 @@ def test_session_bounds_recover_per_principal_and_in_all():
         service, clock, _, forgotten = _service(limits, subscribers=lambda topic: listening.get(topic, 0))
         for robot in ("r1", "r2", "r3"):
             await service.handle("10.0.0.1", _infer(robot, interval=1.0))
-            clock.now += 1
+            clock.advance(1)
         await service.handle("10.0.0.1", _infer("r4"))  # at its cap: its least recently seen goes
         assert set(service.sessions) == {"r2", "r3", "r4"} and forgotten == ["r1"]
         for robot in ("r5", "r6"):
             await service.handle("10.0.0.2", _infer(robot))
-            clock.now += 1
+            clock.advance(1)
         await service.handle("10.0.0.3", _infer("r7"))  # table full: the largest holder gives one up
         # r2 is older but has a listener on its refresh topic: r3 goes.
         assert set(service.sessions) == {"r2", "r4", "r5", "r6", "r7"} and forgotten[-1] == "r3"
@@ -104,9 +97,9 @@ def test_with_the_table_full_of_one_session_clients_a_listening_robot_is_not_the
         )
         await service.handle("10.0.0.1", _infer("victim", interval=1.0))
         for i in range(3):
-            clock.now += 1
+            clock.advance(1)
             await service.handle(f"10.0.1.{i}", _infer(f"a{i}", interval=1.0))
-        clock.now += 1
+        clock.advance(1)
         await service.handle("10.0.2.0", _infer("newcomer"))
         assert forgotten == ["a0"] and "victim" in service.sessions
         await service.close()
@@ -119,7 +112,7 @@ def test_a_session_whose_request_is_being_served_is_not_taken_for_a_new_robot():
     request is answered (within the engine's deadline, so the table is never locked for long)."""
 
     async def scenario():
-        clock = _Clock()
+        clock = VirtualClock(100.0)
         service = PolicyService(
             FixedBackend(delay_s=0.2), _publish_nothing, limits=ServiceLimits(max_sessions_per_peer=1), clock=clock
         )
@@ -154,13 +147,13 @@ def test_a_refreshing_robot_without_subscriber_expires_after_a_few_intervals():
             await service.handle("p", _infer(robot, interval=1.0 if robot != "idle" else KEEP))
         expired = []
         for step in range(1, 13):  # 6 s of looks every 0.5 s
-            clock.now += 0.5
+            clock.advance(0.5)
             listening["blinks"] = 0 if step in (8, 9) else 1  # its SUB reconnects: gone for 1 s
             expired.append((step * 0.5, service.expire()))
         assert [(t, keys) for t, keys in expired if keys] == [(3.5, ["gone"])]  # 3 s after its first look
         assert forgotten == ["gone"]
         assert service.ping()["server"]["refreshing"] == 2 and service.scheduler.interval("gone") is None
-        clock.now += 600
+        clock.advance(600)
         assert sorted(service.expire()) == ["blinks", "idle", "stays"]  # silence past the TTL ends any session
         assert service.sessions == {} and service.expired == 4
         await service.close()

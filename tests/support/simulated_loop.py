@@ -1,4 +1,4 @@
-"""A simulated robot and policy server around the real control loop, on a simulated clock.
+"""A simulated robot and policy server around the real control loop, on a `VirtualClock`.
 
 The simulated server answers each chunk request a fixed latency after it was sent, unless it is down
 at any moment in between; a chunk computed from the observation of step s plans the value s + i for
@@ -17,25 +17,14 @@ import numpy as np
 from robots.base import RobotObservation
 from runtime.robot.chunk_buffer import BufferSettings
 from runtime.robot.control_loop import ControlLoop, LoopSettings
+from runtime.robot.virtual_time import VirtualClock
 from transport.errors import RequestTimeout
 
 HZ = 50.0
 PERIOD = 1.0 / HZ
 HORIZON = 50
 SAFE = (-1.0, -1.0)
-
-
-class SimClock:
-    """Simulated monotonic time; every sleep lets some time pass, as on a real machine."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, dt: float) -> None:
-        self.t += max(dt, 1e-4)
+START_S = 1000.0  # the clock starts far from zero, as a monotonic clock does: 0 must not read as "never"
 
 
 class CountingRobot:
@@ -44,7 +33,7 @@ class CountingRobot:
     control_hz = HZ
     action_dim = 2
 
-    def __init__(self, clock: SimClock, act_s: dict[int, float] | None = None):
+    def __init__(self, clock: VirtualClock, act_s: dict[int, float] | None = None):
         self.clock = clock
         self.act_s = act_s or {}  # tick -> seconds that tick's act takes
         self.actions: list[np.ndarray] = []
@@ -57,7 +46,7 @@ class CountingRobot:
 
     def act(self, action: np.ndarray) -> None:
         self.times.append(self.clock())
-        self.clock.t += self.act_s.get(len(self.actions), 0.0)
+        self.clock.advance(self.act_s.get(len(self.actions), 0.0))
         self.actions.append(np.array(action))
 
     def reset(self) -> RobotObservation:
@@ -81,7 +70,9 @@ class SimRequest:
 class SimServer:
     """The loop's client and the server behind it, on the simulated clock."""
 
-    def __init__(self, clock: SimClock, latency_s: float, down: tuple[float, float] | None = None, shift: float = 0.0):
+    def __init__(
+        self, clock: VirtualClock, latency_s: float, down: tuple[float, float] | None = None, shift: float = 0.0
+    ):
         self.clock = clock
         self.latency_s = latency_s
         self.shift = shift  # each chunk answered plans `shift` more than the one before: a model changing its mind
