@@ -18,19 +18,10 @@ from policy.normalize import IDENTITY
 from policy.prompts import Prompts
 from policy.request import InferenceRequest, Observation, Options
 from policy.tokenizer import load_tokenizer
+from runtime.robot.virtual_time import VirtualClock
 
 COMPILING = "compiling the image resize for undeclared camera resolution"
 EVICTED = "evicted the image resize for camera resolution"
-
-
-class Clock:
-    """Monotonic seconds that move only when a test says so."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -54,7 +45,7 @@ def _request(image: np.ndarray) -> InferenceRequest:
 def test_odd_resolutions_no_longer_lock_out_a_normal_camera(caplog):
     """The adversary's case with the engine's defaults: 14 odd resolutions through validation and
     resizing used to fill all 16 slots, and a 480x848 camera was refused until a restart."""
-    clock = Clock()
+    clock = VirtualClock()
     resizer = Resizer(224, DEFAULT_IMAGE_RESOLUTIONS, 16, clock=clock)
     resizer.warm()
     validator = _validator(resizer)
@@ -63,7 +54,7 @@ def test_odd_resolutions_no_longer_lock_out_a_normal_camera(caplog):
             image = _image(50 + i, 60)
             validator.check(_request(image))
             resizer(image, "base_0_rgb")
-            clock.now += resizer.compile_interval_s  # one per interval: the rate allows each
+            clock.advance(resizer.compile_interval_s)  # one per interval: the rate allows each
         camera = _image(480, 848)
         validator.check(_request(camera))  # refused before the fix: "already serves 16 camera resolutions"
         np.testing.assert_array_equal(resizer(camera, "base_0_rgb"), resize_with_pad(camera))
@@ -107,7 +98,7 @@ def test_an_evicted_executable_held_by_a_caller_keeps_working():
 
 
 def test_new_compiles_are_rate_bounded_and_the_refusal_recovers(caplog):
-    clock = Clock()
+    clock = VirtualClock()
     resizer = Resizer(16, [(8, 8)], max_resolutions=8, compile_burst=2, compile_interval_s=5.0, clock=clock)
     resizer.warm()
     validator = _validator(resizer)
@@ -122,10 +113,10 @@ def test_new_compiles_are_rate_bounded_and_the_refusal_recovers(caplog):
     # A request that passed validation before the bucket emptied is refused when it is prepared.
     with pytest.raises(ValueError, match=r"image 'base_0_rgb' is 32x32, .* retry in 5\.0 s"):
         resizer(_image(32, 32), "base_0_rgb")
-    clock.now += 2.0
+    clock.advance(2.0)
     with pytest.raises(ValueError, match=r"retry in 3\.0 s"):
         validator.check(_request(_image(32, 32)))
-    clock.now += 3.0
+    clock.advance(3.0)
     validator.check(_request(_image(32, 32)))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="policy.engine.images"):
@@ -138,7 +129,7 @@ def test_new_compiles_are_rate_bounded_and_the_refusal_recovers(caplog):
 def test_a_flood_of_odd_resolutions_compiles_at_the_rate_and_spares_a_camera_in_use(caplog):
     """10 new resolutions a second for 20 s against the default rate (4 at once, then 1 a second):
     at most 24 compiles, the rest refused, and a camera sending every 2 s compiles only once."""
-    clock = Clock()
+    clock = VirtualClock()
     resizer = Resizer(16, [(8, 8)], max_resolutions=9, clock=clock)  # 8 undeclared slots
     resizer.warm()
     camera = _image(40, 50)
@@ -146,7 +137,7 @@ def test_a_flood_of_odd_resolutions_compiles_at_the_rate_and_spares_a_camera_in_
     with caplog.at_level(logging.WARNING, logger="policy.engine.images"):
         resizer(camera)
         for tick in range(200):
-            clock.now = tick / 10
+            clock.t = tick / 10
             if tick % 20 == 0:
                 resizer(camera)
             try:

@@ -10,14 +10,7 @@ import pytest
 
 from policy.engine.scheduler import ActionBatch, DecodeJob, FollowUp, Scheduler, Segment, StartDecode, Ticket
 from policy.request import DeadlineExceeded, EngineError, InferenceRequest, Observation
-
-
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from runtime.robot.virtual_time import VirtualClock
 
 
 def _ticket(clock, decodes=False, priority="action", deadline_s=5.0) -> Ticket:
@@ -27,7 +20,7 @@ def _ticket(clock, decodes=False, priority="action", deadline_s=5.0) -> Ticket:
 
 @pytest.fixture
 def clock():
-    return Clock()
+    return VirtualClock(100.0)
 
 
 def _scheduler(clock, capacity=4, window_s=0.0) -> Scheduler:
@@ -74,7 +67,7 @@ def test_a_batch_waits_its_window_unless_full(clock):
     refresh = _ticket(clock, decodes=True, priority="refresh")
     s.put(refresh)
     assert s._choose()[0] is None  # and the refresh does not take the device meanwhile
-    clock.now += 0.01
+    clock.advance(0.01)
     assert s.next() == ActionBatch([a])
     b, c = _ticket(clock), _ticket(clock)
     s.put(b)
@@ -87,7 +80,7 @@ def test_expired_requests_are_answered_not_run(clock):
     late, fine = _ticket(clock, deadline_s=1.0), _ticket(clock, deadline_s=10.0)
     s.put(late)
     s.put(fine)
-    clock.now += 2.0
+    clock.advance(2.0)
     assert s.next() == ActionBatch([fine])
     with pytest.raises(DeadlineExceeded):
         late.future.result(timeout=0)
@@ -115,19 +108,19 @@ def test_a_batch_waits_for_requests_that_arrived_in_its_window_and_are_still_bei
     s = _scheduler(clock, capacity=4, window_s=0.01)
     first, second, late = _ticket(clock), None, None
     s.expect(first)
-    clock.now += 0.005
+    clock.advance(0.005)
     second = _ticket(clock)  # arrived within the first one's window: its images are still being resized
     s.expect(second)
     s.put(first)
-    clock.now += 0.02  # the window has passed, but `second` arrived inside it
+    clock.advance(0.02)  # the window has passed, but `second` arrived inside it
     assert s._choose() == (None, None)  # wait for it (woken when it is put)
-    clock.now += 0.02
+    clock.advance(0.02)
     late = _ticket(clock)  # arrived after the window closed: not waited for
     s.expect(late)
     s.put(second)
     assert s._choose() == (ActionBatch([first, second]), None)
     s.put(late)
-    clock.now += 0.02
+    clock.advance(0.02)
     assert s._choose() == (ActionBatch([late]), None)
 
 
@@ -137,7 +130,7 @@ def test_a_request_whose_preparation_failed_is_not_waited_for(clock):
     s.expect(first)
     s.expect(broken)
     s.put(first)
-    clock.now += 0.02
+    clock.advance(0.02)
     assert s._choose() == (None, None)
     s.unexpect(broken)
     assert s._choose() == (ActionBatch([first]), None)
@@ -154,7 +147,7 @@ def test_a_steady_stream_of_actions_delays_a_refresh_but_never_starves_it(clock)
         turns.append(type(work).__name__)
         if isinstance(work, StartDecode):
             s.decoding(DecodeJob("refresh", work.tickets, 1, rows=None), "refresh")
-        clock.now += 0.125
+        clock.advance(0.125)
     # Actions first; once the refresh has waited a second it gets a turn, then a segment a second.
     first = turns.index("StartDecode")
     assert first == 8 and turns[:first] == ["ActionBatch"] * first

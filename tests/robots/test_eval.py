@@ -12,6 +12,7 @@ from robots import eval as robots_eval
 from robots.sim import SimArm
 from robots.tasks import COLOURS, PickPlaceTask
 from runtime.policy_server.fixed_backend import FixedBackend
+from runtime.robot.virtual_time import VirtualClock
 from tests.support.serving import zmq_server_thread
 
 
@@ -38,17 +39,6 @@ def test_one_episode_against_a_fixed_reply_server_writes_the_summary_and_the_pic
         assert png.width > 400 and png.height >= 240
 
 
-class _Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += seconds
-
-
 class _FakeClient:
     def __init__(self):
         self.inner: list[concurrent.futures.Future] = []
@@ -66,19 +56,19 @@ class _FakeClient:
 
 
 def test_the_delayed_client_holds_each_reply_until_its_latency_has_passed():
-    clock = _Clock()
+    clock = VirtualClock()
     fake = _FakeClient()
-    client = robots_eval.DelayedClient(fake, 0.2, clock=clock.now, sleep=clock.sleep)
+    client = robots_eval.DelayedClient(fake, 0.2, clock=clock, sleep=clock.sleep)
     future = client.start_infer({}, "task")
     fake.inner[0].set_result({"actions": 1})
     client.poll()
     assert not future.done()  # the reply came, the latency has not passed
-    clock.sleep(0.21)
+    clock.advance(0.21)
     client.poll()
     assert future.result() == {"actions": 1}
     failing = client.start_infer({}, "task")
     fake.inner[1].set_exception(TimeoutError("lost"))
-    clock.sleep(0.3)
+    clock.advance(0.3)
     client.poll()
     assert isinstance(failing.exception(), TimeoutError)
     cancelled = client.start_infer({}, "task")
