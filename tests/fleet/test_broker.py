@@ -28,17 +28,10 @@ from runtime.fleet.protocol import (
     reply_frames,
     split,
 )
+from runtime.robot.virtual_time import VirtualClock
 from transport import codec
 
 MAX_STEPS = 500  # failure detection only
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture
@@ -50,7 +43,7 @@ def ctx():
 
 @pytest.fixture
 def broker(tmp_path):
-    clock = Clock()
+    clock = VirtualClock()
     b = Broker(
         BrokerSettings(
             router_endpoint=f"ipc://{tmp_path}/router",
@@ -324,7 +317,7 @@ def test_a_malformed_heartbeat_drops_its_worker_and_ping_still_answers(broker, c
     honest.close()
 
 
-def _broker_with(tmp_path, clock: Clock, **settings) -> Broker:
+def _broker_with(tmp_path, clock: VirtualClock, **settings) -> Broker:
     """A bound broker on ipc endpoints under `tmp_path`, without a refresh XPUB, with `settings`."""
     endpoints = {"router_endpoint": f"ipc://{tmp_path}/router", "pub_endpoints": ()}
     b = Broker(
@@ -342,7 +335,7 @@ def _broker_with(tmp_path, clock: Clock, **settings) -> Broker:
 def test_a_request_its_worker_holds_past_the_timeout_is_answered_timeout(tmp_path, ctx):
     """A worker that heartbeats but never replies must not leave a robot waiting forever: the broker
     answers `timeout` itself, and the worker's late reply is dropped."""
-    clock = Clock()
+    clock = VirtualClock()
     # heartbeat_s: the worker stays alive throughout, only the request is late
     b = _broker_with(tmp_path, clock, heartbeat_s=10.0, request_timeout_s=5.0)
     try:
@@ -370,7 +363,7 @@ def test_a_request_its_worker_holds_past_the_timeout_is_answered_timeout(tmp_pat
 def test_one_worker_address_cannot_fill_the_worker_table(tmp_path, ctx):
     """62 fake workers used to fill the 64-place table so that a real one was refused: now one key
     (or, without keys, one address) holds at most its share."""
-    b = _broker_with(tmp_path, Clock(), router_endpoint=None, max_workers=8, max_workers_per_principal=3)
+    b = _broker_with(tmp_path, VirtualClock(), router_endpoint=None, max_workers=8, max_workers_per_principal=3)
     try:
         for i in range(3):
             _join(b, ctx, f"fake{i}")
@@ -384,7 +377,7 @@ def test_one_worker_address_cannot_fill_the_worker_table(tmp_path, ctx):
 
 def test_ping_answers_when_the_in_flight_caps_are_reached(tmp_path, ctx):
     """A health check must answer under load: `ping` is exempt from the in-flight caps."""
-    b = _broker_with(tmp_path, Clock(), max_in_flight=4)
+    b = _broker_with(tmp_path, VirtualClock(), max_in_flight=4)
     try:
         worker = _join(b, ctx)
         robots = [_socket(ctx, zmq.DEALER, b.router_endpoint) for _ in range(5)]
