@@ -41,8 +41,15 @@ class Option:
         return self.settings.get("dest") or self.flags[0].lstrip("-").replace("-", "_")
 
     def add_to(self, parser: Any) -> None:
-        """Adds it to `parser` (an `ArgumentParser` or one of its argument groups)."""
-        parser.add_argument(*self.flags, **self.settings)
+        """Adds it to `parser` (an `ArgumentParser` or one of its argument groups), its help ending
+        with its default, so `--help` says what runs when the flag is left out."""
+        settings = dict(self.settings)
+        default = settings.get("default")
+        unset = default is None or default is False or default == [] or default == ()
+        shown = not unset and "default" not in settings.get("help", "")
+        if shown and settings.get("help") != argparse.SUPPRESS:
+            settings["help"] = f"{settings.get('help', '')} (default: {self.text(default)})".strip()
+        parser.add_argument(*self.flags, **settings)
 
     def argv(self, args: argparse.Namespace) -> list[str]:
         """This option's parsed value as command-line words, nothing for the default or an unset value."""
@@ -167,7 +174,9 @@ def heartbeat_option(default_s: float) -> Option:
     )
 
 
-LOG_LEVEL = Option(("--log-level",), {"type": str.upper, "choices": LOG_LEVELS, "default": "INFO"})
+LOG_LEVEL = Option(
+    ("--log-level",), {"type": str.upper, "choices": LOG_LEVELS, "default": "INFO", "help": "least severe lines logged"}
+)
 READY_FILE = Option(
     ("--ready-file",),
     {

@@ -22,6 +22,7 @@ from runtime.cli_args import (
     READY_FILE,
     WORKER_CURVE_CLIENTS,
     WORKER_CURVE_SECRET,
+    Option,
     check_together,
     heartbeat_option,
     loopback,
@@ -36,33 +37,48 @@ from transport import curve, logs
 log = logging.getLogger(__name__)
 
 
+OPTIONS = (
+    Option(("--host",), {"default": "127.0.0.1", "help": "address the robots' endpoints bind to"}),
+    Option(("--router-port",), {"type": port, "default": 5555, "help": "ZMQ ROUTER for robots' requests"}),
+    Option(("--pub-port",), {"type": port, "default": 5556, "help": "ZMQ XPUB for subtask refreshes (0: off)"}),
+    Option(("--worker-host",), {"default": "127.0.0.1", "help": "address the workers' endpoints bind to"}),
+    Option(("--worker-port",), {"type": port, "default": 5557, "help": "ROUTER the workers join (--join)"}),
+    Option(("--worker-pub-port",), {"type": port, "default": 5558, "help": "XSUB the workers publish into"}),
+    heartbeat_option(DEFAULT_INTERVAL_S),
+    Option(
+        ("--heartbeat-misses",),
+        {"type": positive(int), "default": DEFAULT_MISSES, "help": "intervals of silence: a worker is dead"},
+    ),
+    Option(("--max-workers",), {"type": positive(int), "default": 64, "help": "workers joined at once"}),
+    Option(
+        ("--max-workers-per-key",),
+        {
+            "type": positive(int),
+            "default": 16,
+            "help": "workers joined with one worker key (without keys: from one address)",
+        },
+    ),
+    Option(
+        ("--request-timeout",),
+        {
+            "type": positive(float),
+            "default": 30.0,
+            "help": "seconds a worker may hold a request before the broker answers it 'timeout'",
+        },
+    ),
+    Option(("--max-robots",), {"type": positive(int), "default": 4096, "help": "robots whose worker is remembered"}),
+    CURVE_SECRET,
+    CURVE_CLIENTS,
+    WORKER_CURVE_SECRET,
+    WORKER_CURVE_CLIENTS,
+    READY_FILE,
+    LOG_LEVEL,
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runtime.broker", description=__doc__.splitlines()[0])
-    p.add_argument("--host", default="127.0.0.1", help="address the robots' endpoints bind to")
-    p.add_argument("--router-port", type=port, default=5555, help="ZMQ ROUTER for robots' requests")
-    p.add_argument("--pub-port", type=port, default=5556, help="ZMQ XPUB for subtask refreshes (0: off)")
-    p.add_argument("--worker-host", default="127.0.0.1", help="address the workers' endpoints bind to")
-    p.add_argument("--worker-port", type=port, default=5557, help="ROUTER the workers join (--join)")
-    p.add_argument("--worker-pub-port", type=port, default=5558, help="XSUB the workers publish into")
-    heartbeat_option(DEFAULT_INTERVAL_S).add_to(p)
-    p.add_argument(
-        "--heartbeat-misses", type=positive(int), default=DEFAULT_MISSES, help="intervals of silence: a worker is dead"
-    )
-    p.add_argument("--max-workers", type=positive(int), default=64, help="workers joined at once")
-    p.add_argument(
-        "--max-workers-per-key",
-        type=positive(int),
-        default=16,
-        help="workers joined with one worker key (without keys: from one address)",
-    )
-    p.add_argument(
-        "--request-timeout",
-        type=positive(float),
-        default=30.0,
-        help="seconds a worker may hold a request before the broker answers it 'timeout'",
-    )
-    p.add_argument("--max-robots", type=positive(int), default=4096, help="robots whose worker is remembered")
-    for option in (CURVE_SECRET, CURVE_CLIENTS, WORKER_CURVE_SECRET, WORKER_CURVE_CLIENTS, READY_FILE, LOG_LEVEL):
+    for option in OPTIONS:
         option.add_to(p)
     return p
 

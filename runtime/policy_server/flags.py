@@ -48,6 +48,13 @@ def resolutions(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def config_name(text: str) -> str:
+    """A named model config, checked at parsing: an unknown name is a usage error naming the known ones."""
+    if text not in model_config_names():
+        raise argparse.ArgumentTypeError(f"unknown config {text!r}; known: {', '.join(model_config_names())}")
+    return text
+
+
 def join_endpoint(text: str) -> str:
     try:
         return zmq_endpoint(text)
@@ -67,8 +74,10 @@ def _opt(flags: str, where: Where = BOTH, text=str, **settings) -> Option:
 MODEL = (
     _opt(
         "--config",
+        type=config_name,
         default=DEMO_MODEL,
         help=f"model config: {', '.join(model_config_names())} (default: {DEMO_MODEL}, the trained demo policy)",
+        metavar="NAME",
     ),
     _opt(
         "--checkpoint",
@@ -112,7 +121,7 @@ MODEL = (
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="with --fixed-reply: answer after this long, as a model would (default 0)",
+        help="with --fixed-reply: answer after this long, as a model would",
     ),
 )
 SESSIONS = (

@@ -97,12 +97,13 @@ def make_engine(args: argparse.Namespace) -> Any:
     return AsyncPi05Inference(settings)
 
 
-def log_ready(role: str, found: dict[str, str], model: dict[str, Any]) -> None:
+def log_ready(args: argparse.Namespace, role: str, found: dict[str, str], model: dict[str, Any]) -> None:
     """The endpoints, then `ready` naming the model, its checkpoint and whether its weights are trained."""
     for name, endpoint in found.items():
-        log.info("%s endpoint: %s", name, endpoint)
-    weights = "fixed reply" if model["label"].endswith("no model") else "trained" if model["trained"] else "random"
-    log.info("ready (%s): model %s, weights %s", role, model["label"], weights)
+        layout = f" (layout {args.openpi_layout})" if name == "openpi websocket" else ""
+        log.info("%s endpoint: %s%s", name, endpoint, layout)
+    weights = "none (fixed reply)" if args.fixed_reply else "trained" if model["trained"] else "random"
+    log.info("ready (%s): %s; weights: %s", role, model["label"], weights)
 
 
 async def serve(
@@ -132,20 +133,23 @@ async def serve(
         stack.callback(readiness.stopping)
         curve_keys = check_access(args)
         if is_front(args):  # a broker here, the engines in worker processes
-            announce = _announcer(readiness, "front host", model_info(args), on_ready)
+            announce = _announcer(args, readiness, "front host", on_ready)
             await serve_front(args, worker_argv(args), ipc_dir, curve_keys, stop, stack, announce)
             return
         await _serve_here(args, backend, ipc_dir, curve_keys, stop, stack, readiness, on_ready)
 
 
 def _announcer(
+    args: argparse.Namespace,
     readiness: Readiness,
     role: str,
-    model: dict[str, Any],
     on_ready: Callable[[dict[str, str]], None] | None,
 ) -> Callable[[dict[str, str]], None]:
+    """What is done once everything serves: the log line, the ready file and systemd, `on_ready`."""
+    model = model_info(args)
+
     def announce(found: dict[str, str]) -> None:
-        log_ready(role, found, model)
+        log_ready(args, role, found, model)
         readiness.ready({"role": role, "endpoints": found, "model": model})
         if on_ready is not None:
             on_ready(found)
@@ -165,8 +169,7 @@ async def _serve_here(
 ) -> None:
     """A single server, or a fleet worker (`--join`): the engine in this process."""
     worker = args.join is not None
-    model = model_info(args)
-    announce = _announcer(readiness, "worker" if worker else "server", model, on_ready)
+    announce = _announcer(args, readiness, "worker" if worker else "server", on_ready)
     # A fleet worker binds nothing: it reaches its broker, which robots and gateways reach.
     pub_endpoints = [] if worker else [f"ipc://{ipc_dir}/pub"]
     if args.pub_port and not worker:
@@ -185,7 +188,7 @@ async def _serve_here(
     link = join_link(args, zmq_server) if worker else None  # a fleet worker: requests come from a broker
     sockets = {} if worker else listen_websockets(args, stack)
     found = endpoints(args, zmq_server, sockets)
-    log.info("model: %s", model["label"])
+    log.info("model: %s", model_info(args)["label"])
 
     if backend is None and args.fixed_reply:
         from runtime.policy_server.fixed_backend import FixedBackend
@@ -215,6 +218,12 @@ async def _serve_here(
     on_close(stack, service.close)
     await zmq_server.start()
     if link is not None:
+        if backend is None:
+            # The broker routes to a worker once it joins: joining warm means no robot waits for a
+            # compile, and a front host's `ready` (every worker joined) means every worker serves.
+            log.info("compiling every batch bucket before joining the broker")
+            if not await until_stopped(engine.wait_until_compiled(), stop):
+                return
         on_close(stack, link.close)
         await link.start(service)
         if not await until_stopped(link.acked.wait(), stop):
@@ -240,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     # A fleet worker's lines name it (and its `ready` is not its front host's, which shares the log).
     who = f"%(name)s@{args.worker_name or 'worker'}" if args.join else "%(name)s"  # workers share a log
     logs.configure(args.log_level, f"%(asctime)s %(levelname)s {who}: %(message)s")
-    logging.getLogger(__name__).setLevel(logging.WARNING)
+    if args.log_level != "DEBUG":  # absl's and JAX's start-up notes (the TPU probe) are not the server's news
+        for noisy in ("absl", "jax"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         asyncio.run(serve(args))
     except zmq.ZMQError as e:

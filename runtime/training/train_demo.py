@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--place-weight must be > 0 and --fumble in [0, 1], got {args.place_weight} and {args.fumble}")
     # force: JAX's import has already given the root logger a handler.
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger(__name__).setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)
     cfg = get_model_config(args.config)
     if cfg.asset_id is None:
         print(f"train_demo: error: config {cfg.name!r} has no asset id for its norm stats", file=sys.stderr)

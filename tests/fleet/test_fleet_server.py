@@ -238,10 +238,22 @@ def test_a_hung_worker_is_noticed_by_its_missing_heartbeats_and_its_requests_ans
 
 
 def test_a_worker_that_cannot_start_is_a_start_up_error_not_a_restart_loop():
-    server = ServerProcess("--workers", "2", "--fixed-reply", "--config", "no_such_config", gateways=False).spawn()
+    # The front host loads no model: the checkpoint that does not exist fails in each worker.
+    server = ServerProcess("--workers", "2", "--checkpoint", "/does/not/exist", gateways=False).spawn()
     assert server.proc is not None
     try:
         server.proc.wait(CAP_S)
     finally:
         code = server.stop()  # (reads the log to its end)
     assert code == 2 and "exited before it joined" in server.log
+
+
+def test_a_front_host_is_ready_only_once_its_workers_compiled_every_batch_bucket():
+    """Robots started right after a fleet's `ready` used to meet workers still compiling (hundreds of
+    underruns): a worker joins its broker, and so the front host announces itself, only once warm."""
+    with ServerProcess("--workers", "1", "--max-batch", "2", gateways=False) as fleet:
+        assert fleet.ready is not None and fleet.ready["role"] == "front host"
+        lines = fleet.log.splitlines()
+    joined = next(i for i, line in enumerate(lines) if "joined" in line and "cpu0" in line)
+    compiled = [i for i, line in enumerate(lines) if "compiled" in line and "for batch 2" in line]
+    assert compiled and max(compiled) < joined, "\n".join(lines)

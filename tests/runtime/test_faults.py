@@ -601,7 +601,7 @@ def test_bad_flags_are_refused_with_exit_code_2_without_a_traceback(args):
     rc, out, _ = _run(*args, "--fixed-reply")
     assert rc == 2, out
     assert "Traceback" not in out and args[1].lower() in out.lower(), out
-    assert "ready" not in out
+    assert "ready (" not in out  # it never served
 
 
 def _open_port(port: int) -> bool:
@@ -623,6 +623,8 @@ def test_the_ready_file_appears_only_once_every_endpoint_serves_and_names_them()
         assert server.ready["model"] == {
             "config": "pi05_tiny", "checkpoint": None, "trained": False, "label": "pi05_tiny: fixed reply, no model",
         }  # fmt: skip
+        ready_line = "ready (server): pi05_tiny: fixed reply, no model; weights: none (fixed reply)"
+        assert server.wait_for(lambda line: line.rstrip().endswith(ready_line), 5), server.log
         # Right after the ready file, no retries: each endpoint answers.
         with ws_client.connect(server.ws, open_timeout=5, max_size=None) as connection:
             connection.send('{"images": {"base_0_rgb": [[[0, 0, 0]]]}, "high_level_prompt": "go"}')
