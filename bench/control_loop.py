@@ -14,6 +14,7 @@ import logging
 
 from bench.report import write_section
 from policy.engine.inference import AsyncPi05Inference
+from policy.engine.settings import EngineSettings
 from robots.sim import SimArm
 from runtime.robot.chunk_buffer import BufferSettings
 from runtime.robot.control_loop import ControlLoop, LoopSettings
@@ -34,7 +35,7 @@ def run(config: str, duration_s: float, hz: float, request_when_left: int) -> st
     ]
     rows = []
     # Every batch bucket compiled before the clock starts: no compile competes with the loops.
-    engine = AsyncPi05Inference(config, compile_in_background=False)
+    engine = AsyncPi05Inference(EngineSettings(config, compile_in_background=False))
     asyncio.run(engine.start())
     with ServerThread(argv, backend=engine) as server:
         for name, blend, in_flight in cases:

@@ -23,6 +23,7 @@ import numpy as np
 from bench.report import write_section
 from policy.engine import jax_setup
 from policy.engine.inference import AsyncPi05Inference
+from policy.engine.settings import EngineSettings
 from policy.request import InferenceRequest, Observation, Options
 
 log = logging.getLogger("bench.engine_latency")
@@ -113,15 +114,17 @@ async def _interference(engine, hw, rounds: int, round_s: float, interval_s: flo
 
 async def _run(args) -> str:
     engine = AsyncPi05Inference(
-        args.config,
-        tokenizer_path=args.tokenizer,
-        max_batch=max(args.batch),
-        batch_buckets=args.batch,
-        batch_window_ms=args.window_ms,
-        max_decoding_steps_limit=max(args.steps, 25),
-        image_resolutions=[tuple(args.image)],
-        compile_in_background=False,
-        deadline_s=60.0,
+        EngineSettings(
+            args.config,
+            tokenizer_path=args.tokenizer,
+            max_batch=max(args.batch),
+            batch_buckets=args.batch,
+            batch_window_ms=args.window_ms,
+            max_decoding_steps_limit=max(args.steps, 25),
+            image_resolutions=[tuple(args.image)],
+            compile_in_background=False,
+            deadline_s=60.0,
+        )
     )
     await engine.start()
     hw = tuple(args.image)
@@ -144,7 +147,8 @@ async def _run(args) -> str:
     body = (
         f"Config `{args.config}` ({engine.cfg.dtype}), random weights, {len(engine.cfg.image_keys)} cameras of "
         f"{hw[0]}x{hw[1]} uint8, {engine.cfg.num_steps} flow steps, greedy subtask budget {args.steps}, "
-        f"batch window {args.window_ms} ms, subtask decoded in segments of {engine.decode_segment_tokens} tokens, "
+        f"batch window {args.window_ms} ms, "
+        f"subtask decoded in segments of {engine.settings.decode_segment_tokens} tokens, "
         f"{args.iters} rounds per cell (median).\n\n"
         "Served: B requests submitted at once, wall time until the last answer (host preparation, batch window, "
         "scheduler and AOT executables included). Phase columns: the engine's own device-thread time of each "

@@ -77,15 +77,18 @@ def engine(jax_cache):
     import asyncio
 
     from policy.engine.inference import AsyncPi05Inference
+    from policy.engine.settings import EngineSettings
 
     eng = AsyncPi05Inference(
-        "pi05_tiny",
-        max_batch=4,
-        batch_buckets=(1, 2, 4),
-        batch_window_ms=30.0,
-        max_decoding_steps_limit=12,
-        image_resolutions=((480, 640),),
-        compile_in_background=False,
+        EngineSettings(
+            "pi05_tiny",
+            max_batch=4,
+            batch_buckets=(1, 2, 4),
+            batch_window_ms=30.0,
+            max_decoding_steps_limit=12,
+            image_resolutions=((480, 640),),
+            compile_in_background=False,
+        )
     )
     asyncio.run(eng.start())
     yield eng

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from configs.model_config import ModelConfig
 from policy.engine import phases
+from policy.engine.settings import EngineSettings
 from policy.model import pi05, rtc
 
 log = logging.getLogger(__name__)
@@ -31,25 +32,18 @@ PHASES = ("action", "subtask_start", "subtask_segment", "action_from_image_token
 
 
 class Executables:
-    """AOT-compiled phases of one model on one device, keyed by (phase, bucket), with run counts."""
+    """AOT-compiled phases of one model on one device, keyed by (phase, bucket), with run counts.
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        params: dict,
-        device: jax.Device,
-        buckets: Sequence[int],
-        max_steps: int,
-        segment: int,
-        rtc_method: rtc.Method = "vjp",
-    ):
+    From the engine's settings it takes what shapes every compile: the subtask budget
+    (`max_decoding_steps_limit`), the segment length and the RTC method."""
+
+    def __init__(self, cfg: ModelConfig, params: dict, device: jax.Device, settings: EngineSettings):
         self.cfg = cfg
         self.params = params
         self.device = device
-        self.buckets = tuple(sorted(buckets))
-        self.max_steps = max_steps
-        self.segment = segment
-        self.rtc_method = rtc_method
+        self.max_steps = settings.max_decoding_steps_limit
+        self.segment = settings.decode_segment_tokens
+        self.rtc_method = settings.rtc_method
         self._compiled: dict[tuple[str, int], Any] = {}
         self._ready: tuple[int, ...] = ()
         self._lock = threading.Lock()

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import DEFAULT_MODEL, get_model_config
+from configs import get_model_config
 from policy import checkpoint, download
 from policy.engine.executables import Executables
 from policy.engine.host_prep import HostPrep
-from policy.engine.images import DEFAULT_RESOLUTIONS, Resizer
+from policy.engine.images import Resizer
 from policy.engine.scheduler import Scheduler, Ticket, fail
+from policy.engine.settings import EngineSettings
 from policy.engine.validation import RequestValidator, decodes_subtask
 from policy.engine.worker import DeviceWorker
-from policy.model import params, rtc
+from policy.model import params
 from policy.normalize import IDENTITY, Normalizer, checkpoint_normalizer, load_norm_stats
 from policy.prompts import Prompts
 from policy.request import DeadlineExceeded, EngineBusy, EngineError, InferenceRequest, InferenceResult
@@ -50,80 +51,22 @@ log = logging.getLogger(__name__)
 class AsyncPi05Inference:
     """Pi0.5 subtask generation and action prediction for many robots at once, on one device.
 
-    `checkpoint_dir` is an openpi checkpoint directory (or its `params/`), local or an fsspec URL such
-    as `gs://openpi-assets/checkpoints/pi05_droid` (fetched into the download cache at start); without
-    one the model gets random weights (the embedded default). `norm_stats` is openpi's
-    `norm_stats.json` or a checkpoint's `assets/<asset_id>/` folder (path or URL); without it they come
-    from the checkpoint's `assets/<config asset id>/`, and state and actions pass unnormalized only
-    for a config without an asset id or without a checkpoint. `tokenizer_path` (path or URL) defaults
-    to the shipped tokenizer, or PaliGemma's, fetched. Nothing is read before `start()`.
-    `gpu_id` picks the device. `deadline_s` is the deadline of a request that carries none;
-    `max_queue` bounds the requests in flight; `decode_segment_tokens` is how many subtask tokens
-    run between two chances for an action batch; `image_resolutions` are the camera resolutions
-    whose resize compiles at start, `max_image_resolutions` how many stay compiled in all (another
-    evicts the least recently used undeclared one; new ones compile at a bounded rate:
-    `policy.engine.images.Resizer`). `rtc_method` is how real-time chunking guides the flow
-    (`policy.model.rtc`): "vjp", the exact vector-Jacobian product through the action expert (a backward
-    pass per step, only in batches with a guided row), or "identity", the cheaper approximation;
-    compiled once, for every request. `clock` (monotonic seconds) is injectable for tests.
-    Call `await start()` (or use `async with`) before serving.
+    `settings` (`EngineSettings`, checked when made) are the model, its files and the limits; nothing
+    is read before `start()`, which fetches remote locations. `clock` (monotonic seconds) is
+    injectable for tests. Call `await start()` (or use `async with`) before serving.
     """
 
-    def __init__(
-        self,
-        config_name: str = DEFAULT_MODEL,
-        gpu_id: int | None = None,
-        checkpoint_dir: str | Path | None = None,
-        *,
-        tokenizer_path: str | Path | None = None,
-        norm_stats: str | Path | None = None,
-        param_dtype: str | None = None,
-        max_batch: int = 8,
-        batch_buckets: Sequence[int] = (1, 2, 4, 8),
-        batch_window_ms: float = 3.0,
-        max_decoding_steps_limit: int = 32,
-        decode_segment_tokens: int = 4,
-        num_steps: int | None = None,
-        deadline_s: float = 5.0,
-        max_queue: int = 64,
-        host_workers: int = 2,
-        image_resolutions: Iterable[tuple[int, int]] = DEFAULT_RESOLUTIONS,
-        max_image_resolutions: int = 16,
-        max_image_side: int = 4096,
-        compile_in_background: bool = True,
-        rtc_method: rtc.Method = "vjp",
-        seed: int = 0,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self.cfg = get_model_config(config_name)
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        for name, value in (("deadline_s", deadline_s), ("max_queue", max_queue), ("host_workers", host_workers)):
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if not 1 <= decode_segment_tokens:
-            raise ValueError(f"decode_segment_tokens must be >= 1, got {decode_segment_tokens}")
-        if rtc_method not in rtc.METHODS:
-            raise ValueError(f"rtc_method must be one of {rtc.METHODS}, got {rtc_method!r}")
-        self.rtc_method = rtc_method
-        self.buckets: tuple[int, ...] = tuple(sorted({b for b in batch_buckets if b <= max_batch} | {max_batch}))
-        self.max_batch = max_batch
-        self.max_decoding_steps_limit = max_decoding_steps_limit
-        self.decode_segment_tokens = decode_segment_tokens
-        self.num_steps = num_steps or self.cfg.num_steps
-        self.deadline_s = deadline_s
-        self.max_queue = max_queue
-        self._gpu_id = gpu_id
-        self._checkpoint = checkpoint_dir  # a path or a URL: fetched and read on the device thread
-        self._tokenizer_path = tokenizer_path
-        self._norm_stats = norm_stats
-        self._param_dtype = param_dtype or self.cfg.dtype
-        self._compile_in_background = compile_in_background
-        self._init_seed = seed
-        self._seed_rng = np.random.default_rng(seed)
+    def __init__(self, settings: EngineSettings, *, clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.cfg = get_model_config(settings.config_name)
+        self.buckets = settings.buckets
+        self.num_steps = settings.num_steps or self.cfg.num_steps
+        self._param_dtype = settings.param_dtype or self.cfg.dtype
+        self._seed_rng = np.random.default_rng(settings.seed)
         self._clock = clock
-        self.resizer = Resizer(self.cfg.siglip.image_size, image_resolutions, max_image_resolutions, clock=clock)
-        self._max_image_side = max_image_side
+        self.resizer = Resizer(
+            self.cfg.siglip.image_size, settings.image_resolutions, settings.max_image_resolutions, clock=clock
+        )
         # Set by `_load_host` at start (the tokenizer, norm stats and checkpoint may need a download).
         self.tokenizer = None
         self.prompts: Prompts | None = None
@@ -132,8 +75,8 @@ class AsyncPi05Inference:
         self.state_dim: int | None = None
         self._validator: RequestValidator | None = None
         self._prep: HostPrep | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(host_workers, thread_name_prefix="pi05-host")
-        self._scheduler = Scheduler(self._capacity, batch_window_ms / 1e3, clock)
+        self._pool = concurrent.futures.ThreadPoolExecutor(settings.host_workers, thread_name_prefix="pi05-host")
+        self._scheduler = Scheduler(self._capacity, settings.batch_window_ms / 1e3, clock)
         self._executables: Executables | None = None
         self._worker: DeviceWorker | None = None
         self._thread: threading.Thread | None = None
@@ -202,21 +145,23 @@ class AsyncPi05Inference:
             "config": self.cfg.name,
             "dtype": self._param_dtype,
             "device": str(self.device) if self.device is not None else None,
-            "checkpoint": str(self._checkpoint) if self._checkpoint else None,
+            "checkpoint": str(self.settings.checkpoint_dir) if self.settings.checkpoint_dir else None,
             "image_keys": list(self.cfg.image_keys),
             "image_resolutions": [list(r) for r in self.resizer.declared],
+            "input_resolution": [self.cfg.siglip.image_size] * 2,
             "action_horizon": self.cfg.action_horizon,
             "action_dim": self.robot_action_dim,
             "state_dim": self.state_dim,
-            "max_batch": self.max_batch,
+            "trained_task": self.cfg.trained_task,
+            "max_batch": self.settings.max_batch,
             "batch_buckets": list(self.buckets),
             "compiled_buckets": list(self._executables.ready_buckets()) if self._executables else [],
-            "max_decoding_steps_limit": self.max_decoding_steps_limit,
-            "decode_segment_tokens": self.decode_segment_tokens,
+            "max_decoding_steps_limit": self.settings.max_decoding_steps_limit,
+            "decode_segment_tokens": self.settings.decode_segment_tokens,
             "num_steps": self.num_steps,
-            "rtc_method": self.rtc_method,
-            "deadline_s": self.deadline_s,
-            "max_queue": self.max_queue,
+            "rtc_method": self.settings.rtc_method,
+            "deadline_s": self.settings.deadline_s,
+            "max_queue": self.settings.max_queue,
             "in_flight": self._in_flight,
             "queued": self._scheduler.depth(),
             "failed_batches": self._worker.failed_batches if self._worker else 0,
@@ -272,7 +217,7 @@ class AsyncPi05Inference:
 
     def _admit(self, request: InferenceRequest) -> Ticket:
         with self._lock:
-            if self._in_flight >= self.max_queue:
+            if self._in_flight >= self.settings.max_queue:
                 raise EngineBusy(f"the engine has {self._in_flight} requests in flight, its limit; retry later")
             self._in_flight += 1
             seed = request.options.seed
@@ -281,7 +226,7 @@ class AsyncPi05Inference:
         now = self._clock()
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.add_done_callback(self._release)
-        deadline = request.deadline if request.deadline is not None else now + self.deadline_s
+        deadline = request.deadline if request.deadline is not None else now + self.settings.deadline_s
         return Ticket(request, int(seed), deadline, now, future, decodes_subtask(request))
 
     def _release(self, _future: concurrent.futures.Future) -> None:
@@ -333,11 +278,12 @@ class AsyncPi05Inference:
         """Tokenizer, norm stats and the host-side stages built on them; the local checkpoint path.
         Remote locations are downloaded here, on the device thread, never in the constructor."""
         start = time.perf_counter()
-        ckpt = download.maybe_download(self._checkpoint) if self._checkpoint else None
-        self.tokenizer = load_tokenizer(self.cfg, self._tokenizer_path, fetch=True)
+        settings = self.settings
+        ckpt = download.maybe_download(settings.checkpoint_dir) if settings.checkpoint_dir else None
+        self.tokenizer = load_tokenizer(self.cfg, settings.tokenizer_path, fetch=True)
         self.prompts = Prompts(self.cfg, self.tokenizer)
-        if self._norm_stats is not None:
-            self.normalizer = load_norm_stats(self._norm_stats)
+        if settings.norm_stats is not None:
+            self.normalizer = load_norm_stats(settings.norm_stats)
         elif ckpt is not None:
             self.normalizer = checkpoint_normalizer(self.cfg, checkpoint.assets_dir(ckpt))
         else:
@@ -348,37 +294,34 @@ class AsyncPi05Inference:
         self.state_dim = self.normalizer.state.dim if self.normalizer.state else None
         self._prep = HostPrep(self.cfg, self.prompts, self.normalizer, self.resizer)
         self._validator = RequestValidator(
-            self.cfg, self.prompts, self.normalizer, self.resizer, self.max_decoding_steps_limit, self._max_image_side
+            self.cfg,
+            self.prompts,
+            self.normalizer,
+            self.resizer,
+            settings.max_decoding_steps_limit,
+            settings.max_image_side,
         )
         self.startup_s["fetch"] = time.perf_counter() - start
         return ckpt
 
     def _load_and_compile(self) -> None:
         ckpt = self._load_host()
-        devices = jax.devices()
-        if self._gpu_id is not None and not 0 <= self._gpu_id < len(devices):
-            raise ValueError(f"gpu_id {self._gpu_id} is out of range: {len(devices)} device(s) {devices}")
-        self.device = devices[self._gpu_id or 0]
+        devices, gpu_id, seed = jax.devices(), self.settings.gpu_id, self.settings.seed
+        if gpu_id is not None and gpu_id >= len(devices):
+            raise ValueError(f"gpu_id {gpu_id} is out of range: {len(devices)} device(s) {devices}")
+        self.device = devices[gpu_id or 0]
         dtype = jnp.dtype(self._param_dtype)
         start = time.perf_counter()
         if ckpt is not None:
             weights = checkpoint.load_params(ckpt, self.cfg, dtype=dtype, device=self.device)
         else:
-            log.info("no checkpoint given: random weights for %s (seed %d)", self.cfg.name, self._init_seed)
+            log.info("no checkpoint given: random weights for %s (seed %d)", self.cfg.name, seed)
             with jax.default_device(self.device):
-                weights = params.init_params(self.cfg, seed=self._init_seed, dtype=dtype)
+                weights = params.init_params(self.cfg, seed=seed, dtype=dtype)
         self.startup_s["load"] = time.perf_counter() - start
         log.info("weights of %s on %s in %.1f s", self.cfg.name, self.device, self.startup_s["load"])
         start = time.perf_counter()
-        self._executables = Executables(
-            self.cfg,
-            weights,
-            self.device,
-            self.buckets,
-            self.max_decoding_steps_limit,
-            self.decode_segment_tokens,
-            self.rtc_method,
-        )
+        self._executables = Executables(self.cfg, weights, self.device, self.settings)
         self._worker = DeviceWorker(
             self._executables,
             self._scheduler,
@@ -392,7 +335,7 @@ class AsyncPi05Inference:
         first, rest = self.buckets[:1], self.buckets[1:]
         self._executables.compile(first)
         self.startup_s["compile_first"] = time.perf_counter() - start
-        if rest and self._compile_in_background:
+        if rest and self.settings.compile_in_background:
             # Serve at once with the smallest bucket; bigger batches split until theirs are compiled.
             log.info("serving while batch buckets %s compile in the background", list(rest))
             self._compiler = threading.Thread(target=self._compile_rest, args=(rest,), name="pi05-compile", daemon=True)

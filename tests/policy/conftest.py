@@ -12,9 +12,12 @@ import pytest
 def small_engine(jax_cache):
     """A batch-1 engine a test may break or close (compiles come from the cache after the first)."""
     from policy.engine.inference import AsyncPi05Inference
+    from policy.engine.settings import EngineSettings
 
     eng = AsyncPi05Inference(
-        "pi05_tiny", max_batch=1, max_decoding_steps_limit=4, image_resolutions=(), compile_in_background=False
+        EngineSettings(
+            "pi05_tiny", max_batch=1, max_decoding_steps_limit=4, image_resolutions=(), compile_in_background=False
+        )
     )
     asyncio.run(eng.start())
     yield eng

@@ -21,6 +21,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from configs import SHIPPED_TOKENIZERS, get_model_config
 from policy import checkpoint, download, tokenizer
 from policy.engine.inference import AsyncPi05Inference
+from policy.engine.settings import EngineSettings
 from policy.model.params import flatten
 from policy.normalize import checkpoint_normalizer, load_norm_stats
 from policy.request import InferenceRequest, Observation, Options
@@ -247,13 +248,15 @@ def _request() -> InferenceRequest:
 
 def _serve(checkpoint_dir, norm_stats) -> tuple[np.ndarray, AsyncPi05Inference]:
     engine = AsyncPi05Inference(
-        "pi05_tiny",
-        checkpoint_dir=checkpoint_dir,
-        norm_stats=norm_stats,
-        max_batch=1,
-        max_decoding_steps_limit=4,
-        image_resolutions=(),
-        compile_in_background=False,
+        EngineSettings(
+            "pi05_tiny",
+            checkpoint_dir=checkpoint_dir,
+            norm_stats=norm_stats,
+            max_batch=1,
+            max_decoding_steps_limit=4,
+            image_resolutions=(),
+            compile_in_background=False,
+        )
     )
 
     async def go():
@@ -266,7 +269,7 @@ def _serve(checkpoint_dir, norm_stats) -> tuple[np.ndarray, AsyncPi05Inference]:
 def test_engine_serves_the_remote_checkpoint_like_the_local_one(
     cache, remote, opened, fixture_dir, tmp_path, jax_cache, tiny_params
 ):
-    AsyncPi05Inference("pi05_tiny", checkpoint_dir=remote, norm_stats=remote + "/assets/droid")
+    AsyncPi05Inference(EngineSettings("pi05_tiny", checkpoint_dir=remote, norm_stats=remote + "/assets/droid"))
     assert opened == [] and not cache.exists()  # constructing reads nothing
 
     remote_actions, engine = _serve(remote, remote + "/assets/droid")

@@ -17,6 +17,7 @@ import pytest
 
 from policy.engine import phases
 from policy.engine.inference import AsyncPi05Inference
+from policy.engine.settings import EngineSettings
 from policy.model import pi05
 from policy.request import (
     DeadlineExceeded,
@@ -257,7 +258,7 @@ def test_a_failing_preparation_logs_the_clients_text_quoted(engine, monkeypatch,
 
 
 def test_a_full_queue_answers_busy_at_once(engine, monkeypatch):
-    monkeypatch.setattr(engine, "max_queue", 1)
+    monkeypatch.setattr(engine, "settings", dataclasses.replace(engine.settings, max_queue=1))
 
     async def two():
         return await asyncio.gather(
@@ -330,9 +331,11 @@ _START_AND_CLOSE = """
 import asyncio, sys
 from policy.engine import jax_setup
 from policy.engine.inference import AsyncPi05Inference
+from policy.engine.settings import EngineSettings
 
 async def main():
-    engine = AsyncPi05Inference("pi05_tiny", max_batch=1, max_decoding_steps_limit=4, image_resolutions=())
+    settings = EngineSettings("pi05_tiny", max_batch=1, max_decoding_steps_limit=4, image_resolutions=())
+    engine = AsyncPi05Inference(settings)
     await engine.start()
     await engine.close()
 
@@ -367,7 +370,9 @@ def test_actions_are_unnormalized_with_the_robots_stats(tmp_path, jax_cache):
 
     async def go():
         async with AsyncPi05Inference(
-            "pi05_tiny", max_batch=1, max_decoding_steps_limit=4, norm_stats=tmp_path, image_resolutions=()
+            EngineSettings(
+                "pi05_tiny", max_batch=1, max_decoding_steps_limit=4, norm_stats=tmp_path, image_resolutions=()
+            )
         ) as engine:
             with pytest.raises(ValueError, match="state has 7 values, this robot's norm stats expect 8"):
                 engine.check(_request(state=[0.0] * 7))
@@ -387,7 +392,7 @@ def test_actions_are_unnormalized_with_the_robots_stats(tmp_path, jax_cache):
 
 def test_start_failure_is_reported(tmp_path):
     async def go():
-        engine = AsyncPi05Inference("pi05_tiny", checkpoint_dir=tmp_path / "missing")
+        engine = AsyncPi05Inference(EngineSettings("pi05_tiny", checkpoint_dir=tmp_path / "missing"))
         await engine.start()
 
     with pytest.raises(ValueError, match="does not exist"):
@@ -397,7 +402,7 @@ def test_start_failure_is_reported(tmp_path):
 def test_jax_setup_is_not_touched_by_a_constructor(monkeypatch):
     monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
     cache = jax.config.jax_compilation_cache_dir
-    AsyncPi05Inference("pi05_tiny", max_batch=1)
+    AsyncPi05Inference(EngineSettings("pi05_tiny", max_batch=1))
     import os
 
     assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in os.environ

@@ -16,6 +16,7 @@ import pytest
 from configs import get_model_config
 from policy.engine.images import Resizer
 from policy.engine.inference import AsyncPi05Inference
+from policy.engine.settings import EngineSettings
 from policy.engine.validation import RequestValidator
 from policy.normalize import Normalizer, Stats
 from policy.prompts import Prompts
@@ -31,15 +32,17 @@ def pair_engine(jax_cache):
     """Batches of exactly two: the window never closes a batch, a second request does. One host
     thread, so requests take their batch rows in the order they were submitted."""
     eng = AsyncPi05Inference(
-        "pi05_tiny",
-        max_batch=2,
-        batch_buckets=(1, 2),
-        batch_window_ms=600_000.0,
-        deadline_s=600.0,
-        host_workers=1,
-        max_decoding_steps_limit=12,
-        image_resolutions=(),
-        compile_in_background=False,
+        EngineSettings(
+            "pi05_tiny",
+            max_batch=2,
+            batch_buckets=(1, 2),
+            batch_window_ms=600_000.0,
+            deadline_s=600.0,
+            host_workers=1,
+            max_decoding_steps_limit=12,
+            image_resolutions=(),
+            compile_in_background=False,
+        )
     )
     run(eng.start())
     yield eng

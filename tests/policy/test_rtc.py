@@ -17,6 +17,7 @@ import pytest
 
 from policy.engine import phases
 from policy.engine.inference import AsyncPi05Inference
+from policy.engine.settings import EngineSettings
 from policy.model import pi05, rtc
 from policy.normalize import Normalizer, Stats
 from policy.request import ChunkGuidance
@@ -47,13 +48,15 @@ def identity_engine(jax_cache, tmp_path_factory):
     }
     (folder / "norm_stats.json").write_text(json.dumps({"norm_stats": stats}))
     eng = AsyncPi05Inference(
-        "pi05_tiny",
-        max_batch=1,
-        max_decoding_steps_limit=12,
-        norm_stats=folder,
-        image_resolutions=(),
-        compile_in_background=False,
-        rtc_method="identity",
+        EngineSettings(
+            "pi05_tiny",
+            max_batch=1,
+            max_decoding_steps_limit=12,
+            norm_stats=folder,
+            image_resolutions=(),
+            compile_in_background=False,
+            rtc_method="identity",
+        )
     )
     run(eng.start())
     yield eng
@@ -332,4 +335,4 @@ def test_guidance_on_a_subtask_request_is_refused(engine):
 
 def test_the_rtc_method_is_checked():
     with pytest.raises(ValueError, match="rtc_method must be one of"):
-        AsyncPi05Inference("pi05_tiny", rtc_method="exact")
+        EngineSettings("pi05_tiny", rtc_method="exact")

@@ -14,6 +14,7 @@ import pytest
 from configs import get_model_config
 from policy.engine import phases
 from policy.engine.inference import AsyncPi05Inference
+from policy.engine.settings import EngineSettings
 from policy.model import pi05
 from policy.request import InferenceRequest, Observation, Options
 from policy.tokenizer import load_tokenizer
@@ -117,10 +118,11 @@ def test_the_checkpoint_loads_in_the_server_engine_and_gives_the_trained_actions
     )
 
     async def serve():
-        engine = AsyncPi05Inference(
+        settings = EngineSettings(
             "pi05_demo", checkpoint_dir=out, max_batch=1, batch_buckets=(1,), image_resolutions=(),
             compile_in_background=False,
         )  # fmt: skip
+        engine = AsyncPi05Inference(settings)
         async with engine:
             return await engine.submit(request)
 

@@ -36,15 +36,18 @@ TRANSITIONS_FLOOR = 1.5
 @pytest.fixture(scope="module")
 def demo_server(jax_cache):
     from policy.engine.inference import AsyncPi05Inference
+    from policy.engine.settings import EngineSettings
 
     engine = AsyncPi05Inference(
-        DEMO_MODEL,
-        checkpoint_dir=str(SHIPPED_CHECKPOINTS[DEMO_MODEL]),
-        max_batch=1,
-        batch_buckets=(1,),
-        max_decoding_steps_limit=12,
-        image_resolutions=((48, 48),),
-        compile_in_background=False,
+        EngineSettings(
+            DEMO_MODEL,
+            checkpoint_dir=str(SHIPPED_CHECKPOINTS[DEMO_MODEL]),
+            max_batch=1,
+            batch_buckets=(1,),
+            max_decoding_steps_limit=12,
+            image_resolutions=((48, 48),),
+            compile_in_background=False,
+        )
     )
     asyncio.run(engine.start())
     try:
