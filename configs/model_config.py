@@ -99,6 +99,9 @@ class ModelConfig:
     # openpi's asset id: the checkpoint's `assets/<asset_id>/norm_stats.json` holds this robot's
     # norm stats. None where a checkpoint serves several robots (pi05_base) or has no stats.
     asset_id: str | None = None
+    # The task its weights were trained on (a `robots.tasks.TASKS` name, e.g. "pick-place"), reported
+    # in the server's ping, so that a simulated robot can set itself up for it. None: no one task.
+    trained_task: str | None = None
 
     def __post_init__(self) -> None:
         for field in ("depth", "num_heads", "num_kv_heads", "head_dim"):

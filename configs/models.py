@@ -86,6 +86,7 @@ _MODELS = _build_registry(
             action_horizon=30,
             action_dim=4,
             asset_id="sim_pick_place",
+            trained_task="pick-place",
         ),
     ]
 )

@@ -2,11 +2,16 @@
 
     python -m robots.run --robot sim --server 127.0.0.1:5555 --hz 50 --duration 10 --stats-json FILE
 
+The simulated arm sets itself up from the server's `ping`: the model's cameras at its resolution,
+the state and action sizes it takes, and the task it was trained on (`--task auto`), whose episodes
+it then runs back to back (a new scene each, its prompt, until the simulator judges it done or
+`--episode-s`). A flag that contradicts the model is one line naming the fix, exit code 2.
+
 Writes the loop's summary as flat JSON keys: ticks, achieved_hz, jitter_ms_p50, jitter_ms_p99,
 underruns, chunks_received, inference_delay_ms_p50, inference_delay_ms_p99, subtasks_seen, outages,
-outage_s (time without service), server_restarts (and a few more). A server that cannot be reached
-is reported in `--connect-timeout` seconds, in one line; once running, the loop rides through
-outages (holding the robot's safe action) and server restarts.
+outage_s (time without service), server_restarts, episodes, episodes_succeeded (and a few more).
+A server that cannot be reached is reported in `--connect-timeout` seconds, in one line; once
+running, the loop rides through outages (holding the robot's safe action) and server restarts.
 """
 
 from __future__ import annotations
@@ -21,18 +26,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from policy.request import SCHEDULES
-from robots.sim import SimArm
+from robots.server_model import AUTO, NO_TASK, Mismatch, ServerModel, fit_sim
+from robots.tasks import TASKS
 from runtime.robot.chunk_buffer import BLENDS, BufferSettings
-from runtime.robot.control_loop import ControlLoop, LoopSettings
-from runtime.robot.demo import StatusLine
+from runtime.robot.control_loop import LoopSettings
+from runtime.robot.episodes import TaskEpisodes
+from runtime.robot.status_line import StatusLine
 from transport.curve import CurveError, load_client_keys
 from transport.errors import TransportError
 from transport.zmq_client import PolicyClient
 from transport.zmq_requests import zmq_endpoint
 
 log = logging.getLogger("robots.run")
-
-ROBOTS = {"sim": SimArm}
 
 
 def endpoint_arg(text: str) -> str:
@@ -44,7 +49,7 @@ def endpoint_arg(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m robots.run", description=__doc__.splitlines()[0])
-    p.add_argument("--robot", choices=sorted(ROBOTS), default="sim")
+    p.add_argument("--robot", choices=("sim",), default="sim")
     p.add_argument(
         "--server",
         type=endpoint_arg,
@@ -53,7 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pub", type=endpoint_arg, default=None, help="the server's refresh PUB (default: ROUTER port + 1)")
     p.add_argument("--robot-id", default="sim-0")
-    p.add_argument("--prompt", default="pick up the block")
+    p.add_argument("--prompt", default=None, help="the prompt without a task (default: 'pick up the block')")
+    p.add_argument(
+        "--task",
+        choices=(AUTO, NO_TASK, *TASKS),
+        default=AUTO,
+        help="the sim arm's task (auto: the one the server's model was trained on; none: a lone block, joint deltas)",
+    )
+    p.add_argument("--episode-s", type=float, default=15.0, help="a task episode that long ends unfinished")
+    p.add_argument("--image-size", type=int, default=None, help="camera resolution (default: the server model's)")
     p.add_argument("--hz", type=float, default=50.0)
     p.add_argument("--duration", type=float, default=10.0, help="seconds")
     p.add_argument(
@@ -65,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rtc-schedule", choices=SCHEDULES, default=None, help="rtc: guidance weights (server default)")
     p.add_argument("--rtc-max-guidance-weight", type=float, default=None, help="rtc: beta (server default)")
-    p.add_argument("--request-when-left", type=int, default=20, help="actions left when the next chunk is requested")
+    p.add_argument(
+        "--request-when-left",
+        type=int,
+        default=None,
+        help="actions left when the next chunk is requested (default: half the model's chunk)",
+    )
     p.add_argument("--subtask", choices=("off", "per_chunk", "refresh"), default="refresh")
     p.add_argument("--refresh-interval", type=float, default=2.0, help="seconds between subtask refreshes")
     p.add_argument("--max-decoding-steps", type=int, default=12)
@@ -91,18 +109,18 @@ def default_pub(router: str) -> str:
     return f"{host}:{int(port) + 1}"
 
 
-def loop_settings(args: argparse.Namespace, safe_action: tuple[float, ...] | None) -> LoopSettings:
+def loop_settings(args: argparse.Namespace, model: ServerModel) -> LoopSettings:
+    """The loop as the flags say; the prompt and the safe action are the arm's (`TaskEpisodes`)."""
     return LoopSettings(
-        prompt=args.prompt,
+        prompt=args.prompt or "pick up the block",
         hz=args.hz,
         buffer=BufferSettings(
-            request_when_left=args.request_when_left,
+            request_when_left=args.request_when_left or model.action_horizon // 2,
             blend=args.blend,
             crossfade_steps=args.crossfade_steps,
             rtc_execute_horizon=args.rtc_execute_horizon,
             rtc_schedule=args.rtc_schedule,
             rtc_max_guidance_weight=args.rtc_max_guidance_weight,
-            safe_action=safe_action,
         ),
         subtask_mode=args.subtask,
         refresh_interval_s=args.refresh_interval,
@@ -121,38 +139,62 @@ def main(argv: list[str] | None = None) -> int:
     except CurveError as e:
         parser.error(str(e))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    robot = ROBOTS[args.robot](control_hz=args.hz, seed=args.seed)
-    on_tick = StatusLine("robot") if sys.stderr.isatty() else None
-    client = PolicyClient(
-        args.server, args.robot_id, timeout_s=args.timeout, connect_timeout_s=args.connect_timeout, keys=keys
-    )
-    try:
-        loop = ControlLoop(
-            robot, client, loop_settings(args, robot.safe_action), args.pub or default_pub(args.server), on_tick
+
+    def client() -> PolicyClient:
+        return PolicyClient(
+            args.server, args.robot_id, timeout_s=args.timeout, connect_timeout_s=args.connect_timeout, keys=keys
         )
-        with _sigterm_stops(loop):
-            try:
-                summary = loop.run(args.duration)
-            except KeyboardInterrupt:
-                summary = loop.summary()
+
+    try:
+        with client() as probe:
+            model = ServerModel.from_ping(probe.ping())
+        arm, task = fit_sim(model, args.task, args.image_size, args.hz, args.seed)
     except TransportError as e:
         print(f"robots.run: error: {e}", file=sys.stderr)
         return 1
-    finally:
-        client.close()
-    if on_tick is not None:
-        sys.stderr.write("\n")
+    except Mismatch as e:
+        print(f"robots.run: {e}", file=sys.stderr)
+        return 2
+    if task is not None and args.prompt is not None:
+        log.warning("--prompt is not used: each %s scene says its own", task)
+    log.info(
+        "the sim arm, set up for %s: task %s, cameras %s at %dx%d, state %d, actions %d",
+        model.label, task or "none", ", ".join(arm.cameras), arm.image_size, arm.image_size,
+        arm.state.shape[0], arm.action_dim,
+    )  # fmt: skip
+    status = StatusLine(model.label)
+    episodes = TaskEpisodes(
+        arm, client, loop_settings(args, model), args.pub or default_pub(args.server), args.episode_s,
+        on_tick=status if task is not None else lambda st, _: status(st),
+    )  # fmt: skip
+    try:
+        with _sigterm_stops(episodes):
+            try:
+                summary = episodes.run(args.duration)
+            except KeyboardInterrupt:
+                summary = episodes.summary()
+    except TransportError as e:
+        status.close()
+        print(f"robots.run: error: {e}", file=sys.stderr)
+        return 1
+    status.close()
     log.info("summary: %s", summary)
+    if task is not None:
+        print(
+            f"robots.run: {task}: {summary['episodes_succeeded']} of {summary['episodes']} episodes done; "
+            f"underruns {summary['underruns']}, chunks {summary['chunks_received']}",
+            file=sys.stderr,
+        )
     if args.stats_json is not None:
         args.stats_json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
 @contextlib.contextmanager
-def _sigterm_stops(loop: ControlLoop) -> Iterator[None]:
+def _sigterm_stops(episodes: TaskEpisodes) -> Iterator[None]:
     """While running, SIGTERM ends the loop as Ctrl-C does: it signs off from the server first."""
     try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: loop.stop())
+        previous = signal.signal(signal.SIGTERM, lambda *_: episodes.stop())
     except ValueError:  # not the main thread: leave signals alone
         yield
         return

@@ -40,6 +40,8 @@ from robots.base import RobotObservation
 if TYPE_CHECKING:
     from robots.tasks import PickPlaceTask, Scene
 
+# Pi0.5's three camera slots, all of which the arm can fill.
+CAMERAS = (BASE, LEFT_WRIST, RIGHT_WRIST)
 _BACKGROUND = np.array([235, 228, 214], np.float32)
 # Arm colours unlike any block's (red, blue, green, black), so a camera never mistakes the arm for one.
 _LINK = np.array([150, 140, 130], np.float32)
@@ -77,6 +79,7 @@ class SimArm:
         task: PickPlaceTask | None = None,
         max_ee_speed: float = 0.5,
         gripper_speed: float = 3.0,
+        cameras: tuple[str, ...] = CAMERAS,
     ):
         self.n_joints = n_joints
         self.control_hz = control_hz
@@ -86,6 +89,11 @@ class SimArm:
         # position-controlled one holds its last target (None: the chunk buffer repeats it).
         self.safe_action: tuple[float, ...] | None = None if task is not None else (0.0,) * self.action_dim
         self.image_size = image_size
+        unknown = set(cameras) - set(CAMERAS)
+        if unknown or not cameras:
+            raise ValueError(f"the sim arm's cameras are {', '.join(CAMERAS)}; got {', '.join(cameras) or 'none'}")
+        # The cameras it sends: a model that takes fewer gets only those (it rejects unknown ones).
+        self.cameras = cameras
         self.max_step = max_joint_speed / control_hz  # rad per tick
         self.max_ee_step = max_ee_speed / control_hz  # metres per tick
         self.gripper_step = gripper_speed / control_hz  # closure per tick, a task arm's fingers
@@ -156,7 +164,7 @@ class SimArm:
         return RobotObservation(images=self.render(), state=self.state)
 
     def render(self) -> dict[str, np.ndarray]:
-        """The three cameras' images of the current state."""
+        """The images of the arm's `cameras` of the current state."""
         joints = self.joint_positions()
         if self.task is None:
             shapes = [Shape("square", self.block, 0.06, _BLOCK)]
@@ -165,10 +173,7 @@ class SimArm:
             shapes = self.task.shapes(self.scene)
             right = (joints[-1], _TASK_WIDE_HALF_WIDTH)
         views = {BASE: BASE_VIEW, LEFT_WRIST: (joints[-1], _WRIST_HALF_WIDTH), RIGHT_WRIST: right}
-        return {
-            name: render_view(self._grid, joints, self.gripper, shapes, centre, half)
-            for name, (centre, half) in views.items()
-        }
+        return {name: render_view(self._grid, joints, self.gripper, shapes, *views[name]) for name in self.cameras}
 
     # ------------------------------------------------------------------ the task's view of the arm
 

@@ -176,3 +176,7 @@ class PickPlaceTask:
             for i in order
         ]
         return out
+
+
+# The tasks a simulated arm can run, by the name a model config's `trained_task` gives.
+TASKS: dict[str, type[PickPlaceTask]] = {"pick-place": PickPlaceTask}

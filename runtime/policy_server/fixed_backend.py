@@ -43,7 +43,10 @@ class FixedBackend:
             "image_keys": list(self.cfg.image_keys),
             "action_horizon": self.cfg.action_horizon,
             "action_dim": self.cfg.action_dim,
+            "state_dim": None,  # no norm stats: any state is taken
             "image_resolutions": [list(r) for r in self.image_resolutions],
+            "input_resolution": [self.cfg.siglip.image_size] * 2,
+            "trained_task": self.cfg.trained_task,
         }
 
     def check(self, request: InferenceRequest) -> None:

@@ -9,7 +9,8 @@ from robots.sim import SimArm
 from robots.tasks import PickPlaceTask
 from runtime.policy_server.flags import parse_args
 from runtime.robot.control_loop import LoopStatus
-from runtime.robot.demo import format_status
+from runtime.robot.episodes import Tally
+from runtime.robot.status_line import format_status
 from runtime.serving import checkpoint_of, model_info
 
 SHIPPED = SHIPPED_CHECKPOINTS[DEMO_MODEL]
@@ -47,9 +48,14 @@ def test_random_weights_and_a_checkpoint_contradict(capsys):
     assert "contradict" in capsys.readouterr().err
 
 
-def test_the_status_line_shows_the_demo_tasks_longest_subtask_whole():
+def test_the_status_line_shows_the_demo_tasks_longest_subtask_whole_in_a_120_column_terminal():
     longest = max(
         (PickPlaceTask().subtask(SimArm(seed=s, task=PickPlaceTask(), image_size=8).scene, "move") for s in range(60)),
         key=len,
     )
-    assert repr(longest) in format_status("pi05_demo", LoopStatus(subtask=longest))
+    assert len(longest) == 44  # "move the green block to the black plate at 2"
+    # The demo's line as a 120-column terminal gets it (one column spare): the model, the episodes,
+    # then the subtask, whole; what follows it is cut.
+    line = format_status("pi05_demo: trained demo policy", LoopStatus(subtask=longest), Tally(12, 9), width=119)
+    assert line.startswith(f"pi05_demo: trained demo policy | episode 12 (9 done) | {longest!r} | ")
+    assert len(line) <= 119
