@@ -1,6 +1,6 @@
 """`python -m robots.eval`: the pick-and-place task through the whole stack, episode after episode.
 
-    python -m robots.eval --server 127.0.0.1:5555 --episodes 50 --seed 0 --json eval.json [--png eval.png]
+    python -m robots.eval [--server 127.0.0.1:5555] --episodes 50 --seed 0 [--json eval.json] [--png eval.png]
         [--latency-ms 200] [--blend rtc]
 
 Each episode draws a new scene (`robots.tasks`), and drives the simulated arm with a fresh control
@@ -14,8 +14,9 @@ The JSON summary has flat keys: `success_rate`, `episodes`, `successes`, `mean_t
 named block and plate, wherever it says they are), `subtask_text_agreement` (the share whose subtask
 text is the simulator's exactly, the place included),
 `subtask_order_rate` (episodes whose subtasks went through the phases in order), and the loop's own
-counts summed or averaged over episodes. The PNG shows the first few episodes: the gripper's path
-over the overhead view, and the simulator's phase beside the model's subtask over time.
+counts summed or averaged over episodes (written with `--json`; the success rate is always printed).
+The PNG (`--png`, or beside `--json`) shows the first few episodes: the gripper's path over the
+overhead view, and the simulator's phase beside the model's subtask over time, on an axis of phases.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from configs import get_model_config
 from robots import plot
 from robots.adapters import BASE
 from robots.run import default_pub, endpoint_arg
-from robots.sim import BASE_VIEW, SimArm
+from robots.server_model import Mismatch, ServerModel, fit_sim
+from robots.sim import BASE_VIEW, CAMERAS, SimArm
 from robots.tasks import PHASES, PickPlaceTask, Scene, without_place
 from runtime.robot.chunk_buffer import BLENDS, BufferSettings
 from runtime.robot.control_loop import ControlLoop, LoopSettings, LoopStatus
@@ -48,6 +49,8 @@ from transport.errors import TransportError
 from transport.zmq_client import PolicyClient
 
 log = logging.getLogger("robots.eval")
+
+EVAL_TASK = "pick-place"
 
 
 class DelayedClient:
@@ -170,6 +173,7 @@ class EvalSettings:
     episodes: int
     seed: int
     image_size: int
+    cameras: tuple[str, ...] = CAMERAS
     max_episode_s: float = 10.0
     latency_ms: float = 0.0
     loop: LoopSettings = dataclasses.field(default_factory=LoopSettings)
@@ -182,7 +186,9 @@ class EvalSettings:
 
 def run_episode(settings: EvalSettings, task: PickPlaceTask, index: int) -> Episode:
     seed = int(np.random.SeedSequence([settings.seed, index]).generate_state(1)[0])
-    arm = SimArm(control_hz=settings.loop.hz, image_size=settings.image_size, seed=seed, task=task)
+    arm = SimArm(
+        control_hz=settings.loop.hz, image_size=settings.image_size, seed=seed, task=task, cameras=settings.cameras
+    )
     episode = Episode(index, arm.prompt, arm.scene.copy(), arm.q.copy())
     recorder = Recorder(arm, episode, settings.loop.hz)
     real = PolicyClient(
@@ -280,12 +286,12 @@ def timeline_panel(episode: Episode, task: PickPlaceTask, size: tuple[int, int] 
     phase = np.array([PHASES.index(p) for p in episode.phases], float)
     said = np.array(episode.subtask_phases(task), float)
     said[said < 0] = np.nan  # no subtask yet, or one that names no phase
-    labels = " ".join(f"{i} {p}" for i, p in enumerate(PHASES))
     return plot.line_chart(
         [plot.Series("simulator phase", t, phase), plot.Series("model subtask", t, said + 0.05)],
-        f"{episode.prompt} | {labels} | time, s",
+        f"{episode.prompt} | time, s",
         size,
         y_range=(-0.2, len(PHASES) - 0.8),
+        y_labels=list(enumerate(PHASES)),
     )
 
 
@@ -296,12 +302,19 @@ def episodes_png(episodes: list[Episode], task: PickPlaceTask, path: Path, count
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m robots.eval", description=__doc__.splitlines()[0])
-    p.add_argument("--server", type=endpoint_arg, required=True, help="the server's ROUTER: host:port or tcp://...")
+    p.add_argument(
+        "--server",
+        type=endpoint_arg,
+        default="tcp://127.0.0.1:5555",
+        help="the server's ROUTER: host:port or tcp://... (default: the server's defaults, on this host)",
+    )
     p.add_argument("--pub", type=endpoint_arg, default=None, help="the server's refresh PUB (default: ROUTER port + 1)")
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, required=True, help="write the summary here")
-    p.add_argument("--png", type=Path, default=None, help="trajectories and subtask timelines (default: beside --json)")
+    p.add_argument("--json", type=Path, default=None, help="write the summary here")
+    p.add_argument(
+        "--png", type=Path, default=None, help="trajectories and subtask timelines (default: beside --json, if given)"
+    )
     p.add_argument("--plot-episodes", type=int, default=4)
     p.add_argument("--latency-ms", type=float, default=0.0, help="injected delay of every chunk reply")
     p.add_argument(
@@ -324,11 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_image_size(router: str, timeout_s: float, connect_timeout_s: float) -> int:
-    """The input resolution of the server's model, so the cameras render at it (no resize)."""
-    with PolicyClient(router, "eval-probe", timeout_s=timeout_s, connect_timeout_s=connect_timeout_s) as probe:
-        name = probe.ping()["model"]["config"]
-    return get_model_config(name).siglip.image_size
+def fitted_arm(args: argparse.Namespace) -> SimArm:
+    """The task's arm as the server's model takes it (its cameras, at its input resolution unless
+    `--image-size`): what every episode's arm copies. Raises `Mismatch` where it cannot be."""
+    with PolicyClient(args.server, "eval-probe", timeout_s=args.timeout, connect_timeout_s=args.connect_timeout) as c:
+        model = ServerModel.from_ping(c.ping())
+    return fit_sim(model, EVAL_TASK, args.image_size, args.hz)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,13 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     task = PickPlaceTask()
     try:
-        image_size = args.image_size or model_image_size(args.server, args.timeout, args.connect_timeout)
+        arm = fitted_arm(args)
         settings = EvalSettings(
             router=args.server,
             pub=args.pub or default_pub(args.server),
             episodes=args.episodes,
             seed=args.seed,
-            image_size=image_size,
+            image_size=arm.image_size,
+            cameras=arm.cameras,
             max_episode_s=args.max_episode_s,
             latency_ms=args.latency_ms,
             loop=LoopSettings(
@@ -373,12 +388,20 @@ def main(argv: list[str] | None = None) -> int:
     except TransportError as e:
         print(f"robots.eval: error: {e}", file=sys.stderr)
         return 1
+    except Mismatch as e:
+        print(f"robots.eval: {e}", file=sys.stderr)
+        return 2
     summary = summarize(episodes, task, settings)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    png = episodes_png(episodes, task, args.png or args.json.with_suffix(".png"), args.plot_episodes)
-    print(f"success rate {summary['success_rate']:.2f} over {len(episodes)} episodes; wrote {args.json}, {png}",
-          file=sys.stderr)  # fmt: skip
+    written = []
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        written.append(str(args.json))
+    png = args.png or (args.json.with_suffix(".png") if args.json is not None else None)
+    if png is not None:
+        written.append(str(episodes_png(episodes, task, png, args.plot_episodes)))
+    wrote = f"; wrote {', '.join(written)}" if written else ""
+    print(f"success rate {summary['success_rate']:.2f} over {len(episodes)} episodes{wrote}", file=sys.stderr)
     return 0
 
 

@@ -27,9 +27,11 @@ def line_chart(
     size: tuple[int, int] = (640, 360),
     log_y: bool = False,
     y_range: tuple[float, float] | None = None,
+    y_labels: Sequence[tuple[float, str]] = (),
 ) -> Image.Image:
     """One panel: the series as polylines on common axes (y from the data unless `y_range` is given),
-    min and max of each axis written at its ends."""
+    min and max of each axis written at its ends; with `y_labels` ((y, name) pairs: a categorical
+    axis, such as the task's phases) the y axis names those values instead, each on a faint line."""
     w, h = size
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
@@ -51,8 +53,14 @@ def line_chart(
         return left + u * (right - left), bottom - v * (bottom - top)
 
     fmt = (lambda v: f"{10**v:.3g}") if log_y else (lambda v: f"{v:.3g}")
-    draw.text((4, top), fmt(y_hi), fill="black")
-    draw.text((4, bottom - 10), fmt(y_lo), fill="black")
+    if y_labels:
+        for value, name in y_labels:
+            _, y = px(x_lo, value)
+            draw.line((left + 1, y, right - 1, y), fill=(232, 232, 232))
+            draw.text((4, y - 5), name, fill="black")
+    else:
+        draw.text((4, top), fmt(y_hi), fill="black")
+        draw.text((4, bottom - 10), fmt(y_lo), fill="black")
     draw.text((left, bottom + 6), f"{x_lo:.4g}", fill="black")
     draw.text((right - 40, bottom + 6), f"{x_hi:.4g}", fill="black")
     for i, (s, y) in enumerate(zip(series, ys, strict=True)):

@@ -6,11 +6,11 @@ import concurrent.futures
 import json
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from robots import eval as robots_eval
 from robots.sim import SimArm
-from robots.tasks import COLOURS, PickPlaceTask
+from robots.tasks import COLOURS, PHASES, PickPlaceTask
 from runtime.policy_server.fixed_backend import FixedBackend
 from runtime.robot.virtual_time import VirtualClock
 from tests.support.serving import zmq_server_thread
@@ -96,3 +96,32 @@ def test_subtask_order_and_transitions_are_read_from_the_texts():
     other = next(c for c in COLOURS if c not in reach)
     ep.subtasks = [wrong_place, reach.replace(arm.scene.block_colours[arm.scene.target], other), "done"]
     assert np.array_equal(ep.subtask_phases(task), [0, -1, 4])
+
+
+def test_the_readmes_command_needs_neither_server_nor_json(tmp_path, capsys):
+    args = robots_eval.build_parser().parse_args(["--episodes", "4", "--seed", "100", "--png", "x.png"])
+    assert args.server == "tcp://127.0.0.1:5555" and args.json is None  # the default server's ROUTER
+    png = tmp_path / "episodes.png"
+    with zmq_server_thread(FixedBackend("pi05_demo")) as server:
+        code = robots_eval.main(
+            ["--server", server.endpoints["router"], "--episodes", "1", "--max-episode-s", "0.5", "--png", str(png)]
+        )
+    assert code == 0 and png.is_file() and list(tmp_path.iterdir()) == [png]  # the picture, no JSON
+    assert capsys.readouterr().err.splitlines()[-1] == f"success rate 0.00 over 1 episodes; wrote {png}"
+
+
+def test_the_timeline_names_the_phases_on_its_axis():
+    task = PickPlaceTask()
+    arm = SimArm(seed=0, task=task, image_size=8)
+    ep = robots_eval.Episode(0, arm.prompt, arm.scene.copy(), arm.q.copy())
+    ep.times, ep.phases, ep.subtasks = [0.0, 1.0, 2.0], ["reach", "grasp", "move"], [None, None, None]
+    img = np.asarray(robots_eval.timeline_panel(ep, task, size=(560, 240)).convert("L"))
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    top, bottom, left = 24, 240 - 28, 56  # the chart's frame (robots.plot.line_chart)
+    y_lo, y_hi = -0.2, len(PHASES) - 0.8
+    for i, name in enumerate(PHASES):
+        y = round(bottom - (i - y_lo) / (y_hi - y_lo) * (bottom - top))
+        # The margin left of the frame, at this phase's height, holds a word as wide as its name.
+        ink = np.nonzero((img[y - 6 : y + 7, :left] < 128).any(axis=0))[0]
+        assert len(ink), f"nothing written at {name!r}'s height"
+        assert abs((ink[-1] - ink[0] + 1) - measure.textlength(name)) <= 2, name
