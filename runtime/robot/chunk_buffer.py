@@ -7,15 +7,25 @@ compensation), and the rest is merged with what is left of the current plan by t
 policy: replace, a linear crossfade over k steps, a per-step weighted average (LeRobot's
 0.3 old / 0.7 new), or real-time chunking.
 
+When to ask for the next chunk is learnt from the delays measured in every mode: the delay d of a
+chunk is the steps between its observation and its arrival; the estimate is a high percentile of
+the recent ones (by default the largest of the last 20), the first chunk left out (it carries the
+server's compilation and the connection set-up). The next chunk is asked for when d plus a margin
+of actions are left, never later than `request_when_left` (a floor that also rules before anything
+was measured), and never with more than the H - d a chunk covers after its own delay: asking
+earlier would send a request while the previous one is still computing, and a server computing
+one at a time answers each such request later than the last, the delay feeding its own growth.
+A single slow reply raises the trigger until it leaves the window.
+
 Real-time chunking (`rtc`; Black, Galliker & Levine 2025) moves the blending into the model: each
 request carries the unexecuted leftover from its observation's step (`rtc_inputs`), the
 inference delay d (steps the robot executes from the old chunk before the new one lands) and the
 execution horizon s (steps executed from the new one before the next lands), and the server
-samples a chunk whose first d steps continue the leftover. The buffer estimates d as a high
-percentile of the delays it measured (the first chunks excluded: they carry compilation and
-connection set-up), keeps d <= s <= H - d, asks for a chunk every s steps with one request in
-flight (the leftover must be final when it is sent), and on arrival executes the new chunk from
-the step it arrives at, unblended.
+samples a chunk whose first d steps continue the leftover. The buffer takes d from the same
+estimate (at most H / 2), keeps s within d .. H - trigger (the leftover when asking is the
+trigger above), asks for a chunk every s steps with one request in flight (the leftover must be
+final when it is sent), and on arrival executes the new chunk from the step it arrives at,
+unblended.
 """
 
 from __future__ import annotations
@@ -35,35 +45,40 @@ BLENDS: tuple[str, ...] = ("replace", "crossfade", "average", "rtc")
 
 @dataclasses.dataclass(frozen=True)
 class BufferSettings:
-    # Ask for the next chunk when this many actions are left, counting what the requests already in
-    # flight will cover. No underrun as long as a chunk's latency stays below this many steps
-    # (a chunk's duration minus the steps executed before asking).
+    # The floor of the request trigger: the next chunk is asked for when this many actions are left
+    # at the latest (counting what the requests already in flight will cover), earlier when the
+    # measured delays call for it. It alone rules until a delay was measured after the warm-up.
     request_when_left: int = 20
+    # Steps asked for on top of the delay estimate: the jitter of the next delay.
+    request_margin: int = 2
+    # The delay estimate, shared by every mode: this percentile of the last `delay_window` measured
+    # delays (steps), the first `warmup_chunks` left out.
+    delay_percentile: float = 100.0
+    delay_window: int = 20
+    warmup_chunks: int = 1
     blend: Blend = "crossfade"
     crossfade_steps: int = 8
     average_old_weight: float = 0.3
     safe_action: tuple[float, ...] | None = None  # on underrun; None holds the last action
-    # Real-time chunking (blend "rtc"): the wished execution horizon s (kept within d..H - d), the
-    # percentile of recent delays taken as d, how many delays it looks at, how many first chunks
-    # it leaves out, and the guidance options sent along (the server's defaults when None).
+    # Real-time chunking (blend "rtc"): the wished execution horizon s (kept within d .. H - trigger)
+    # and the guidance options sent along (the server's defaults when None).
     rtc_execute_horizon: int = 25
-    rtc_delay_percentile: float = 95.0
-    rtc_delay_window: int = 100
-    rtc_warmup_chunks: int = 1
     rtc_schedule: str | None = None
     rtc_max_guidance_weight: float | None = None
 
     def __post_init__(self) -> None:
         if self.blend not in BLENDS:
             raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got {self.blend!r}")
-        if self.request_when_left < 0 or self.crossfade_steps < 1:
-            raise ValueError("request_when_left must be >= 0 and crossfade_steps >= 1")
+        if self.request_when_left < 0 or self.request_margin < 0 or self.crossfade_steps < 1:
+            raise ValueError("request_when_left and request_margin must be >= 0, crossfade_steps >= 1")
         if not 0.0 <= self.average_old_weight <= 1.0:
             raise ValueError(f"average_old_weight must be in [0, 1], got {self.average_old_weight}")
-        if self.rtc_execute_horizon < 1 or self.rtc_delay_window < 1 or self.rtc_warmup_chunks < 0:
-            raise ValueError("rtc_execute_horizon and rtc_delay_window must be >= 1, rtc_warmup_chunks >= 0")
-        if not 0.0 <= self.rtc_delay_percentile <= 100.0:
-            raise ValueError(f"rtc_delay_percentile must be in [0, 100], got {self.rtc_delay_percentile}")
+        if self.delay_window < 1 or self.warmup_chunks < 0:
+            raise ValueError("delay_window must be >= 1 and warmup_chunks >= 0")
+        if not 0.0 <= self.delay_percentile <= 100.0:
+            raise ValueError(f"delay_percentile must be in [0, 100], got {self.delay_percentile}")
+        if self.rtc_execute_horizon < 1:
+            raise ValueError(f"rtc_execute_horizon must be >= 1, got {self.rtc_execute_horizon}")
         if self.rtc_schedule is not None and self.rtc_schedule not in SCHEDULES:
             raise ValueError(f"rtc_schedule must be one of {', '.join(SCHEDULES)}, got {self.rtc_schedule!r}")
         if self.rtc_max_guidance_weight is not None and not self.rtc_max_guidance_weight >= 0.0:
@@ -123,7 +138,7 @@ class ActionChunkBuffer:
         self._last_action: np.ndarray | None = None
         self._chunk_obs_step: int | None = None
         self._horizon = 0  # length of the chunks seen so far
-        self._rtc_delays: collections.deque[int] = collections.deque(maxlen=self.settings.rtc_delay_window)
+        self._delays: collections.deque[int] = collections.deque(maxlen=self.settings.delay_window)
         self.metrics = BufferMetrics()
 
     def actions_left(self, step: int) -> int:
@@ -131,9 +146,9 @@ class ActionChunkBuffer:
         return max(0, len(self._plan) - max(0, step - self._first_step))
 
     def needs_chunk(self, step: int, in_flight_obs_steps: tuple[int, ...] | list[int] = ()) -> bool:
-        """Whether to request now; a request in flight from the observation of step s will cover
-        the steps up to s + horizon. In `rtc` mode: every s steps after the current chunk's
-        observation, never while a request is in flight."""
+        """Whether to request now: with `request_trigger()` actions left; a request in flight from
+        the observation of step s will cover the steps up to s + horizon. In `rtc` mode: every s
+        steps after the current chunk's observation, never while a request is in flight."""
         if self.settings.blend == "rtc":
             if in_flight_obs_steps:
                 return False
@@ -141,7 +156,7 @@ class ActionChunkBuffer:
         end = self._first_step + len(self._plan)
         for obs_step in in_flight_obs_steps:
             end = max(end, obs_step + self._horizon)
-        return end - step <= self.settings.request_when_left
+        return end - step <= self.request_trigger()
 
     def chunk_age(self, step: int) -> int | None:
         """Steps since the observation the current plan was computed from."""
@@ -181,8 +196,8 @@ class ActionChunkBuffer:
         self._horizon = max(self._horizon, len(actions))
         self.metrics.chunks_received += 1
         append_bounded(self.metrics.delays_steps, delay)
-        if self.metrics.chunks_received > self.settings.rtc_warmup_chunks:
-            self._rtc_delays.append(delay)
+        if self.metrics.chunks_received > self.settings.warmup_chunks:
+            self._delays.append(delay)
         if delay_ms is not None:
             append_bounded(self.metrics.delays_ms, delay_ms)
         if delay >= len(actions) or (self._chunk_obs_step is not None and obs_step < self._chunk_obs_step):
@@ -215,19 +230,41 @@ class ActionChunkBuffer:
         index = max(0, step - self._first_step)
         return Leftover(step, self._plan[index:].copy())
 
+    def delay_estimate(self) -> int | None:
+        """The `delay_percentile` of the last `delay_window` measured delays (steps), rounded up;
+        None before a chunk past the warm-up arrived."""
+        if not self._delays:
+            return None
+        return math.ceil(np.percentile(np.fromiter(self._delays, float), self.settings.delay_percentile))
+
+    def request_trigger(self) -> int:
+        """Actions left (counting requests in flight) at which the next chunk is asked for:
+        d + `request_margin`, so a chunk as late as the estimate lands before the plan runs out; at
+        most H - d, the steps a chunk still covers when it lands d late (more would send the next
+        request before this one is answered, overlapping requests the server computes one after
+        the other); and never below `request_when_left`, which alone rules before any delay was
+        measured and which may ask earlier still (pipelining, for a server that batches them)."""
+        d = self.delay_estimate()
+        floor = self.settings.request_when_left
+        if d is None or not self._horizon:
+            return floor
+        return max(floor, min(d + self.settings.request_margin, self._horizon - d))
+
     def inference_delay(self) -> int:
-        """d: the `rtc_delay_percentile` of the recent measured delays (steps), rounded up, at most
-        half the horizon (the most a guided request may carry); 0 before any was measured."""
-        if not self._rtc_delays:
-            return 0
-        d = math.ceil(np.percentile(np.fromiter(self._rtc_delays, float), self.settings.rtc_delay_percentile))
-        return min(d, self._horizon // 2)
+        """d as a guided request carries it: the delay estimate, at most half the horizon (the
+        most it may carry); 0 before any was measured."""
+        return min(self.delay_estimate() or 0, self._horizon // 2)
 
     def execute_horizon(self) -> int:
-        """s: `rtc_execute_horizon` kept within max(d, 1) .. H - d (H: the chunks' length)."""
+        """s: `rtc_execute_horizon` kept within max(d, 1) .. H - max(trigger, d) (H: the chunks'
+        length), so the leftover when asking covers the delay and its margin, and holds the d
+        steps the server continues; d wins where they cross (one request in flight: a request
+        before the last one landed would carry a leftover not yet final)."""
         d = self.inference_delay()
         s = self.settings.rtc_execute_horizon
-        return max(d, 1, min(s, self._horizon - d)) if self._horizon else max(s, 1)
+        if not self._horizon:
+            return max(s, 1)
+        return max(d, 1, min(s, self._horizon - max(self.request_trigger(), d)))
 
     def rtc_inputs(self, obs_step: int) -> RtcInputs | None:
         """What a request from the observation of `obs_step` sends in `rtc` mode; None in other

@@ -4,7 +4,9 @@ Tick k is scheduled at `start + k / hz` on the loop's clock (never `sleep(period
 Each tick takes the action for step k from the chunk buffer and hands it to the robot; when the
 buffer runs low (counting what requests in flight will cover) it observes and sends a request
 without waiting, up to `max_in_flight` at once; a finished request is merged at the start of the
-next tick, so the buffer knows exactly how many steps passed while the model ran. The client is
+next tick, so the buffer knows exactly how many steps passed while the model ran, and from those
+delays when to ask next (`ActionChunkBuffer.request_trigger`: the recent delays plus a margin,
+`request_when_left` as the floor), so the loop keeps up with a slower server by itself. The client is
 polled once per tick, on the loop's thread: no other thread touches the loop's state.
 
 In `refresh` mode action requests are conditioned on the current subtask, which the server
@@ -83,7 +85,9 @@ class LoopSettings:
     prompt: str = "pick up the block"
     hz: float = 50.0
     buffer: BufferSettings = dataclasses.field(default_factory=BufferSettings)
-    max_in_flight: int = 2  # requests pipelined, so latency may exceed half a chunk
+    # Requests pipelined: a `request_when_left` above H - delay asks again before the last one is
+    # answered, which lets a latency past half a chunk be covered by a server that batches them.
+    max_in_flight: int = 2
     subtask_mode: SubtaskMode = "off"
     refresh_interval_s: float = 2.0
     max_decoding_steps: int = 25

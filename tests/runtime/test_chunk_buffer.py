@@ -94,3 +94,60 @@ def test_bad_chunks_are_rejected():
         buf.add_chunk(np.zeros((5, 2)), 3, 1)
     with pytest.raises(ValueError, match="blend must be"):
         BufferSettings(blend="fade")
+
+
+def _measured(delays: list[int], **settings) -> ActionChunkBuffer:
+    """A buffer that has merged 50-step chunks arriving `delays` steps after their observations."""
+    buf = ActionChunkBuffer(2, BufferSettings(**settings))
+    for k, delay in enumerate(delays):
+        buf.add_chunk(_chunk(0, n=50), obs_step=60 * k, now_step=60 * k + delay)
+    return buf
+
+
+@pytest.mark.parametrize("blend", ["replace", "crossfade", "average", "rtc"])
+def test_the_first_chunks_delay_is_left_out_and_the_floor_rules_until_one_is_measured(blend):
+    # The first chunk carries the server's compilation: 40 steps here, which would ask for 42.
+    buf = _measured([40], blend=blend, request_when_left=5)
+    assert buf.delay_estimate() is None and buf.request_trigger() == 5
+    buf.add_chunk(_chunk(0, n=50), obs_step=100, now_step=108)
+    assert buf.delay_estimate() == 8 and buf.request_trigger() == 8 + 2
+
+
+@pytest.mark.parametrize(
+    ("floor", "delays", "trigger"),
+    [
+        (0, [0, 12, 9, 11], 14),  # the largest recent delay plus the margin of 2
+        (30, [0, 12], 30),  # the floor asks earlier than the delays need
+        (0, [0, 30], 20),  # 32 would ask again before the last chunk lands: at most H - 30
+        (40, [0, 30], 40),  # the floor asks earlier still (pipelining)
+        (0, [0, 60], 0),  # a chunk later than its length covers nothing: only the floor is left
+    ],
+)
+def test_the_trigger_is_the_delay_plus_a_margin_within_the_floor_and_h_minus_d(floor, delays, trigger):
+    assert _measured(delays, request_when_left=floor).request_trigger() == trigger
+
+
+def test_a_slow_reply_raises_the_trigger_until_it_leaves_the_window():
+    buf = _measured([0, 5, 5, 5], request_when_left=0)  # the default window: the last 20 delays
+    assert buf.request_trigger() == 7
+    buf.add_chunk(_chunk(0, n=50), obs_step=300, now_step=320)
+    assert buf.request_trigger() == 22
+    for k in range(19):
+        buf.add_chunk(_chunk(0, n=50), obs_step=400 + 60 * k, now_step=405 + 60 * k)
+        assert buf.request_trigger() == 22
+    buf.add_chunk(_chunk(0, n=50), obs_step=2000, now_step=2005)
+    assert buf.request_trigger() == 7
+
+
+@pytest.mark.parametrize("blend", ["replace", "crossfade", "average"])
+def test_the_request_goes_out_with_the_delay_and_its_margin_left(blend):
+    buf = _measured([0, 12], blend=blend, request_when_left=0)
+    buf.add_chunk(_chunk(0, n=50), obs_step=200, now_step=212)  # the plan covers steps 212..249
+    assert not buf.needs_chunk(235) and buf.needs_chunk(236)  # 14 = 12 + 2 left at step 236
+    assert buf.actions_left(236) == 14
+
+
+def test_delay_settings_are_checked():
+    for bad in ({"delay_window": 0}, {"delay_percentile": 101.0}, {"warmup_chunks": -1}, {"request_margin": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            BufferSettings(**bad)

@@ -60,18 +60,51 @@ def test_a_crossfade_spreads_a_change_of_plan_over_its_steps(blend, largest_step
     assert np.diff(robot.values()).max() == pytest.approx(largest_step)
 
 
-def test_underruns_are_counted_exactly_and_hold_the_safe_action():
+def test_underruns_are_counted_exactly_hold_the_safe_action_and_teach_the_trigger():
     clock = VirtualClock(START_S)
     robot = CountingRobot(clock)
-    # 24.5 periods of latency, asked for at 10 actions left: 14 steps without a plan per chunk.
+    # 24.5 periods of latency; before any delay is measured the request goes at the floor of 10
+    # actions left (step 40), its chunk merges before step 64: steps 50..63 run without a plan.
+    # That delay of 24 steps then sets the trigger to 24 + 2 (the margin), at most H - 24 = 26:
+    # every later request goes with 26 left, its chunk lands with 2 to spare, and nothing starves.
     loop = simulated_loop(SimServer(clock, 0.49), robot, buffer={"request_when_left": 10}, max_in_flight=1)
     summary = loop.run(4.0)
     starved = [step for step, a in enumerate(robot.actions) if tuple(a) == SAFE]
-    expected = [s for start in (50, 90, 130, 170) for s in range(start, start + 14)]
-    assert starved == expected
-    assert summary["underruns"] == len(expected) == 56
-    fed = [s for s in range(200) if s not in expected]
+    assert starved == list(range(50, 64))
+    assert summary["underruns"] == 14
+    assert loop.buffer.metrics.delays_steps[1:] == [24] * (summary["chunks_received"] - 1)
+    assert loop.buffer.request_trigger() == 26
+    fed = [s for s in range(200) if s not in starved]
     np.testing.assert_array_equal(robot.values()[fed], fed)
+
+
+@pytest.mark.parametrize(
+    ("blend", "left_when_asked"), [("replace", 23), ("crossfade", 23), ("average", 23), ("rtc", 25)]
+)
+def test_the_loop_learns_when_to_ask_in_every_blend_mode(blend, left_when_asked):
+    clock = VirtualClock(START_S)
+    robot = CountingRobot(clock)
+    # 21.5 periods of latency: chunks merge 21 steps after their observation. With a floor of 0 the
+    # first request after the warm-up chunk goes when the plan runs out (rtc: after s = 25 steps);
+    # from then on the trigger is 21 + 2 (rtc: s = 25 <= H - 23 leaves 25).
+    server = SimServer(clock, 0.43)
+    depth_at: dict[int, int] = {}
+    loop = simulated_loop(
+        server,
+        robot,
+        on_tick=lambda st: depth_at.setdefault(st.step, st.depth),
+        buffer={"request_when_left": 0, "blend": blend},
+    )
+    summary = loop.run(6.0)
+    assert loop.buffer.metrics.delays_steps[1:] == [21] * (summary["chunks_received"] - 1)
+    learnt = [r for r in server.requests[2:] if r.answered is not None]
+    assert len(learnt) >= 8
+    # The plan held this many actions from the request's observation step on: the chunk lands with 2 to spare.
+    assert {depth_at[r.obs_step] for r in learnt} == {left_when_asked}
+    starved = np.flatnonzero(robot.values() == SAFE[0])
+    assert starved.tolist() == ([] if blend == "rtc" else list(range(50, 71)))
+    # One request at a time: each is sent after the one before was answered.
+    assert all(r.answered <= q.sent for r, q in zip(server.requests, server.requests[1:], strict=False))
 
 
 @pytest.mark.parametrize(("in_flight", "starved"), [(1, True), (2, False)])

@@ -1,6 +1,6 @@
 """The buffer's and the control loop's real-time chunking mode, by step counts: the delay estimate
-(warm-up left out), the execution horizon's bounds, the arrival step math and the leftover's
-alignment with the request's observation step."""
+(warm-up left out; every mode's request trigger shares it), the execution horizon's bounds, the
+arrival step math and the leftover's alignment with the request's observation step."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _arrive(buf: ActionChunkBuffer, obs_step: int, delay: int) -> None:
 
 
 def test_the_delay_is_a_high_percentile_of_the_measured_ones_with_the_warm_up_left_out():
-    buf = _rtc(rtc_warmup_chunks=1, rtc_delay_percentile=90.0)
+    buf = _rtc(warmup_chunks=1, delay_percentile=90.0)
     assert buf.inference_delay() == 0  # nothing measured yet
     _arrive(buf, 0, 24)  # the first chunk: compilation, connection set-up
     assert buf.inference_delay() == 0
@@ -38,7 +38,7 @@ def test_the_delay_is_a_high_percentile_of_the_measured_ones_with_the_warm_up_le
 
 
 def test_the_delay_looks_at_a_window_of_recent_chunks_and_at_most_half_the_horizon():
-    buf = _rtc(rtc_warmup_chunks=0, rtc_delay_window=3, rtc_delay_percentile=100.0)
+    buf = _rtc(warmup_chunks=0, delay_window=3, delay_percentile=100.0)
     for k, delay in enumerate([20, 4, 3, 4]):
         _arrive(buf, 30 * k, delay)
     assert buf.inference_delay() == 4  # the 20 has left the window
@@ -51,21 +51,29 @@ def test_the_delay_looks_at_a_window_of_recent_chunks_and_at_most_half_the_horiz
     [
         (25, [10], 25),  # within d..H-d
         (5, [10], 10),  # below d: the next request would go out before this one lands
-        (45, [10], 40),  # above H-d: the chunk would run out before the next lands
+        (45, [10], 38),  # above H - (d + 2): the leftover would not cover the delay and its margin
+        (45, [30], 25),  # past H / 2: a guided request carries d = 25 at most, and s <= H - d
         (25, [0], 25),
         (1, [0], 1),
     ],
 )
-def test_the_execution_horizon_stays_within_d_and_h_minus_d(wished, delays, expected_s):
-    buf = _rtc(rtc_warmup_chunks=0, rtc_execute_horizon=wished)
+def test_the_execution_horizon_stays_within_d_and_h_minus_the_trigger(wished, delays, expected_s):
+    buf = _rtc(warmup_chunks=0, rtc_execute_horizon=wished, request_when_left=0)
     for k, delay in enumerate(delays):
         _arrive(buf, 60 * k, delay)
     d, s = buf.inference_delay(), buf.execute_horizon()
     assert s == expected_s and max(d, 1) <= s <= HORIZON - d
 
 
+def test_the_floor_shortens_the_execution_horizon():
+    buf = _rtc(warmup_chunks=0, rtc_execute_horizon=45, request_when_left=20)
+    _arrive(buf, 0, 10)
+    # The leftover when asking is H - s: at least the floor of 20, more than the 12 the delay asks.
+    assert buf.request_trigger() == 20 and buf.execute_horizon() == 30
+
+
 def test_requests_go_every_s_steps_and_never_while_one_is_in_flight():
-    buf = _rtc(rtc_warmup_chunks=0, rtc_execute_horizon=20)
+    buf = _rtc(warmup_chunks=0, rtc_execute_horizon=20)
     assert buf.needs_chunk(0)  # no plan yet
     _arrive(buf, 0, 0)
     assert not buf.needs_chunk(19) and buf.needs_chunk(20)
@@ -85,7 +93,7 @@ def test_a_chunk_is_executed_from_its_arrival_step_unblended():
 
 
 def test_the_leftover_starts_at_the_requests_observation_step_in_the_servers_width():
-    buf = _rtc(rtc_warmup_chunks=0, rtc_execute_horizon=20)
+    buf = _rtc(warmup_chunks=0, rtc_execute_horizon=20)
     _arrive(buf, 0, 0)
     _arrive(buf, 20, 7)  # the plan now starts at step 27 with the value 27
     rtc = buf.rtc_inputs(40)
@@ -99,8 +107,6 @@ def test_the_leftover_starts_at_the_requests_observation_step_in_the_servers_wid
 def test_rtc_settings_are_checked():
     for bad in (
         {"rtc_execute_horizon": 0},
-        {"rtc_delay_window": 0},
-        {"rtc_delay_percentile": 101.0},
         {"rtc_schedule": "cosine"},
         {"rtc_max_guidance_weight": float("nan")},
     ):
