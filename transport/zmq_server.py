@@ -27,7 +27,8 @@ exited or was killed) unsubscribes. The addresses that flood subscriptions lose 
 
 Each request is attributed to a principal: its CURVE key, else its connection's peer address (a
 gateway's connection: its own name). In-flight caps apply per peer identity, per principal and in all;
-`ping` is exempt from them, so a health check answers under load.
+`ping` is exempt from them, so a health check answers under load. The size bound and these caps are
+`transport.admission`'s, which the fleet broker admits its robots' requests by too.
 
 With `ZmqServerSettings.curve` the public ROUTER and the XPUB's tcp endpoints are CURVE servers
 behind the context's ZAP handler (`transport.zap`, `transport.curve`): a peer whose key is not
@@ -51,10 +52,11 @@ import numpy as np
 import zmq
 
 from transport import codec, curve
+from transport.admission import Admission, AdmissionLimits, rejection
 from transport.connections import Connections
-from transport.errors import ProtocolError, TransportError
+from transport.errors import TransportError
 from transport.heap import HeapTrimmer
-from transport.messages import ERROR, PING, REPLY_TYPE, Request, build_request
+from transport.messages import ERROR, PING, REPLY_TYPE, Request
 from transport.subscriptions import SUBSCRIBERS_DOMAIN, SubscriptionBook, SubscriptionLimits, configure_xpub
 from transport.zmq_reader import SocketReader
 
@@ -99,13 +101,8 @@ class ZmqServerSettings:
     router_endpoint: str | None = "tcp://127.0.0.1:5555"
     internal_endpoint: str | None = None  # ipc://... for the WebSocket gateways
     pub_endpoints: tuple[str, ...] = ("tcp://127.0.0.1:5556",)
-    max_message_bytes: int = 32 * 1024 * 1024
+    admission: AdmissionLimits = dataclasses.field(default_factory=AdmissionLimits)
     hwm: int = 1000
-    max_in_flight: int = 256
-    max_in_flight_per_peer: int = 16
-    max_in_flight_per_principal: int = 128  # a host's (or a key's) robots together
-    # A gateway peer is one WebSocket connection; a JSON batch holds up to this many requests.
-    max_in_flight_per_internal_peer: int = 64
     max_cached_topics: int = 4096  # last-value cache entries (one per robot with a refresh)
     subscriptions: SubscriptionLimits = dataclasses.field(default_factory=SubscriptionLimits)
     # CURVE with an allow-list on the public ROUTER and the XPUB's tcp endpoints (the internal
@@ -206,9 +203,7 @@ class ZmqServer:
         self.publisher: Publisher | None = None
         self._tasks: set[asyncio.Task] = set()
         self._readers: dict[zmq.Socket, SocketReader] = {}
-        self._in_flight: Counter[bytes] = Counter()
-        self._by_principal: Counter[str] = Counter()
-        self._total_in_flight = 0
+        self.admission = Admission(settings.admission)
         self.router_endpoint: str | None = None
         self.internal_endpoint: str | None = None
         self.pub_endpoints: list[str] = []
@@ -253,7 +248,7 @@ class ZmqServer:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.SNDHWM, s.hwm)
         router.setsockopt(zmq.RCVHWM, s.hwm)
-        router.setsockopt(zmq.MAXMSGSIZE, 2 * s.max_message_bytes)
+        router.setsockopt(zmq.MAXMSGSIZE, 2 * s.admission.max_message_bytes)
         router.setsockopt(zmq.LINGER, 0)
         try:
             router.bind(endpoint)
@@ -340,46 +335,21 @@ class ZmqServer:
         broker forwards (`runtime.fleet.worker_link`), with a sink that wraps the reply for the broker."""
         received = time.perf_counter()
         try:
-            request = self._admit(peer, body)
+            request = self.admission.admit(body, peer.identity, peer.internal, peer.principal)
         except TransportError as e:
             self._reject(router, peer, body, e)
             return
-        except Exception as e:  # a decoder bug must not stop the server for every robot
-            log.exception("unexpected failure decoding a message from %s", peer.identity.hex())
-            self._reject(router, peer, body, TransportError(f"internal error: {type(e).__name__}"))
-            return
         counted = request.type != PING
         if counted:
-            self._in_flight[peer.identity] += 1
-            self._by_principal[peer.principal] += 1
-            self._total_in_flight += 1
+            self.admission.take(peer.identity, peer.internal, peer.principal)
         task = asyncio.create_task(self._serve(router, peer, request, received, counted))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _admit(self, peer: Peer, body: list) -> Request:
-        """Cheap bounds first (size), then decoding (the header is small and bounded), then the
-        in-flight caps, which a `ping` is exempt from: a health check must answer under load."""
-        s = self.settings
-        size = sum(len(f) for f in body)
-        if size > s.max_message_bytes:
-            raise ProtocolError(
-                f"message is {size} bytes, more than the server's limit of {s.max_message_bytes}", "oversize"
-            )
-        header, arrays = codec.decode(body)
-        request = build_request(header, arrays, peer.identity.hex(), peer.internal)
-        if request.type != PING:
-            check_in_flight(
-                s, peer.internal, self._total_in_flight, self._in_flight[peer.identity],
-                self._by_principal[peer.principal],
-            )  # fmt: skip
-        return request
-
     def _reject(self, router: zmq.Socket, peer: Peer, body: list, e: TransportError) -> None:
         self.errors[e.code] += 1
         log.info("rejected a message from %s (%r): %s", peer.identity.hex(), peer.principal, e.message)
-        reply = {"type": ERROR, "id": codec.request_id(body), "error": e.to_wire()}
-        self._send(router, peer.identity, reply)
+        self._send(router, peer.identity, rejection(body, e))
 
     async def _serve(self, router: zmq.Socket, peer: Peer, request: Request, received: float, counted: bool) -> None:
         try:
@@ -394,9 +364,7 @@ class ZmqServer:
             header, arrays = self._error(request, "internal", f"internal error: {type(e).__name__}: {e}"), {}
         finally:
             if counted:
-                _settle(self._in_flight, peer.identity)
-                _settle(self._by_principal, peer.principal)
-                self._total_in_flight -= 1
+                self.admission.settle(peer.identity, peer.internal, peer.principal)
         if "data" in header:
             header["data"]["server_timing"] = {"total_ms": (time.perf_counter() - received) * 1e3}
         self._send(router, peer.identity, header, arrays)
@@ -408,30 +376,6 @@ class ZmqServer:
 
     def _send(self, router: zmq.Socket, identity: bytes, header: dict[str, Any], arrays: dict | None = None) -> None:
         send_to_peer(router, identity, codec.encode(header, arrays))
-
-
-def check_in_flight(
-    settings: ZmqServerSettings | Any, internal: bool, total: int, of_peer: int, of_principal: int
-) -> None:
-    """Raises `busy` when one more request would pass a cap: in all, of the peer identity, of its
-    principal. The server and the broker admit requests by the same rule (`settings` holds the
-    `max_in_flight*` fields of either)."""
-    if total >= settings.max_in_flight:
-        raise TransportError("the server has too many requests in flight; retry later", "busy")
-    per_peer = settings.max_in_flight_per_internal_peer if internal else settings.max_in_flight_per_peer
-    if of_peer >= per_peer:
-        raise TransportError(f"this client has {per_peer} requests in flight, the limit", "busy")
-    if not internal and of_principal >= settings.max_in_flight_per_principal:
-        raise TransportError(
-            f"this client's address (or key) has {settings.max_in_flight_per_principal} requests in flight, the limit",
-            "busy",
-        )
-
-
-def _settle(counts: Counter, key: Any) -> None:
-    counts[key] -= 1
-    if counts[key] <= 0:
-        del counts[key]
 
 
 def send_to_peer(router: zmq.Socket, identity: bytes, frames: list) -> None:

@@ -23,7 +23,7 @@ the sessions of robots that are gone, keeps working, as does its last-value repl
 The broker answers `ping` itself (the workers and their load), whatever the load: a ping is exempt
 from the in-flight caps. Every front message is checked as the single server checks it (size, then
 `codec.decode` and `build_request`, then the in-flight caps per identity, per principal and in all:
-`transport.zmq_server.check_in_flight`), so the broker replies with the same typed errors and nothing a
+the same `transport.admission.Admission`), so the broker replies with the same typed errors and nothing a
 robot sends can stop it; a request its worker holds past `request_timeout_s` is answered `timeout`
 (the worker's late reply is dropped). Subscriptions at the front XPUB go through the same
 `SubscriptionBook` as a single server's. A worker's malformed message is dropped and logged; a
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib.metadata
 import itertools
 import logging
 import threading
@@ -74,13 +73,15 @@ from runtime.fleet.protocol import (
 )
 from runtime.fleet.routing import InFlight, Worker, WorkerTable
 from transport import codec, curve
+from transport.admission import Admission, AdmissionLimits, rejection
 from transport.connections import Connections
-from transport.errors import ProtocolError, TransportError
+from transport.errors import TransportError
 from transport.heap import HeapTrimmer
-from transport.messages import BYE, ERROR, KEEP, PING, REFRESH_INTERVAL, REPLY_TYPE, build_request
+from transport.messages import BYE, ERROR, KEEP, PING, REFRESH_INTERVAL, REPLY_TYPE
+from transport.server_info import ServerInfo
 from transport.subscriptions import SUBSCRIBERS_DOMAIN, SubscriptionBook, SubscriptionLimits, configure_xpub
 from transport.zap import ZapHandler
-from transport.zmq_server import check_in_flight, principal_of, send_to_peer
+from transport.zmq_server import principal_of, send_to_peer
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,9 @@ class BrokerSettings:
     remote_xsub_endpoint: str | None = None
     heartbeat_s: float = DEFAULT_INTERVAL_S
     heartbeat_misses: int = DEFAULT_MISSES
-    max_message_bytes: int = 32 * 1024 * 1024
+    # The single server's bounds, with room for a fleet's requests in all.
+    admission: AdmissionLimits = dataclasses.field(default_factory=lambda: AdmissionLimits(max_in_flight=1024))
     hwm: int = 1000
-    max_in_flight: int = 1024
-    max_in_flight_per_peer: int = 16
-    max_in_flight_per_principal: int = 128
-    max_in_flight_per_internal_peer: int = 64
     # A request its worker holds this long is answered `timeout`: a worker that heartbeats but never
     # replies must not leave robots waiting forever.
     request_timeout_s: float = 30.0
@@ -118,13 +116,6 @@ class BrokerSettings:
     curve: curve.ServerKeys | None = None
     # CURVE with an allow-list of worker keys (ZAP domain `WORKERS_DOMAIN`) on the workers' tcp endpoints.
     worker_curve: curve.ServerKeys | None = None
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("pi05-runtime")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class Broker:
@@ -158,8 +149,7 @@ class Broker:
         self._seq = itertools.count(1)
         self._poller: zmq.Poller | None = None
         self._handlers: dict[zmq.Socket, Callable[[list], None]] = {}
-        self._per_peer: collections.Counter[tuple[bool, bytes]] = collections.Counter()
-        self._per_principal: collections.Counter[str] = collections.Counter()
+        self.admission = Admission(settings.admission)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = clock()
@@ -218,7 +208,7 @@ class Broker:
         sock.setsockopt(zmq.RCVHWM, s.hwm)
         if kind == zmq.ROUTER:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            sock.setsockopt(zmq.MAXMSGSIZE, 2 * s.max_message_bytes)
+            sock.setsockopt(zmq.MAXMSGSIZE, 2 * s.admission.max_message_bytes)
         elif kind == zmq.XPUB:
             # Every (un)subscription reaches the broker, which applies, counts and bounds them
             # (its book) and tells the workers only of the first and the last per topic.
@@ -339,23 +329,13 @@ class Broker:
             self._forward(internal, identity, user, principal_of(frames[-1], identity, internal, user), body)
         except TransportError as e:
             self.errors[e.code] += 1
-            self._reply(internal, identity, {"type": ERROR, "id": codec.request_id(body), "error": e.to_wire()})
+            self._reply(internal, identity, rejection(body, e))
 
     def _forward(self, internal: bool, identity: bytes, user: str | None, principal: str, body: list) -> None:
-        s = self.settings
-        size = sum(len(f) for f in body)
-        if size > s.max_message_bytes:
-            raise ProtocolError(
-                f"message is {size} bytes, more than the server's limit of {s.max_message_bytes}", "oversize"
-            )
-        header, arrays = codec.decode(body)
-        request = build_request(header, arrays, identity.hex(), internal)
+        request = self.admission.admit(body, identity, internal, principal)
         if request.type == PING:  # exempt from the caps: a health check answers under load
             self._reply(internal, identity, self._pong(request.id))
             return
-        check_in_flight(
-            s, internal, self.table.in_flight(), self._per_peer[(internal, identity)], self._per_principal[principal]
-        )
         key = curve.session_key(user, request.robot)  # the worker's session key: what sticks
         worker = self.table.placed(key) if request.type == BYE else self.table.route(key)
         if worker is not None and request.type != BYE:
@@ -378,8 +358,7 @@ class Broker:
         if not self._to_worker(worker.identity, request_frames(envelope, body)):
             raise TransportError(f"policy worker {worker.name} cannot take requests now; retry later", "unavailable")
         worker.in_flight[seq] = InFlight(seq, internal, identity, request.id, request.robot, principal, self._clock())
-        self._per_peer[(internal, identity)] += 1
-        self._per_principal[principal] += 1
+        self.admission.take(identity, internal, principal)
         self.forwarded += 1
         if request.type == BYE:
             self.table.leave(key)
@@ -389,17 +368,14 @@ class Broker:
         workers = list(self.table.workers.values())
         first = workers[0].info if workers else {}
         statuses = [w.status for w in workers]
-        server = {
-            "name": "pi05-runtime",
-            "version": _version(),
-            "protocol": codec.PROTOCOL_VERSION,
-            "uptime_s": now - self._started,
-            "epoch": self.epoch,
-            "healthy": any(st.get("healthy", True) for st in statuses),
-            "sessions": sum(st.get("sessions", 0) for st in statuses),
-            "refreshing": sum(st.get("refreshing", 0) for st in statuses),
-            "min_refresh_interval_s": first.get("server", {}).get("min_refresh_interval_s"),
-        }
+        server = ServerInfo(
+            uptime_s=now - self._started,
+            epoch=self.epoch,
+            healthy=any(st.get("healthy", True) for st in statuses),
+            sessions=sum(st.get("sessions", 0) for st in statuses),
+            refreshing=sum(st.get("refreshing", 0) for st in statuses),
+            min_refresh_interval_s=first.get("server", {}).get("min_refresh_interval_s"),
+        )
         broker = {
             "workers": self.table.snapshot(now),
             "robots": sum(len(w.robots) for w in workers),
@@ -409,7 +385,7 @@ class Broker:
             "workers_lost": self.table.lost,
             "robots_moved": self.table.moved,
         }
-        data = {"server": server, "model": first.get("model", {}), "broker": broker}
+        data = {"server": server.to_wire(), "model": first.get("model", {}), "broker": broker}
         data["server_timing"] = {"total_ms": 0.0}
         return {"type": REPLY_TYPE[PING], "id": request_id, "data": data}
 
@@ -430,13 +406,7 @@ class Broker:
         worker.in_flight.clear()
 
     def _settled(self, flight: InFlight) -> None:
-        for counts, key in (
-            (self._per_peer, (flight.internal, flight.client)),
-            (self._per_principal, flight.principal),
-        ):
-            counts[key] -= 1
-            if counts[key] <= 0:
-                del counts[key]
+        self.admission.settle(flight.client, flight.internal, flight.principal)
 
     # ------------------------------------------------------------------ workers
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib.metadata
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -29,10 +28,10 @@ import numpy as np
 
 from policy.request import EngineError, InferenceRequest, InferenceResult, Observation, Options
 from runtime.policy_server.refresh import Publish, RefreshScheduler
-from transport.codec import PROTOCOL_VERSION
 from transport.curve import session_key
 from transport.errors import BadRequest, TransportError
 from transport.messages import ACTIONS, BYE, INFER, KEEP, MODEL_ACTIONS, PING, REFRESH, SUBTASK, Request
+from transport.server_info import ServerInfo
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +72,6 @@ class Session:
     prompt: str | None = None
     options: Options = dataclasses.field(default_factory=Options)
     last_seen: float = 0.0
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("pi05-runtime")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class PolicyService:
@@ -326,19 +318,14 @@ class PolicyService:
         )
 
     def ping(self) -> dict[str, Any]:
-        return {
-            "server": {
-                "name": "pi05-runtime",
-                "version": _version(),
-                "protocol": PROTOCOL_VERSION,
-                "uptime_s": self._clock() - self._started,
-                "epoch": self.scheduler.epoch,
-                "healthy": bool(self.backend.healthy),
-                "sessions": len(self.sessions),
-                "refreshing": self.scheduler.active(),
-                "expired_sessions": self.expired,
-                "evicted_sessions": self.evicted,
-                "min_refresh_interval_s": self.limits.min_refresh_interval_s,
-            },
-            "model": self.backend.info(),
-        }
+        server = ServerInfo(
+            uptime_s=self._clock() - self._started,
+            epoch=self.scheduler.epoch,
+            healthy=bool(self.backend.healthy),
+            sessions=len(self.sessions),
+            refreshing=self.scheduler.active(),
+            min_refresh_interval_s=self.limits.min_refresh_interval_s,
+            expired_sessions=self.expired,
+            evicted_sessions=self.evicted,
+        )
+        return {"server": server.to_wire(), "model": self.backend.info()}

@@ -30,6 +30,7 @@ from runtime.fleet.protocol import (
 )
 from runtime.robot.virtual_time import VirtualClock
 from transport import codec
+from transport.admission import AdmissionLimits
 
 MAX_STEPS = 500  # failure detection only
 
@@ -52,7 +53,7 @@ def broker(tmp_path):
             xsub_endpoint=f"ipc://{tmp_path}/xsub",
             heartbeat_s=0.5,
             heartbeat_misses=3,
-            max_message_bytes=1024 * 1024,
+            admission=AdmissionLimits(max_message_bytes=1024 * 1024, max_in_flight=1024),
         ),
         clock=clock,
     )
@@ -355,7 +356,7 @@ def test_a_request_its_worker_holds_past_the_timeout_is_answered_timeout(tmp_pat
         for _ in range(20):
             b.step(0.01)
         assert not robot.poll(0)
-        assert b.table.in_flight() == 0 and not b._per_principal
+        assert b.table.in_flight() == 0 and b.admission.in_flight == 0
     finally:
         b.close()
 
@@ -377,7 +378,7 @@ def test_one_worker_address_cannot_fill_the_worker_table(tmp_path, ctx):
 
 def test_ping_answers_when_the_in_flight_caps_are_reached(tmp_path, ctx):
     """A health check must answer under load: `ping` is exempt from the in-flight caps."""
-    b = _broker_with(tmp_path, VirtualClock(), max_in_flight=4)
+    b = _broker_with(tmp_path, VirtualClock(), admission=AdmissionLimits(max_in_flight=4))
     try:
         worker = _join(b, ctx)
         robots = [_socket(ctx, zmq.DEALER, b.router_endpoint) for _ in range(5)]

@@ -16,6 +16,7 @@ import zmq.asyncio
 from runtime.policy_server.service import PolicyService
 from tests.support.ports import free_local_ports
 from transport import codec
+from transport.admission import AdmissionLimits
 from transport.errors import RemoteError
 from transport.refresh_listener import RefreshListener
 from transport.zmq_async_client import AsyncPolicyClient
@@ -107,7 +108,7 @@ def test_client_api_infer_subtask_ping_and_errors(engine):
 
 def test_malformed_messages_get_typed_errors_while_others_are_served(engine):
     async def scenario():
-        async with serving(engine, max_message_bytes=300_000) as (server, _):
+        async with serving(engine, admission=AdmissionLimits(max_message_bytes=300_000)) as (server, _):
             ctx = zmq.asyncio.Context.instance()
             bad = ctx.socket(zmq.DEALER)
             bad.connect(server.router_endpoint)
