@@ -85,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="actions left when the next chunk is requested (default: half the model's chunk)",
     )
     p.add_argument("--subtask", choices=("off", "per_chunk", "refresh"), default="refresh")
-    p.add_argument("--refresh-interval", type=float, default=2.0, help="seconds between subtask refreshes")
+    p.add_argument(
+        "--refresh-interval",
+        type=float,
+        default=None,
+        help="seconds between subtask refreshes (default: 0.5 with a task, whose phases change in a second; else 2)",
+    )
     p.add_argument("--max-decoding-steps", type=int, default=12)
     p.add_argument(
         "--timeout", type=float, default=30.0, help="seconds the first chunk may take per try (the model may compile)"
@@ -109,7 +114,7 @@ def default_pub(router: str) -> str:
     return f"{host}:{int(port) + 1}"
 
 
-def loop_settings(args: argparse.Namespace, model: ServerModel) -> LoopSettings:
+def loop_settings(args: argparse.Namespace, model: ServerModel, task: str | None) -> LoopSettings:
     """The loop as the flags say; the prompt and the safe action are the arm's (`TaskEpisodes`)."""
     return LoopSettings(
         prompt=args.prompt or "pick up the block",
@@ -123,7 +128,7 @@ def loop_settings(args: argparse.Namespace, model: ServerModel) -> LoopSettings:
             rtc_max_guidance_weight=args.rtc_max_guidance_weight,
         ),
         subtask_mode=args.subtask,
-        refresh_interval_s=args.refresh_interval,
+        refresh_interval_s=args.refresh_interval or (0.5 if task is not None else 2.0),
         max_decoding_steps=args.max_decoding_steps,
         request_timeout_s=args.chunk_timeout,
     )
@@ -164,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     status = StatusLine(model.label)
     episodes = TaskEpisodes(
-        arm, client, loop_settings(args, model), args.pub or default_pub(args.server), args.episode_s,
+        arm, client, loop_settings(args, model, task), args.pub or default_pub(args.server), args.episode_s,
         on_tick=status if task is not None else lambda st, _: status(st),
     )  # fmt: skip
     try:
