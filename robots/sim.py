@@ -4,7 +4,7 @@ A chain of `n_joints` links on a table, a gripper, and a block to reach. Actions
 deltas per control tick plus a gripper command in [0, 1]; joint speeds are limited, so motion
 follows the actions it is given, smoothly. Three cameras fill Pi0.5's slots: an overhead view
 (`base_0_rgb`) and two close-ups that follow the gripper and the block (`left_wrist_0_rgb`,
-`right_wrist_0_rgb`). Deterministic for a given seed.
+`right_wrist_0_rgb`; `cameras` picks those a model takes). Deterministic for a given seed.
 
 With a `task` (`robots.tasks`), the table holds that task's scene instead of the lone block: each
 reset draws a new scene, the gripper grasps, carries and releases blocks, the cameras show the
