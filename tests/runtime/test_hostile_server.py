@@ -20,11 +20,11 @@ in full on failure instead), so every run sends the same inputs and takes a boun
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import re
 import socket
-import struct
 import time
 from typing import Any
 
@@ -41,14 +41,39 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.support.raw_dealer import RawDealer, image, infer_arrays, infer_header
 from tests.support.server_process import ServerProcess
+from tests.support.strategies import (
+    ARRAY_NAMES,
+    DEEP,
+    DESCRIPTOR_FIELDS,
+    FRAMES,
+    HEADER_FIELDS,
+    HEADER_TYPES,
+    INVALID_UTF8,
+    JSON_FIELDS,
+    LONE_SURROGATE,
+    OPTION_KEYS,
+    T_DATA,
+    VALID_DTYPES,
+    dumps,
+    json_keys,
+    json_scalars,
+    json_values,
+    msgpack_values,
+    mutate_bytes,
+    mutate_frames,
+    mutate_text,
+    nd,
+    nested,
+    openpi_arrays,
+    packb,
+    valid_json_request,
+    valid_openpi_observation,
+)
 from transport import codec
 from transport.errors import RemoteError
-from transport.messages import GUIDANCE_OPTIONS, PREV_ACTIONS, REPLY_TYPE, RETURN_MODEL_ACTIONS
+from transport.messages import REPLY_TYPE
 from transport.openpi_msgpack import RTC_KEYS
 from transport.zmq_client import PolicyClient
-
-# Real-time chunking's request fields, in every wire's fuzzing vocabulary.
-RTC_FIELDS = [PREV_ACTIONS, *GUIDANCE_OPTIONS, RETURN_MODEL_ACTIONS]
 
 # Codes the docs list for the ZMQ ROUTER, less `internal` (see the module docstring).
 ZMQ_CODES = frozenset(
@@ -101,66 +126,6 @@ def _no_tracebacks(server: ServerProcess, since: int) -> None:
     assert "Traceback" not in text, "the server logged a traceback for client input:\n" + text[-6000:]
 
 
-# ============================================================================ msgpack helpers
-
-# What Python's msgpack will not write (invalid UTF-8, nesting past its recursion limit), spliced
-# into the packed bytes where these placeholder strings stand.
-LONE_SURROGATE = "\x00lone-surrogate\x00"
-INVALID_UTF8 = "\x00invalid-utf8\x00"
-DEEP = "\x00nested-2000-deep\x00"
-_SPLICE = {LONE_SURROGATE: b"\xa3\xed\xa0\x80", INVALID_UTF8: b"\xa2\xff\xfe", DEEP: b"\x91" * 2000 + b"\x00"}
-
-
-def packb(value: Any) -> bytes:
-    data = msgpack.packb(value, use_bin_type=True)
-    for placeholder, raw in _SPLICE.items():
-        data = data.replace(msgpack.packb(placeholder), raw)
-    return data
-
-
-def nested(depth: int, leaf: Any = 0) -> Any:
-    value = leaf
-    for _ in range(depth):
-        value = [value]
-    return value
-
-
-ODD_DTYPES = [
-    "T", "<U4", "|S4", "O", "|O", "|V8", "<c8", "<c16", ">f4", ">i8", "<M8[s]", "<m8[ns]", "float32",
-    "f4", "<f4 ", "", "<f16", "|u1\x00", "b", "?", "<f4,<f4", "(2,)<f4", "|u1|u1",
-]  # fmt: skip
-VALID_DTYPES = sorted(codec.DTYPES)
-ODD_SHAPES = [
-    [0] + [2**31 - 1] * 7, [2**31 - 1] * 8, [2**31], [-1], [2**63 - 1], [2**64 - 1], [-(2**63)], [1] * 9,
-    [0] * 9, [], [0], [3.0], [True], ["3"], None, {}, [[8]], [8, 8, 3, 1], [8, 8], [192], [65536, 65536, 3],
-    [4097, 1, 3], [1, 1, 3], [0, 8, 3],
-]  # fmt: skip
-
-SPECIAL_SCALARS = [
-    2**64 - 1, -(2**63), 2**63, 2**31, -1, 0, math.nan, math.inf, -math.inf, 5e-324, "", "@json/1-1", "x" * 5000,
-    LONE_SURROGATE, INVALID_UTF8, "infer", "ping", "bye",
-]  # fmt: skip
-msgpack_scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-(2**63), 2**64 - 1),
-    st.floats(),
-    st.text(max_size=30),
-    st.binary(max_size=30),
-    st.sampled_from(SPECIAL_SCALARS),
-)
-msgpack_keys = st.one_of(st.text(max_size=10), st.integers(-5, 5), st.binary(max_size=5), st.none(), st.booleans())
-msgpack_values = st.one_of(
-    st.recursive(
-        msgpack_scalars,
-        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(msgpack_keys, inner, max_size=4),
-        max_leaves=8,
-    ),
-    st.sampled_from([nested(100), DEEP, {"a": nested(40)}, msgpack.ExtType(5, b"x"), msgpack.Timestamp(1)]),
-    st.lists(st.sampled_from(ODD_DTYPES)),
-)
-
-
 # ============================================================================ ZMQ ROUTER
 
 
@@ -182,23 +147,16 @@ def zmq_messages(draw, request_id: int) -> list[bytes]:
             )
         )  # fmt: skip
         if op == "field":
-            key = draw(st.sampled_from(["v", "type", "id", "robot", "ts", "options", "arrays", "data", "extra"]))
-            header[key] = draw(msgpack_values)
+            header[draw(st.sampled_from(HEADER_FIELDS))] = draw(msgpack_values)
         elif op == "delete" and header:
             del header[draw(st.sampled_from(sorted(header)))]
         elif op == "type":
-            header["type"] = draw(st.sampled_from([*REPLY_TYPE, "result", "error", "pong", "", "INFER", "infer\x00"]))
+            header["type"] = draw(HEADER_TYPES)
         elif op == "option":
             options = header.get("options")
             if not isinstance(options, dict):
                 options = header["options"] = {}
-            key = draw(
-                st.sampled_from(
-                    ["high_level_prompt", "low_level_prompt", "generate_subtask", "max_decoding_steps", "temperature",
-                     "seed", "subtask_refresh_interval", *RTC_FIELDS, "bogus", 1, b"high_level_prompt", None, 2.5]
-                )
-            )  # fmt: skip
-            options[key] = draw(msgpack_values)
+            options[draw(OPTION_KEYS)] = draw(msgpack_values)
         elif op == "rtc" and isinstance(header.get("arrays"), list):
             # Real-time chunking: a well-framed prev_actions array of any dtype and shape, with options.
             dtype = draw(st.sampled_from(["<f4", "<f8", "|u1", "<i8", "<c8", "|b1"]))
@@ -214,15 +172,8 @@ def zmq_messages(draw, request_id: int) -> list[bytes]:
             descs = header["arrays"]
             i = draw(st.integers(0, len(descs) - 1))
             if isinstance(descs[i], dict):
-                field = draw(st.sampled_from(["name", "dtype", "shape"]))
-                if field == "dtype":
-                    value = draw(st.sampled_from(ODD_DTYPES + VALID_DTYPES) | msgpack_values)
-                elif field == "shape":
-                    value = draw(st.sampled_from(ODD_SHAPES) | msgpack_values)
-                else:
-                    value = draw(st.sampled_from(["image/bogus", "image/", "state", "actions", "x" * 200, "image/@"])
-                                 | msgpack_values)  # fmt: skip
-                descs[i][field] = value
+                field = draw(st.sampled_from(sorted(DESCRIPTOR_FIELDS)))
+                descs[i][field] = draw(DESCRIPTOR_FIELDS[field])
             else:
                 descs[i] = draw(msgpack_values)
         elif op == "descriptors" and isinstance(header.get("arrays"), list):
@@ -238,22 +189,12 @@ def zmq_messages(draw, request_id: int) -> list[bytes]:
             elif action == "many":
                 header["arrays"] = [{"name": f"image/c{i}", "dtype": "|u1", "shape": [1, 1, 3]} for i in range(65)]
         elif op == "frames":
-            action = draw(st.sampled_from(["drop", "add", "truncate", "extend", "scramble", "empty"]))
-            i = draw(st.integers(0, max(0, len(frames) - 1)))
-            if action == "drop" and frames:
-                frames.pop(i)
-            elif action == "add":
-                frames.append(draw(st.binary(max_size=64)))
-            elif action == "truncate" and frames:
-                frames[i] = frames[i][: draw(st.integers(0, max(0, len(frames[i]) - 1)))]
-            elif action == "extend" and frames:
-                frames[i] = frames[i] + draw(st.binary(min_size=1, max_size=16))
-            elif action == "scramble" and frames:
-                # Same length, other bytes: a state of NaNs or infinities, say.
+            if draw(st.booleans()) or not frames:  # frames dropped, added, cut, extended, emptied
+                frames[:] = mutate_frames(frames, draw(st.randoms(use_true_random=False)))
+            else:  # same length, other bytes: a state of NaNs or infinities, say
+                i = draw(st.integers(0, len(frames) - 1))
                 pattern = draw(st.sampled_from([b"\xff", b"\x00\x00\x80\x7f", b"\x00\x00\xc0\xff"]))
                 frames[i] = (pattern * len(frames[i]))[: len(frames[i])]
-            elif action == "empty" and frames:
-                frames[i] = b""
         elif op == "consistent_array":
             # An array whose frame matches its descriptor, so checks past the frame sizes run.
             dtype = draw(st.sampled_from(VALID_DTYPES))
@@ -261,21 +202,15 @@ def zmq_messages(draw, request_id: int) -> list[bytes]:
                 st.sampled_from([[1, 1, 3], [8, 8, 4], [8, 8], [0, 8, 3], [4097, 1, 3], [1100, 2, 3], [2, 2000, 3],
                                  [1], [0], [257], [], [2, 2]])
             )  # fmt: skip
-            name = draw(st.sampled_from(["image/base_0_rgb", "image/bogus", "state", "image/x" * 20, "image/"]))
+            name = draw(ARRAY_NAMES)
             fill = draw(st.sampled_from([b"\x00", b"\xff", b"\x7f"]))
             header["arrays"] = [{"name": name, "dtype": dtype, "shape": shape}]
             frames[:] = [fill * (math.prod(shape) * np.dtype(dtype).itemsize)]
         elif op == "header_bytes":
             header_bytes = packb(header)
-            action = draw(st.sampled_from(["truncate", "flip", "append", "random", "oversize"]))
-            if action == "truncate":
-                header_bytes = header_bytes[: draw(st.integers(0, len(header_bytes) - 1))]
-            elif action == "flip":
-                i = draw(st.integers(0, len(header_bytes) - 1))
-                flipped = bytes([header_bytes[i] ^ draw(st.integers(1, 255))])
-                header_bytes = header_bytes[:i] + flipped + header_bytes[i + 1 :]
-            elif action == "append":
-                header_bytes += draw(st.binary(min_size=1, max_size=8))
+            action = draw(st.sampled_from(["edit", "edit", "random", "oversize"]))
+            if action == "edit":  # bytes flipped, inserted, deleted, or the frame cut short
+                header_bytes = mutate_bytes(header_bytes, draw(st.randoms(use_true_random=False)))
             elif action == "random":
                 header_bytes = draw(st.binary(max_size=64))
             else:
@@ -298,6 +233,19 @@ def _describe_frames(frames: list[bytes]) -> str:
     return f"header {shown[:2000]}, then {len(frames) - 1} frames of {[len(f) for f in frames[1:]]} bytes"
 
 
+def _scanned_id(header_frame: bytes) -> Any:
+    """The id of a header that does not unpack whole, read key by key up to the id: the server scans a
+    header too large to unpack that way, so a value after the id that no unpacker reads (2000-deep
+    nesting, invalid UTF-8) leaves the id its error reply carries."""
+    unpacker = msgpack.Unpacker(io.BytesIO(header_frame), strict_map_key=False)
+    with contextlib.suppress(Exception):
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() == "id":
+                return unpacker.unpack()
+            unpacker.skip()
+    return None
+
+
 def _zmq_problem(sent: list[bytes], reply: list[bytes] | None, model: dict[str, Any]) -> str | None:
     """What is wrong with the server's answer to `sent` (None: a typed error or a valid reply)."""
     if reply is None:
@@ -306,12 +254,11 @@ def _zmq_problem(sent: list[bytes], reply: list[bytes] | None, model: dict[str, 
         header, arrays = codec.decode(reply)
     except Exception as e:
         return f"the reply does not decode: {e}"
-    try:  # lone surrogates read as such: a header too large to unpack is scanned for its id by the server,
-        # which finds the id before an invalid string that comes after it
+    try:
         sent_header = msgpack.unpackb(sent[0], strict_map_key=False, unicode_errors="surrogatepass")
+        sent_id = sent_header.get("id") if isinstance(sent_header, dict) else None
     except Exception:
-        sent_header = None
-    sent_id = sent_header.get("id") if isinstance(sent_header, dict) else None
+        sent_header, sent_id = None, _scanned_id(sent[0])
     if header.get("id") is not None and header.get("id") != sent_id:
         return f"the reply carries id {header.get('id')!r}, the request had {sent_id!r}"
     if header.get("type") == "error":
@@ -360,13 +307,7 @@ def test_zmq_router_answers_mutated_requests_with_typed_errors(server, model, me
 
 
 @settings(SETTINGS, max_examples=100)
-@given(
-    st.lists(
-        st.lists(st.binary(max_size=200) | msgpack_values.map(packb), min_size=1, max_size=4),
-        min_size=5,
-        max_size=10,
-    )
-)
+@given(st.lists(st.lists(FRAMES, min_size=1, max_size=4), min_size=5, max_size=10))
 def test_zmq_router_answers_random_frames_with_typed_errors(server, model, messages):
     """~750 messages of random bytes and random msgpack values, 1 to 4 frames each."""
     since = len(server.lines)
@@ -491,68 +432,10 @@ def test_a_robot_whose_header_is_over_the_limit_gets_an_error_it_can_match(serve
 
 # ============================================================================ JSON API
 
-# Raw JSON text spliced in where a placeholder string stands (valid JSON that Python cannot write,
-# or JSON's limits): keys and values alike.
-RAW_JSON = {
-    "\x00raw:1e400\x00": "1e400",
-    "\x00raw:-1e400\x00": "-1e400",
-    "\x00raw:digits\x00": "1" * 5000,
-    "\x00raw:-digits\x00": "-" + "9" * 5000,
-    "\x00raw:NaN\x00": "NaN",
-    "\x00raw:Infinity\x00": "Infinity",
-    "\x00raw:-Infinity\x00": "-Infinity",
-    "\x00raw:surrogate\x00": '"\\ud800"',
-    "\x00raw:surrogate2\x00": '"go \\udfff"',
-    "\x00raw:nul\x00": '"a\\u0000b"',
-    "\x00raw:deep\x00": "[" * 3000 + "]" * 3000,
-    "\x00raw:big-int\x00": "123456789012345678901234567890",
-    "\x00raw:tiny\x00": "1e-400",
-    "\x00raw:dupkeys\x00": '{"a": 1, "a": 2}',
-}
-_RAW_KEYS = sorted(RAW_JSON)
-
-
-def dumps(value: Any) -> str:
-    text = json.dumps(value)
-    for placeholder, raw in RAW_JSON.items():
-        text = text.replace(json.dumps(placeholder), raw)
-    return text
-
-
-json_scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(),
-    st.integers(-(2**200), 2**200),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=20),
-    st.sampled_from(_RAW_KEYS),
-    st.sampled_from(["", "base_0_rgb", "x" * 5000, 0, -1, 256, 1.5, 2**64, -(2**63) - 1, 1e308, 5e-324]),
-)
-json_keys = st.text(max_size=8) | st.sampled_from(_RAW_KEYS)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(json_keys, inner, max_size=4),
-    max_leaves=8,
-)
-JSON_FIELDS = [
-    "images", "high_level_prompt", "low_level_prompt", "state", "generate_subtask", "max_decoding_steps",
-    "temperature", "seed", "subtask_refresh_interval", *RTC_FIELDS, "batch", "type", "id", "bogus",
-]  # fmt: skip
-
-
-def _valid_json(seed: int = 0) -> dict[str, Any]:
-    return {
-        "images": {"base_0_rgb": image(4, 4, seed).tolist()},
-        "high_level_prompt": "pick up the cup",
-        "state": [0.25] * 8,
-        "generate_subtask": False,
-    }
-
 
 @st.composite
 def json_requests(draw) -> dict[str, Any] | Any:
-    request: Any = _valid_json(draw(st.integers(0, 3)))
+    request: Any = valid_json_request(draw(st.integers(0, 3)))
     for _ in range(draw(st.integers(1, 3))):
         if not isinstance(request, dict):
             break
@@ -601,16 +484,14 @@ def json_messages(draw) -> str | bytes:
     if kind == "request":
         return dumps(draw(json_requests()))
     if kind == "batch":
-        items = draw(st.lists(json_requests() | st.just(_valid_json()), min_size=0, max_size=10))
+        items = draw(st.lists(json_requests() | st.just(valid_json_request()), min_size=0, max_size=10))
         extra = draw(st.sampled_from([{}, {"extra": 1}]))
         return dumps({"batch": items, **extra} if draw(st.booleans()) else {"batch": draw(json_values)})
     if kind == "text":
         return draw(st.text(max_size=200))
     if kind == "bytes":
         return draw(st.binary(max_size=200))
-    text = dumps(draw(json_requests()))
-    cut = draw(st.integers(0, len(text)))
-    return text[:cut] + draw(st.text(max_size=3)) + text[cut + draw(st.integers(0, 3)) :]
+    return mutate_text(dumps(draw(json_requests())), draw(st.randoms(use_true_random=False)))
 
 
 def _json_problem(reply: Any, batch_size: int | None, model: dict[str, Any]) -> str | None:
@@ -677,7 +558,7 @@ def _json_exchange_all(server: ServerProcess, model: dict[str, Any], messages: l
             if problem is not None:
                 problems.append(f"{problem}\n    for {shown}")
         else:
-            connection.send(dumps(_valid_json()))
+            connection.send(dumps(valid_json_request()))
             reply = _json_recv(connection)
             if _json_problem(reply, None, model) is not None or reply.get("status") != "success":
                 problems.append(f"a well-formed request after the batch failed: {str(reply)[:500]}")
@@ -697,7 +578,7 @@ def test_json_api_answers_mutated_requests_with_typed_errors_on_an_open_connecti
 
 
 def _named_json_inputs() -> dict[str, str | bytes]:
-    base = _valid_json()
+    base = valid_json_request()
 
     def with_fields(**fields: Any) -> str:
         return dumps({**base, **fields})
@@ -765,7 +646,7 @@ def test_json_api_answers_the_inputs_issue_9_names(server, model):
             try:
                 connection.send(message)
                 problem = _json_problem(_json_recv(connection), _batch_size(message), model)
-                connection.send(dumps(_valid_json()))
+                connection.send(dumps(valid_json_request()))
                 after = _json_recv(connection)
                 if problem is None and (not isinstance(after, dict) or after.get("status") != "success"):
                     problem = f"the next well-formed request on the connection got {str(after)[:300]}"
@@ -785,62 +666,12 @@ def test_json_api_answers_the_inputs_issue_9_names(server, model):
 # ============================================================================ openpi's protocol
 
 
-def nd(arr: Any, **fields: Any) -> dict[bytes, Any]:
-    arr = np.asarray(arr)
-    return {b"__ndarray__": True, b"data": arr.tobytes(), b"dtype": arr.dtype.str, b"shape": list(arr.shape), **fields}
-
-
-def _valid_openpi(seed: int = 0) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
-    return {
-        "observation/exterior_image_1_left": nd(image(8, 8, seed)),
-        "observation/wrist_image_left": nd(image(8, 8, seed + 1)),
-        "observation/joint_position": nd(rng.uniform(-1, 1, 7)),
-        "observation/gripper_position": nd(rng.uniform(0, 1, 1)),
-        "prompt": "do something",
-    }
-
-
-OPENPI_KEYS = [*sorted(_valid_openpi()), *RTC_KEYS, "bogus", 1, b"prompt", None]
-
-# What a malicious sender of a 'T' (StringDType) array puts in its data: (pointer, length) pairs.
-T_DATA = struct.pack("<QQ", 0x400000, 24) * 2
-
-
-@st.composite
-def openpi_arrays(draw) -> dict[bytes, Any]:
-    base = nd(image(4, 4))
-    action = draw(st.sampled_from(["dtype", "shape", "data", "missing", "extra", "scalar", "consistent", "t"]))
-    if action == "dtype":
-        base[b"dtype"] = draw(st.sampled_from(ODD_DTYPES + VALID_DTYPES) | msgpack_values)
-    elif action == "shape":
-        base[b"shape"] = draw(st.sampled_from(ODD_SHAPES) | msgpack_values)
-    elif action == "data":
-        base[b"data"] = draw(st.sampled_from([b"", b"x", {}, [], "text", None, 3]) | msgpack_values)
-    elif action == "missing":
-        del base[draw(st.sampled_from([b"data", b"dtype", b"shape"]))]
-    elif action == "extra":
-        base[draw(msgpack_keys)] = draw(msgpack_values)
-    elif action == "scalar":
-        base = {
-            b"__npgeneric__": True,
-            b"data": draw(msgpack_values),
-            b"dtype": draw(st.sampled_from(ODD_DTYPES + VALID_DTYPES)),
-        }
-    elif action == "consistent":
-        dtype = draw(st.sampled_from(VALID_DTYPES))
-        shape = draw(st.sampled_from([[4, 4, 3], [3, 4, 4], [4, 4], [0, 4, 3], [4097, 1, 3], [1, 1, 3], [7], [8], []]))
-        fill = draw(st.sampled_from([0.0, 1.0, 255.0, math.nan, 1e30]))
-        with np.errstate(all="ignore"):
-            base = nd(np.full(shape, fill).astype(dtype))
-    else:
-        base = {b"__ndarray__": True, b"data": T_DATA, b"dtype": "T", b"shape": [2]}
-    return base
+OPENPI_KEYS = [*sorted(valid_openpi_observation()), *RTC_KEYS, "bogus", 1, b"prompt", None]
 
 
 @st.composite
 def openpi_messages(draw) -> bytes | str:
-    obs: Any = _valid_openpi(draw(st.integers(0, 3)))
+    obs: Any = valid_openpi_observation(draw(st.integers(0, 3)))
     kind = draw(st.sampled_from(["mutate", "mutate", "mutate", "whole", "bytes", "text"]))
     if kind == "whole":
         return packb(draw(msgpack_values))
@@ -964,7 +795,7 @@ def test_openpi_port_answers_mutated_observations_with_an_error_frame(server, mo
 
 
 def test_openpi_port_answers_the_inputs_issue_9_names(server, model):
-    obs = _valid_openpi()
+    obs = valid_openpi_observation()
     joint = "observation/joint_position"
     image_key = "observation/exterior_image_1_left"
     cases: dict[str, bytes | str] = {
@@ -1052,7 +883,7 @@ def test_websocket_ports_survive_raw_garbage_and_broken_handshakes(server, model
                     sock.sendall(opener)
                     sock.recv(4096)
     with ws_client.connect(server.ws, max_size=None, open_timeout=10) as connection:
-        connection.send(dumps(_valid_json()))
+        connection.send(dumps(valid_json_request()))
         assert _json_recv(connection)["status"] == "success"
     _openpi_well_formed(server, model)
     _assert_serving(server, model, "raw garbage at the WebSocket ports")
@@ -1111,6 +942,6 @@ def test_every_port_still_serves_at_the_end(server, model):
     assert server.alive()
     _assert_serving(server, model, "every hostile test")
     with ws_client.connect(server.ws, max_size=None, open_timeout=10) as connection:
-        connection.send(dumps(_valid_json()))
+        connection.send(dumps(valid_json_request()))
         assert _json_recv(connection)["status"] == "success"
     _openpi_well_formed(server, model)

@@ -9,7 +9,6 @@ by its example count.
 from __future__ import annotations
 
 import json
-import random
 
 import msgpack
 import numpy as np
@@ -18,9 +17,30 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from openpi_client import msgpack_numpy as openpi
 
+from tests.support.strategies import (
+    ARRAY_NAMES,
+    DESCRIPTOR_FIELDS,
+    FRAMES,
+    HEADER_FIELDS,
+    HEADERS,
+    TEXT,
+    dumps,
+    json_keys,
+    json_values,
+    msgpack_scalars,
+    msgpack_trees,
+    msgpack_values,
+    mutate_bytes,
+    mutate_frames,
+    mutate_text,
+    nd,
+    openpi_arrays,
+    packb,
+    valid_json_request,
+)
 from transport import codec, json_wire, messages, openpi_msgpack
 from transport.errors import TransportError
-from transport.messages import REPLY_TYPE, WIRE_OPTIONS, Request
+from transport.messages import REPLY_TYPE, Request
 
 FUZZ = settings(
     max_examples=250,
@@ -34,21 +54,6 @@ OPENPI_CODES = {"bad_message", "bad_array", "bad_dtype"}
 JSON_CODES = {"invalid_json", "bad_request", "oversize"}
 MAX_ERROR_CHARS = 500
 
-# msgpack can carry these (no lone surrogates: its UTF-8 encoder refuses them).
-TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=10)
-INTS = st.integers(-(2**63), 2**64 - 1)
-SCALARS = st.none() | st.booleans() | INTS | st.floats() | TEXT | st.binary(max_size=10)
-CONTAINERS = st.lists(SCALARS, max_size=2) | st.dictionaries(TEXT, SCALARS, max_size=2)  # unhashable, as a dtype
-JUNK = st.recursive(SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionaries(TEXT, c, max_size=3), max_leaves=8)
-DTYPE_STRINGS = st.sampled_from(
-    [*sorted(codec.DTYPES), "T", "|O", "<U4", "|S2", ">f4", "<c8", "|V4", "f4", "<M8[s]", "(2,)<f4", "float32"]
-)
-SHAPES = (
-    st.lists(st.integers(0, 4), max_size=4)
-    | st.lists(st.integers(-2, 2**40), max_size=9)
-    | st.lists(st.sampled_from([0, 2**31 - 1, 2**31]), min_size=7, max_size=9)
-    | JUNK
-)
 ALLOWED = [np.dtype(s) for s in sorted(codec.DTYPES)]
 ARRAYS = hnp.arrays(st.sampled_from(ALLOWED), hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
 IMAGES = hnp.arrays(np.uint8, st.tuples(st.integers(1, 4), st.integers(1, 4), st.just(3)))
@@ -58,56 +63,10 @@ STATES = hnp.arrays(st.sampled_from([np.float32, np.float64, np.int32]), st.inte
 MUTANTS = 8  # mutated variants checked per generated input (cheap: no hypothesis draws each)
 
 
-def _mutate_bytes(data: bytes, rnd: random.Random) -> bytes:
-    """One to four byte flips, insertions, deletions or a truncation."""
-    out = bytearray(data)
-    for _ in range(rnd.randint(1, 4)):
-        at = rnd.randint(0, len(out))
-        op = rnd.randrange(4)
-        if op == 0 and at < len(out):
-            out[at] = rnd.randrange(256)
-        elif op == 1:
-            out.insert(at, rnd.randrange(256))
-        elif op == 2:
-            del out[at : at + rnd.randint(1, 4)]
-        elif op == 3:
-            del out[at:]
-    return bytes(out)
-
-
-def _mutate_frames(frames: list[bytes], rnd: random.Random) -> list[bytes]:
-    """Bytes of one frame edited, or frames dropped, repeated or added."""
-    frames = list(frames)
-    if rnd.random() < 0.7 and frames:
-        i = rnd.randrange(len(frames))
-        frames[i] = _mutate_bytes(frames[i], rnd)
-    elif rnd.random() < 0.5 and frames:
-        del frames[rnd.randrange(len(frames))]
-    else:
-        frames.insert(
-            rnd.randint(0, len(frames)), rnd.choice([*frames, b"", bytes(rnd.randrange(256) for _ in range(8))])
-        )
-    return frames
-
-
 # ---- ZMQ frames -> codec.decode -> messages.build_request ----
 
-OPTION_VALUES = st.floats() | INTS | st.booleans() | st.none() | TEXT | JUNK
-HEADERS = st.fixed_dictionaries(
-    {},
-    optional={
-        "type": st.sampled_from(sorted(REPLY_TYPE)) | CONTAINERS | JUNK,
-        "id": INTS | TEXT | JUNK,
-        "robot": st.sampled_from(["arm", "@gw", ""]) | TEXT | JUNK,
-        "ts": st.floats() | INTS | JUNK,
-        "options": st.dictionaries(st.sampled_from(WIRE_OPTIONS) | TEXT, OPTION_VALUES, max_size=4) | JUNK,
-    },
-)
-ARRAY_NAMES = st.sampled_from(["image/base_0_rgb", "image/left_wrist_0_rgb", "state", "image/", "actions"]) | TEXT
 OBSERVATIONS = st.dictionaries(ARRAY_NAMES, IMAGES | STATES | ARRAYS, min_size=1, max_size=3) | st.just({})
-DESCRIPTOR_EDITS = st.fixed_dictionaries(
-    {}, optional={"name": ARRAY_NAMES | JUNK, "dtype": DTYPE_STRINGS | CONTAINERS | JUNK, "shape": SHAPES | CONTAINERS}
-)
+DESCRIPTOR_EDITS = st.fixed_dictionaries({}, optional=DESCRIPTOR_FIELDS)
 
 
 @st.composite
@@ -115,17 +74,18 @@ def zmq_messages(draw) -> list[bytes]:
     """A request encoded by `codec.encode`, then perhaps changed: a header field set to junk or a
     descriptor field replaced."""
     frames = [bytes(f) for f in codec.encode(draw(HEADERS), draw(OBSERVATIONS))]
-    header = msgpack.unpackb(frames[0])
+    header = msgpack.unpackb(frames[0], strict_map_key=False)
     how = draw(
         st.sampled_from(["none", "field", "descriptor", "descriptor"] if header["arrays"] else ["none", "field"])
     )
     if how == "field":
-        header[draw(st.sampled_from(["v", "arrays", "type", "id", "robot", "ts", "options"]))] = draw(JUNK)
-        frames[0] = msgpack.packb(header, use_bin_type=True)
+        header[draw(st.sampled_from(HEADER_FIELDS))] = draw(msgpack_values)
+        frames[0] = packb(header)
     elif how == "descriptor":
         i = draw(st.integers(0, len(header["arrays"]) - 1))
-        header["arrays"][i] = draw(JUNK) if draw(st.booleans()) else {**header["arrays"][i], **draw(DESCRIPTOR_EDITS)}
-        frames[0] = msgpack.packb(header, use_bin_type=True)
+        edited = {**header["arrays"][i], **draw(DESCRIPTOR_EDITS)}
+        header["arrays"][i] = draw(msgpack_values) if draw(st.booleans()) else edited
+        frames[0] = packb(header)
     return frames
 
 
@@ -165,11 +125,11 @@ def _assert_options(request: Request) -> None:
 def test_zmq_frames_give_a_request_or_a_typed_error(frames, rnd):
     _build(frames)
     for _ in range(MUTANTS):
-        _build(_mutate_frames(frames, rnd))
+        _build(mutate_frames(frames, rnd))
 
 
 @FUZZ
-@given(st.lists(st.binary(max_size=40) | JUNK.map(lambda v: msgpack.packb(v, use_bin_type=True)), max_size=4))
+@given(st.lists(FRAMES, max_size=4))
 def test_random_zmq_frames_give_a_request_or_a_typed_error(frames):
     _build(frames)
 
@@ -209,48 +169,14 @@ def test_valid_zmq_requests_arrive_unchanged(prompt, options, interval, images, 
 # ---- openpi msgpack -> openpi_msgpack.unpackb ----
 
 
-@st.composite
-def sized_ndarrays(draw) -> dict:
-    """An `__ndarray__` map with data of exactly the described size, for any dtype string (`T`
-    included: its data is then (pointer, length) pairs of random bytes)."""
-    dtype = draw(DTYPE_STRINGS)
-    shape = draw(st.lists(st.integers(0, 3), max_size=3))
-    try:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    except TypeError:
-        nbytes = 8
-    return {
-        b"__ndarray__": True,
-        b"data": draw(st.binary(min_size=nbytes, max_size=nbytes)),
-        b"dtype": dtype,
-        b"shape": shape,
-    }
-
-
-CRAFTED_ARRAYS = st.fixed_dictionaries(
-    {
-        b"__ndarray__": st.just(True),
-        b"data": st.binary(max_size=32) | JUNK,
-        b"dtype": DTYPE_STRINGS | JUNK,
-        b"shape": SHAPES,
-    }
-)
-CRAFTED_SCALARS = st.fixed_dictionaries(
-    {b"__npgeneric__": st.just(True), b"data": SCALARS | JUNK, b"dtype": DTYPE_STRINGS | JUNK}
-)
-OPENPI_LEAVES = SCALARS | CRAFTED_ARRAYS | CRAFTED_SCALARS | sized_ndarrays() | ARRAYS.map(openpi.pack_array)
-OPENPI_TREES = st.recursive(
-    OPENPI_LEAVES,
-    lambda c: st.lists(c, max_size=3) | st.dictionaries(TEXT | st.binary(max_size=4) | INTS, c, max_size=3),
-    max_leaves=8,
-)
+OPENPI_TREES = msgpack_trees(msgpack_scalars | openpi_arrays() | ARRAYS.map(nd))
 
 
 @st.composite
 def openpi_messages(draw) -> bytes:
     how = draw(st.sampled_from(["tree", "observation", "nesting"]))
     if how == "tree":
-        return msgpack.packb(draw(OPENPI_TREES), use_bin_type=True)
+        return packb(draw(OPENPI_TREES))
     if how == "nesting":
         return b"\x91" * draw(st.integers(0, 3000)) + draw(st.binary(max_size=4))
     return openpi.packb({"observation/image": draw(IMAGES), "observation/state": draw(STATES), "prompt": draw(TEXT)})
@@ -285,75 +211,44 @@ def _unpack_openpi(data: bytes) -> None:
 def test_openpi_messages_give_a_value_or_a_typed_error(data, rnd):
     _unpack_openpi(data)
     for _ in range(MUTANTS):
-        _unpack_openpi(_mutate_bytes(data, rnd))
+        _unpack_openpi(mutate_bytes(data, rnd))
 
 
 # ---- JSON text -> json_wire ----
 
-JSON_TEXT = st.text(max_size=10)  # lone surrogates included: json.dumps escapes them as \udXXX
-JSON_JUNK = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | JSON_TEXT,
-    lambda c: st.lists(c, max_size=3) | st.dictionaries(JSON_TEXT, c, max_size=3),
-    max_leaves=8,
-)
 JSON_IMAGES = IMAGES.map(lambda a: a.tolist()) | st.lists(
-    st.lists(st.lists(JSON_JUNK, max_size=4), max_size=3), max_size=3
+    st.lists(st.lists(json_values, max_size=4), max_size=3), max_size=3
 )
 JSON_REQUESTS = st.fixed_dictionaries(
     {},
     optional={
         "images": st.dictionaries(
-            st.sampled_from(["base_0_rgb", "right_wrist_0_rgb"]) | JSON_TEXT, JSON_IMAGES, max_size=2
+            st.sampled_from(["base_0_rgb", "right_wrist_0_rgb"]) | json_keys, JSON_IMAGES, max_size=2
         )
-        | JSON_JUNK,
-        "high_level_prompt": JSON_TEXT | JSON_JUNK,
-        "low_level_prompt": JSON_TEXT | JSON_JUNK,
-        "state": st.lists(st.floats() | st.integers(), max_size=4) | JSON_JUNK,
-        "temperature": st.floats() | st.integers() | JSON_JUNK,
-        "max_decoding_steps": st.integers() | JSON_JUNK,
-        "seed": st.integers() | JSON_JUNK,
-        "generate_subtask": st.booleans() | JSON_JUNK,
-        "subtask_refresh_interval": st.floats() | st.none() | JSON_JUNK,
+        | json_values,
+        "high_level_prompt": st.text() | json_values,
+        "low_level_prompt": st.text() | json_values,
+        "state": st.lists(st.floats() | st.integers(), max_size=4) | json_values,
+        "temperature": st.floats() | st.integers() | json_values,
+        "max_decoding_steps": st.integers() | json_values,
+        "seed": st.integers() | json_values,
+        "generate_subtask": st.booleans() | json_values,
+        "subtask_refresh_interval": st.floats() | st.none() | json_values,
     },
 )
-HOSTILE = [
-    "1e400",
-    "-1e400",
-    "9" * 5000,
-    '"\\ud800"',
-    "\\udfff",
-    "[" * 3000,
-    '{"a":' * 3000,
-    "NaN",
-    "-Infinity",
-    "null",
-]
-MUTATION_CHARS = '[]{},:"0123456789.-eE \\u'
-
-VALID_REQUEST = json.dumps(
-    {"images": {"base_0_rgb": [[[1, 2, 3], [4, 5, 6]]]}, "high_level_prompt": "go", "state": [0.5], "temperature": 0}
-)
+VALID_REQUEST = json.dumps(valid_json_request())
 
 
 @st.composite
 def json_messages(draw) -> str:
     how = draw(st.sampled_from(["request", "batch", "junk", "valid"]))
     if how == "request":
-        return json.dumps(draw(JSON_REQUESTS))
+        return dumps(draw(JSON_REQUESTS))
     if how == "batch":
-        return json.dumps({"batch": draw(st.lists(JSON_REQUESTS | st.just(json.loads(VALID_REQUEST)), max_size=4))})
+        return dumps({"batch": draw(st.lists(JSON_REQUESTS | st.just(valid_json_request()), max_size=4))})
     if how == "junk":
-        return json.dumps(draw(JSON_JUNK))
+        return dumps(draw(json_values))
     return VALID_REQUEST
-
-
-def _mutate_text(text: str, rnd: random.Random) -> str:
-    """One to three spliced-in JSON fragments, hostile values or cuts."""
-    for _ in range(rnd.randint(1, 3)):
-        at = rnd.randint(0, len(text))
-        insert = rnd.choice([rnd.choice(HOSTILE), "".join(rnd.choices(MUTATION_CHARS, k=rnd.randint(0, 4)))])
-        text = text[:at] + insert + text[at + rnd.randint(0, 3) :]
-    return text
 
 
 def _parse_json(text: str) -> list[Request] | None:
@@ -382,7 +277,7 @@ def _check_json(text: str) -> None:
 def test_json_messages_give_requests_or_a_typed_error(text, rnd):
     _check_json(text)
     for _ in range(MUTANTS):
-        _check_json(_mutate_text(text, rnd))
+        _check_json(mutate_text(text, rnd))
 
 
 def test_the_generators_reach_valid_requests():
