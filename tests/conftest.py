@@ -85,6 +85,9 @@ def engine(jax_cache):
             max_batch=4,
             batch_buckets=(1, 2, 4),
             batch_window_ms=30.0,
+            # A request's wait is the tests' own business (they set `deadline` where they test it): on a
+            # machine whose cores are taken, eight requests may queue longer than the default 5 s.
+            deadline_s=120.0,
             max_decoding_steps_limit=12,
             image_resolutions=((480, 640),),
             compile_in_background=False,
