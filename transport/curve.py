@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 import zmq
@@ -140,6 +141,22 @@ def apply_server(socket: zmq.Socket, keys: ServerKeys, domain: str = DEFAULT_DOM
     socket.setsockopt(zmq.CURVE_SERVER, 1)
     socket.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
     socket.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+
+
+def bind(
+    socket: zmq.Socket, endpoints: Sequence[str], keys: ServerKeys | None, domain: str = DEFAULT_DOMAIN
+) -> list[str]:
+    """Binds `socket` to `endpoints`, its tcp ones CURVE servers of `keys` (none: all plain); what each
+    is bound to, in their order (a tcp port 0 or `*` resolved). The local ones (ipc, inproc) are bound
+    first: CURVE applies to the endpoints bound after it is set, and only a host's own processes reach
+    those."""
+    bound: dict[str, str] = {}
+    for endpoint in sorted(endpoints, key=lambda e: e.startswith("tcp://")):
+        if keys is not None and endpoint.startswith("tcp://") and not socket.getsockopt(zmq.CURVE_SERVER):
+            apply_server(socket, keys, domain)
+        socket.bind(endpoint)
+        bound[endpoint] = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    return [bound[e] for e in endpoints]
 
 
 def apply_client(socket: zmq.Socket, keys: ClientKeys) -> None:

@@ -228,12 +228,7 @@ class ZmqServer:
                 xpub.setsockopt(zmq.SNDHWM, s.hwm)
                 xpub.setsockopt(zmq.LINGER, 0)
                 self.connections = Connections(xpub)
-                # Local endpoints first: CURVE applies to the endpoints bound after it is set.
-                for endpoint in sorted(s.pub_endpoints, key=lambda e: e.startswith("tcp://")):
-                    if s.curve and endpoint.startswith("tcp://") and not xpub.getsockopt(zmq.CURVE_SERVER):
-                        curve.apply_server(xpub, s.curve)
-                    xpub.bind(endpoint)
-                    self.pub_endpoints.append(xpub.getsockopt_string(zmq.LAST_ENDPOINT))
+                self.pub_endpoints = curve.bind(xpub, s.pub_endpoints, s.curve)
                 book = SubscriptionBook(xpub, s.subscriptions, own_prefix=bool(s.curve), cut=self.connections.cut)
                 self.publisher = Publisher(xpub, s.max_cached_topics, book)
         except zmq.ZMQError:

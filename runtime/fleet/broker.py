@@ -216,18 +216,11 @@ class Broker:
             self.connections = Connections(sock)
         elif kind == zmq.XSUB:
             sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_HEADER_BYTES + 1024)  # a refresh is small
-        bound: dict[str, str] = {}
         try:
-            # Local endpoints first: CURVE applies to the endpoints bound after it is set.
-            for endpoint in sorted(endpoints, key=lambda e: e.startswith("tcp://")):
-                if keys and endpoint.startswith("tcp://") and not sock.getsockopt(zmq.CURVE_SERVER):
-                    curve.apply_server(sock, keys, domain)
-                sock.bind(endpoint)
-                bound[endpoint] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            return sock, curve.bind(sock, endpoints, keys, domain)
         except zmq.ZMQError:
             sock.close(linger=0)
             raise
-        return sock, [bound[e] for e in endpoints]
 
     def start(self) -> None:
         """Serves on a thread of its own until `close()`."""
