@@ -92,7 +92,7 @@ def test_the_sim_sets_itself_up_from_the_servers_ping_and_runs_the_demo_task(dem
     # No robot flags: the defaults have no task, 4 state values and 224-pixel cameras, which the
     # demo policy (3 state values, trained on pick-place at 48x48) refuses.
     result = run_cli(
-        "--server", demo_server.router, "--pub", demo_server.pub, "--duration", "8", "--episode-s", "2",
+        "--server", demo_server.router, "--pub", demo_server.pub, "--duration", "10", "--episode-s", "2",
         "--stats-json", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -102,8 +102,8 @@ def test_the_sim_sets_itself_up_from_the_servers_ping_and_runs_the_demo_task(dem
         "right_wrist_0_rgb at 48x48, state 3, actions 3"
     ) in result.stderr
     stats = json.loads(out.read_text())
-    # Each episode ends at success or after 2 s: at least three in 8 s, each with its own chunks.
-    assert stats["episodes"] >= 3 and 0 <= stats["episodes_succeeded"] <= stats["episodes"]
+    # Each episode ends at success or after 2 s of ticks: two at least in 10 s, each with its chunks.
+    assert stats["episodes"] >= 2 and 0 <= stats["episodes_succeeded"] <= stats["episodes"]
     assert stats["chunks_received"] >= stats["episodes"] and stats["request_errors"] == 0
     assert stats["subtasks_seen"] >= stats["episodes"]  # the model's subtasks reached the robot
     done = f"robots.run: pick-place: {stats['episodes_succeeded']} of {stats['episodes']} episodes done; "
