@@ -285,11 +285,12 @@ def parse_batch(payload: Any, key: str, max_batch: int) -> list[Request]:
     return [_build(c, key, f"batch[{i}]") for i, c in enumerate(checked)]
 
 
-def response(data: dict[str, Any], arrays: dict[str, np.ndarray], total_ms: float) -> dict[str, Any]:
-    """The JSON API's success reply to one request, from the service's reply."""
-    out: dict[str, Any] = {"status": "success", ACTIONS: np.asarray(arrays[ACTIONS])[None].tolist()}
-    if MODEL_ACTIONS in arrays:
-        out[MODEL_ACTIONS] = np.asarray(arrays[MODEL_ACTIONS])[None].tolist()
+def response(data: dict[str, Any], total_ms: float) -> dict[str, Any]:
+    """The JSON API's success reply to one request, from the service's reply `data` (with its
+    `actions`, and `model_actions` when asked, as `AsyncPolicyClient.infer` gives them)."""
+    out: dict[str, Any] = {"status": "success", ACTIONS: np.asarray(data[ACTIONS])[None].tolist()}
+    if MODEL_ACTIONS in data:
+        out[MODEL_ACTIONS] = np.asarray(data[MODEL_ACTIONS])[None].tolist()
     out.update({k: data.get(k) for k in _RESPONSE_FIELDS})
     timing = data.get("timing") or {}
     out["timing"] = {k: timing[k] for k in _TIMING_FIELDS if k in timing}

@@ -21,7 +21,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import numpy as np
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Data
@@ -33,8 +32,8 @@ from transport.ws_common import Health, WsServer, WsSettings, always_healthy
 
 log = logging.getLogger(__name__)
 
-Reply = tuple[dict[str, Any], dict[str, np.ndarray]]
-Handler = Callable[[str, Request], Awaitable[Reply]]
+# A handler answers a request with the reply's `data`, its `actions` among its fields.
+Handler = Callable[[str, Request], Awaitable[dict[str, Any]]]
 
 
 class JsonApiServer(WsServer):
@@ -110,7 +109,7 @@ class JsonApiServer(WsServer):
             for i, reply in enumerate(replies):
                 if isinstance(reply, BaseException):
                     raise _item_error(reply, i if batch else None)
-                results.append(json_wire.response(*reply, total_ms))
+                results.append(json_wire.response(reply, total_ms))
             return {"status": "success", "results": results} if batch else results[0]
         except TransportError as e:
             return json_wire.error(e.code, e.message)

@@ -1,75 +1,37 @@
-"""`AsyncPolicyClient`: requests to the policy server's ROUTER from one robot, for asyncio code (the
-server's WebSocket gateways use one per connection; robots use the blocking `PolicyClient`)."""
+"""`AsyncPolicyClient`: `PolicyClient`'s requests for asyncio code (the server's WebSocket gateways
+use one per connection, `bench.fleet` one per simulated robot; robots use the blocking client).
+
+The same core and the same methods (`transport.zmq_client_core`): `send` and `start_infer` return
+an asyncio future, and `request`, `infer`, `subtask`, `set_refresh`, `ping` and `bye` send at once
+and return a coroutine of what the blocking client's return (await it, or make it a task). The
+driver is a `SocketReader` per socket on the running loop (pyzmq's asyncio sockets add about a
+millisecond per round trip) and one timer at the core's next deadline.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import itertools
-import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-import numpy as np
-import zmq
-
-from policy.request import ChunkGuidance, Observation, Options
-from transport import codec
-from transport.curve import ClientKeys, apply_client
-from transport.errors import ProtocolError, RequestTimeout
-from transport.messages import (
-    ACTIONS,
-    BYE,
-    INFER,
-    KEEP,
-    MODEL_ACTIONS,
-    PING,
-    REFRESH,
-    SUBTASK,
-    client_guidance,
-)
+from transport.refresh_listener import RefreshListener
+from transport.zmq_client_core import ClientRequests
 from transport.zmq_reader import SocketReader
-from transport.zmq_requests import QUEUE_LIMIT, encode_request, reply_data, split_options, zmq_endpoint
-
-log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(eq=False)
-class _AsyncPending:
-    frames: list
-    future: asyncio.Future
+class AsyncPolicyClient(ClientRequests[asyncio.Future, Coroutine[Any, Any, dict[str, Any]]]):
+    """Requests to the policy server's ROUTER from one robot, from one event loop; the settings
+    are `ClientRequests`'. The sockets are opened here and read once the client is first used on a
+    running loop (`connect`, `async with`, or the first request)."""
 
-
-class AsyncPolicyClient:
-    """Requests to the policy server's ROUTER from one robot, for asyncio code.
-
-    Lazy Pirate as in `PolicyClient`: on a timeout the socket is replaced and every request still
-    waiting is sent again, up to `retries` times. The socket is a plain one read by a
-    `SocketReader` on the running loop (pyzmq's asyncio sockets add about a millisecond per round
-    trip); the server's WebSocket gateways use one client per connection.
-    """
-
-    def __init__(
-        self,
-        endpoint: str,
-        robot_id: str,
-        *,
-        timeout_s: float = 10.0,
-        retries: int = 3,
-        context: zmq.Context | None = None,
-        keys: ClientKeys | None = None,
-    ):
-        self.endpoint = zmq_endpoint(endpoint)
-        self.robot_id = robot_id
-        self.timeout_s = timeout_s
-        self.retries = retries
-        self.keys = keys
-        self._ctx = context or zmq.Context.instance()
-        self._socket: zmq.Socket | None = None
-        self._reader: SocketReader | None = None
-        self._pending: dict[int, _AsyncPending] = {}
-        self._ids = itertools.count(1)
-        self.reconnects = 0
+    def __init__(self, endpoint: str, robot_id: str, **settings: Any):
+        super().__init__(endpoint, robot_id, **settings)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._readers: list[SocketReader] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when the timer fires, on the core's clock
+        self._listeners: list[asyncio.Task] = []
 
     async def __aenter__(self) -> AsyncPolicyClient:
         await self.connect()
@@ -79,170 +41,77 @@ class AsyncPolicyClient:
         await self.close()
 
     async def connect(self) -> None:
-        socket = self._ctx.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.SNDHWM, QUEUE_LIMIT)
-        socket.setsockopt(zmq.RCVHWM, QUEUE_LIMIT)
-        if self.keys is not None:
-            apply_client(socket, self.keys)
-        socket.connect(self.endpoint)
-        self._socket = socket
-        self._reader = SocketReader(asyncio.get_running_loop(), socket, self._on_reply)
+        """Starts reading the sockets on the running loop (the first request does it otherwise)."""
+        self._attach()
+
+    def _attach(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._read()
+        return self._loop
+
+    def _read(self) -> None:
+        """Readers on the core's current sockets (after a reset, the new ones)."""
+        assert self._loop is not None
+        for reader in self._readers:
+            reader.close()
+        self._readers = [SocketReader(self._loop, self.core.socket, self.core.handle_reply)]
+        if self.core.monitor is not None:
+            self._readers.append(SocketReader(self._loop, self.core.monitor, self._on_monitor_event))
+
+    def _on_monitor_event(self, frames: list) -> None:
+        self.core.handle_monitor_event([f.bytes for f in frames])
+        self._arm()  # a disconnection brings the unreachable deadlines
 
     async def close(self) -> None:
-        self._close_socket()
-        for pending in self._pending.values():
-            if not pending.future.done():
-                pending.future.cancel()
-        self._pending.clear()
+        """Closes the sockets and stops listening; requests still waiting are cancelled. Closing
+        again does nothing."""
+        for reader in self._readers:
+            reader.close()
+        self._readers.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+        self.core.close()
+        for task in self._listeners:
+            task.cancel()
+        await asyncio.gather(*self._listeners, return_exceptions=True)
+        self._listeners.clear()
 
-    async def _reconnect(self) -> None:
-        self._close_socket()
-        await self.connect()
-        self.reconnects += 1
-        for pending in list(self._pending.values()):
-            await self._send(pending.frames)
-
-    def _close_socket(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
-
-    async def _send(self, frames: list) -> None:
-        """Sends without blocking the loop; waits (briefly, repeatedly) while ZMQ has no room or
-        no connection yet, until the request's timeout."""
-        deadline = asyncio.get_running_loop().time() + self.timeout_s
-        while True:
-            assert self._socket is not None and self._reader is not None
-            try:
-                self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-                self._reader.kick()
-                return
-            except zmq.Again:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise RequestTimeout(f"could not send to {self.endpoint} in {self.timeout_s} s") from None
-                await asyncio.sleep(0.005)
-
-    def _on_reply(self, frames: list) -> None:
-        try:
-            header, arrays = codec.decode(frames)
-        except ProtocolError as e:
-            log.warning("dropped an undecodable reply: %s", e)
+    def _arm(self) -> None:
+        """The timer at the core's next deadline, unless it is set no later (none while nothing waits)."""
+        assert self._loop is not None
+        deadline = self.core.next_deadline()
+        if deadline is None or (self._timer is not None and self._timer_at <= deadline):
             return
-        request_id = header.get("id")
-        pending = self._pending.get(request_id) if isinstance(request_id, int) else None
-        if pending is None or pending.future.done():
-            return  # a late reply to a request answered or abandoned already
-        pending.future.set_result((header, arrays))
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_later(deadline - time.monotonic(), self._expire)
 
-    async def request(
-        self,
-        kind: str,
-        prompt: str | None = None,
-        options: Options | None = None,
-        observation: Observation | None = None,
-        refresh_interval: Any = KEEP,
-        guidance: ChunkGuidance | None = None,
-        return_model_actions: bool = False,
-    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Sends one request and waits for its reply: (reply `data`, reply arrays)."""
-        if self._socket is None:
-            await self.connect()
-        request_id = next(self._ids)
-        frames = encode_request(
-            kind, request_id, self.robot_id, prompt, options, observation, refresh_interval, guidance,
-            return_model_actions,
-        )  # fmt: skip
-        future = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = _AsyncPending(frames, future)
-        try:
-            await self._send(frames)
-            for attempt in range(self.retries + 1):
-                # `asyncio.wait` on the future itself: no task wrapped around it (`wait_for` and
-                # `shield` cost a few loop turns per request).
-                done, _ = await asyncio.wait((future,), timeout=self.timeout_s)
-                if done:
-                    header, arrays = future.result()
-                    break
-                if attempt == self.retries:
-                    raise RequestTimeout(
-                        f"no reply to {kind} request {request_id} from {self.endpoint} after "
-                        f"{self.retries + 1} tries of {self.timeout_s} s"
-                    )
-                log.info(
-                    "no reply to %s %d in %.1f s; reconnecting to %s", kind, request_id, self.timeout_s, self.endpoint
-                )
-                await self._reconnect()
-        finally:
-            self._pending.pop(request_id, None)
-        return reply_data(kind, header), arrays
+    def _expire(self) -> None:
+        self._timer = None
+        if self.core.expire():
+            self._read()
+        self._arm()
 
-    async def infer(
-        self,
-        images: Mapping[str, np.ndarray],
-        high_level_prompt: str,
-        state: np.ndarray | None = None,
-        timestamp: float | None = None,
-        *,
-        prev_actions: np.ndarray | None = None,
-        inference_delay: int | None = None,
-        execute_horizon: int | None = None,
-        rtc_schedule: str | None = None,
-        max_guidance_weight: float | None = None,
-        return_model_actions: bool = False,
-        **options: Any,
-    ) -> dict[str, Any]:
-        """An action chunk: the reply's fields (`subtask`, `timing`, ...) plus `actions` (an array),
-        and `model_actions` when asked; real-time chunking as `PolicyClient.start_infer`."""
-        opts, interval = split_options(options)
-        guidance = client_guidance(prev_actions, inference_delay, execute_horizon, rtc_schedule, max_guidance_weight)
-        data, arrays = await self.request(
-            INFER, high_level_prompt, opts, Observation(images, state, timestamp), interval, guidance,
-            return_model_actions,
-        )  # fmt: skip
-        out = {**data, ACTIONS: arrays.get(ACTIONS)}
-        if MODEL_ACTIONS in arrays:
-            out[MODEL_ACTIONS] = arrays[MODEL_ACTIONS]
-        return out
+    def _future(self) -> asyncio.Future:
+        return self._attach().create_future()
 
-    async def subtask(
-        self, images: Mapping[str, np.ndarray], high_level_prompt: str, state: np.ndarray | None = None, **options: Any
-    ) -> dict[str, Any]:
-        opts, interval = split_options(options)
-        data, _ = await self.request(SUBTASK, high_level_prompt, opts, Observation(images, state), interval)
-        return data
+    def _sent(self) -> None:
+        self._readers[0].kick()  # a send may have consumed the descriptor's edge
+        self._arm()
 
-    async def set_refresh(
-        self,
-        interval_s: float | None,
-        images: Mapping[str, np.ndarray] | None = None,
-        high_level_prompt: str | None = None,
-        state: np.ndarray | None = None,
-        **options: Any,
-    ) -> dict[str, Any]:
-        """Sets (seconds), changes or clears (None) this robot's subtask refresh interval.
+    def _result(self, future: asyncio.Future) -> Coroutine[Any, Any, dict[str, Any]]:
+        return _reply(future)
 
-        The server refreshes from this robot's latest observation and prompt; an observation or
-        prompt (with decoding `options`) given here becomes the latest. The reply includes the last
-        refresh published, if any.
-        """
-        obs = Observation(images, state) if images else None
-        opts = Options(**options) if high_level_prompt is not None else None
-        data, _ = await self.request(REFRESH, high_level_prompt, opts, obs, interval_s)
-        return data
+    def listen_refreshes(self, pub_endpoint: str, callback: Callable[[dict[str, Any]], None]) -> RefreshListener:
+        """Subscribes to this robot's refreshes: `callback(message)` runs on the loop until `close`."""
+        listener = RefreshListener(pub_endpoint, self.robot_id, callback, self.core.context, self.core.keys)
+        self._listeners.append(self._attach().create_task(listener.run()))
+        return listener
 
-    async def last_refresh(self) -> dict[str, Any] | None:
-        data, _ = await self.request(REFRESH)
-        return data.get("last")
 
-    async def ping(self) -> dict[str, Any]:
-        data, _ = await self.request(PING)
-        return data
-
-    async def bye(self) -> dict[str, Any]:
-        """Ends this robot's session on the server (its refresh included)."""
-        data, _ = await self.request(BYE)
-        return data
+async def _reply(future: asyncio.Future) -> dict[str, Any]:
+    """A coroutine of a sent request's reply, so that a request method's value can be awaited or
+    made a task like any coroutine's (the request is on its way already)."""
+    return await future

@@ -1,6 +1,6 @@
-"""What the two ZMQ clients (`transport.zmq_client.PolicyClient`, blocking, and
-`transport.zmq_async_client.AsyncPolicyClient`) share: the endpoint form, a request's frames, a
-reply's data or error, the queue bound and the names of handshake failures.
+"""A ZMQ request and its reply as they travel, for the client core (`transport.zmq_client_core`):
+the endpoint form, a request's frames, a reply's data or error, the queue bound and the names of
+handshake failures. Pure functions and constants, no sockets.
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ from policy.request import ChunkGuidance, Observation, Options
 from transport import codec
 from transport.errors import ProtocolError, RemoteError, RequestTimeout, TransportError
 from transport.messages import (
+    ACTIONS,
     ERROR,
+    INFER,
     KEEP,
+    MODEL_ACTIONS,
     REFRESH_INTERVAL,
     REPLY_TYPE,
     guidance_to_wire,
@@ -73,8 +76,9 @@ def encode_request(
     return codec.encode(header, {**arrays, **rtc_arrays})
 
 
-def reply_data(kind: str, header: dict[str, Any]) -> dict[str, Any]:
-    """The `data` of a reply to a `kind` request; raises the error it carries."""
+def reply_data(kind: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The `data` of a reply to a `kind` request, with an infer's `actions` (and `model_actions`,
+    when asked) among its fields; raises the error it carries."""
     if header.get("type") == ERROR:
         error = header.get("error")
         error = error if isinstance(error, dict) else {}
@@ -82,7 +86,12 @@ def reply_data(kind: str, header: dict[str, Any]) -> dict[str, Any]:
     if header.get("type") != REPLY_TYPE[kind]:
         raise ProtocolError(f"expected a {REPLY_TYPE[kind]!r} reply, got {header.get('type')!r}")
     data = header.get("data")
-    return dict(data) if isinstance(data, dict) else {}
+    data = data if isinstance(data, dict) else {}  # the header was just decoded: nobody else holds it
+    if kind == INFER:
+        data[ACTIONS] = arrays.get(ACTIONS)
+        if MODEL_ACTIONS in arrays:
+            data[MODEL_ACTIONS] = arrays[MODEL_ACTIONS]
+    return data
 
 
 def queue_full(endpoint: str) -> TransportError:

@@ -44,7 +44,6 @@ from transport.messages import (
 )
 from transport.openpi_msgpack import pop_guidance
 from transport.openpi_server import OpenpiServer
-from transport.refresh_listener import RefreshListener
 from transport.ws_common import WsServer, WsSettings, read_token, tls_context
 from transport.ws_json_server import JsonApiServer
 from transport.zmq_async_client import AsyncPolicyClient
@@ -87,7 +86,6 @@ class Gateway:
         self.args = args
         self.model = model
         self._clients: dict[str, AsyncPolicyClient] = {}
-        self._listeners: dict[str, asyncio.Task] = {}
         self._ids = itertools.count(1)
         self._prefix = f"@{args.protocol}/{os.getpid()}-"
         self.server: WsServer = self._json_server() if args.protocol == "json" else self._openpi_server()
@@ -151,9 +149,8 @@ class Gateway:
     def _open(self) -> str:
         """A new connection: its robot name, DEALER and refresh subscription."""
         key = f"{self._prefix}{next(self._ids)}"
-        self._clients[key] = AsyncPolicyClient(self.args.router, key, timeout_s=INTERNAL_TIMEOUT_S, retries=0)
-        listener = RefreshListener(self.args.pub, key, lambda message: self._push(key, message))
-        self._listeners[key] = asyncio.create_task(listener.run(), name=f"refresh-listener-{key}")
+        client = self._clients[key] = AsyncPolicyClient(self.args.router, key, timeout_s=INTERNAL_TIMEOUT_S, retries=0)
+        client.listen_refreshes(self.args.pub, lambda message: self._push(key, message))
         return key
 
     def _push(self, key: str, message: dict[str, Any]) -> None:
@@ -162,9 +159,6 @@ class Gateway:
             task.add_done_callback(_log_failure)
 
     async def _close(self, key: str) -> None:
-        listener = self._listeners.pop(key, None)
-        if listener is not None:
-            listener.cancel()
         client = self._clients.pop(key, None)
         if client is None:
             return
@@ -172,11 +166,11 @@ class Gateway:
             await asyncio.wait_for(client.request(BYE), 5.0)
         await client.close()
 
-    async def _json_request(self, key: str, request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def _json_request(self, key: str, request: Request) -> dict[str, Any]:
         client = self._clients[key]
         return await client.request(
             INFER, request.prompt, request.options, request.observation, request.refresh_interval,
-            request.guidance, request.return_model_actions,
+            guidance=request.guidance, return_model_actions=request.return_model_actions,
         )  # fmt: skip
 
     async def _openpi_request(self, key: str, obs: dict[str, Any]) -> dict[str, Any]:
@@ -192,14 +186,14 @@ class Gateway:
         prompt = inputs.prompt or self.args.default_prompt
         if not prompt:
             raise ValueError("the observation has no 'prompt' and the server has no --default-prompt")
-        data, arrays = await self._clients[key].request(
-            INFER, prompt, Options(generate_subtask=False), Observation(inputs.images, inputs.state), KEEP, guidance,
-            return_model_actions,
+        data = await self._clients[key].request(
+            INFER, prompt, Options(generate_subtask=False), Observation(inputs.images, inputs.state), KEEP,
+            guidance=guidance, return_model_actions=return_model_actions,
         )  # fmt: skip
         timing = {"infer_ms": data["timing"]["total_ms"]}
-        reply = {"actions": adapter.from_model(arrays[ACTIONS]), "policy_timing": timing}
-        if MODEL_ACTIONS in arrays:
-            reply[MODEL_ACTIONS] = np.asarray(arrays[MODEL_ACTIONS])
+        reply = {"actions": adapter.from_model(data[ACTIONS]), "policy_timing": timing}
+        if MODEL_ACTIONS in data:
+            reply[MODEL_ACTIONS] = np.asarray(data[MODEL_ACTIONS])
         return reply
 
     def _robot_actions(self, adapter: Adapter, prev_actions: np.ndarray | None) -> np.ndarray | None:

@@ -4,6 +4,7 @@ timeout, pipelined requests and refreshes delivered inside `poll`."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import zmq
 from tests.support.ports import free_local_ports as free_ports
 from transport import codec
 from transport.errors import RemoteError, RequestTimeout
+from transport.zmq_async_client import AsyncPolicyClient
 from transport.zmq_client import PolicyClient
 from transport.zmq_requests import ServerUnreachable, zmq_endpoint
 
@@ -206,3 +208,62 @@ def test_endpoints_accept_host_port(address, endpoint):
 def test_bad_endpoints_are_refused_with_what_is_expected(address):
     with pytest.raises(ValueError, match="expected host:port or tcp://host:port"):
         zmq_endpoint(address)
+
+
+# ---------------------------------------------------------------------- the asyncio driver of the same core
+
+
+def test_the_asyncio_client_returns_what_the_blocking_client_returns():
+    def respond(header: dict, n: int) -> list[dict]:
+        if header["type"] == "ping":
+            return [{"type": "pong", "id": header["id"], "data": {"n": n}}]
+        return [_result(header, 3.0)]
+
+    with ScriptedRouter(respond) as server:
+        with PolicyClient(server.endpoint, "arm") as client:
+            blocking = (client.infer(IMAGES, "go", generate_subtask=False), client.request("ping"))
+
+        async def scenario():
+            async with AsyncPolicyClient(server.endpoint, "arm") as client:
+                return await client.infer(IMAGES, "go", generate_subtask=False), await client.request("ping")
+
+        asynchronous = asyncio.run(scenario())
+    for ours, theirs in zip(blocking, asynchronous, strict=True):
+        assert ours.keys() == theirs.keys()  # one reply shape: the data, an infer's actions among it
+    assert np.array_equal(blocking[0]["actions"], asynchronous[0]["actions"]) and blocking[0]["value"] == 3.0
+    assert (blocking[1], asynchronous[1]) == ({"n": 1}, {"n": 3})
+    sent = [h for _, h in server.seen]
+    assert [h["type"] for h in sent] == ["infer", "ping"] * 2 and [h["id"] for h in sent] == [1, 2, 1, 2]
+
+
+def test_the_asyncio_client_resends_on_a_fresh_socket_then_times_out():
+    def respond(header: dict, n: int) -> list[dict]:
+        if header["id"] == 1 and n == 1:
+            return [{"type": "pong", "id": 1, "data": {}}]  # the first request's second copy
+        return []
+
+    async def scenario():
+        async with AsyncPolicyClient(server.endpoint, "arm", timeout_s=0.3, retries=1) as client:
+            answered = await client.ping()
+            with pytest.raises(RequestTimeout, match="no reply to a ping request"):
+                await client.ping()
+            return answered, client.reconnects
+
+    with ScriptedRouter(respond) as server:
+        answered, reconnects = asyncio.run(scenario())
+    assert answered == {} and reconnects == 3  # the last timeout leaves a fresh socket too
+    identities = [identity for identity, _ in server.seen]
+    assert [h["id"] for _, h in server.seen] == [1, 1, 2, 2]
+    assert identities[0] != identities[1] == identities[2] != identities[3]  # each copy on a new socket
+
+
+def test_the_asyncio_client_reports_an_unreachable_server_by_the_connect_timeout():
+    (port,) = free_ports(1)
+
+    async def scenario():
+        async with AsyncPolicyClient(f"127.0.0.1:{port}", "arm", timeout_s=60, connect_timeout_s=0.3) as client:
+            with pytest.raises(ServerUnreachable, match=rf"cannot reach the policy server at tcp://127.0.0.1:{port}"):
+                await client.ping()
+            return client.connected
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) is False  # 30 s: only a hang fails here

@@ -192,7 +192,7 @@ def test_batch_shape():
 
 def test_replies():
     data = {"subtask": "go", "subtask_tokens": [1, 2], "timing": {"total_ms": 1.0}, "subtask_refresh_enabled": True}
-    reply = json_wire.response(data, {"actions": np.ones((2, 3), np.float32)}, 4.0)
+    reply = json_wire.response({**data, "actions": np.ones((2, 3), np.float32)}, 4.0)
     assert reply == {
         "status": "success",
         "actions": [[[1.0] * 3] * 2],

@@ -209,9 +209,9 @@ def test_a_json_batch_names_the_item():
 
 def test_json_replies_carry_model_actions_when_the_server_sent_them():
     actions, model = np.ones((3, 2), np.float32), np.zeros((3, 4), np.float32)
-    out = json_wire.response({}, {"actions": actions, "model_actions": model}, 1.0)
+    out = json_wire.response({"actions": actions, "model_actions": model}, 1.0)
     assert np.asarray(out["model_actions"]).shape == (1, 3, 4)
-    assert "model_actions" not in json_wire.response({}, {"actions": actions}, 1.0)
+    assert "model_actions" not in json_wire.response({"actions": actions}, 1.0)
 
 
 # ----------------------------------------------------------------------------- openpi port
