@@ -109,7 +109,7 @@ def load_norm_stats(path: str | Path, mode: Mode = "quantile") -> Normalizer:
     `path` is the json file or an openpi checkpoint's `assets/<asset_id>/` folder, local or an
     fsspec URL (fetched into the download cache).
     """
-    path = download.maybe_download(path)
+    path = download.maybe_download(path, pass_as="--norm-stats")
     if path.is_dir():
         path = path / "norm_stats.json"
     if not path.is_file():

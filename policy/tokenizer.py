@@ -53,23 +53,28 @@ class Tokenizer:
         return self._sp.decode(ids)
 
 
-def load_tokenizer(cfg: ModelConfig, path: str | Path | None = None, *, fetch: bool = False) -> Tokenizer:
-    """The tokenizer for `cfg`: the given file or URL, or the shipped one for configs that have one.
+def tokenizer_location(cfg: ModelConfig, path: str | Path | None = None, *, fetch: bool = False) -> str | Path:
+    """Where `cfg`'s tokenizer is: the given file or URL, or the shipped one for configs that have
+    one. Without a path, a config whose tokenizer is not shipped fails with where to get it, or with
+    `fetch` names PaliGemma's public bucket. Nothing is read: a caller checks local paths first."""
+    if path is not None:
+        return path
+    if cfg.tokenizer in SHIPPED_TOKENIZERS:
+        return SHIPPED_TOKENIZERS[cfg.tokenizer]
+    if fetch:
+        return PALIGEMMA_TOKENIZER_URL
+    raise FileNotFoundError(
+        f"model config {cfg.name!r} needs the PaliGemma tokenizer, which is not shipped: download "
+        f"{PALIGEMMA_TOKENIZER_URL} (https://storage.googleapis.com/big_vision/paligemma_tokenizer.model; "
+        "openpi caches it at ~/.cache/openpi/big_vision/paligemma_tokenizer.model) and pass its path or "
+        "URL (tokenizer_path=..., or --tokenizer on the command line), or load it with fetch=True"
+    )
 
-    Without a path, a config whose tokenizer is not shipped fails with where to get it, or with
-    `fetch` gets PaliGemma's from its public bucket (cached: the network only the first time)."""
-    if path is None and fetch and cfg.tokenizer not in SHIPPED_TOKENIZERS:
-        path = PALIGEMMA_TOKENIZER_URL
-    if path is None:
-        if cfg.tokenizer not in SHIPPED_TOKENIZERS:
-            raise FileNotFoundError(
-                f"model config {cfg.name!r} needs the PaliGemma tokenizer, which is not shipped: download "
-                f"{PALIGEMMA_TOKENIZER_URL} (https://storage.googleapis.com/big_vision/paligemma_tokenizer.model; "
-                "openpi caches it at ~/.cache/openpi/big_vision/paligemma_tokenizer.model) and pass its path or "
-                "URL (tokenizer_path=..., or --tokenizer on the command line), or load it with fetch=True"
-            )
-        path = SHIPPED_TOKENIZERS[cfg.tokenizer]
-    path = download.maybe_download(path)
+
+def load_tokenizer(cfg: ModelConfig, path: str | Path | None = None, *, fetch: bool = False) -> Tokenizer:
+    """The tokenizer for `cfg` (`tokenizer_location`), fetched into the download cache if it is a
+    URL (the network only the first time)."""
+    path = download.maybe_download(tokenizer_location(cfg, path, fetch=fetch), pass_as="--tokenizer")
     if not path.is_file():
         raise FileNotFoundError(
             f"tokenizer file not found: {path}. For the full models download {PALIGEMMA_TOKENIZER_URL} "

@@ -53,10 +53,16 @@ class Executables:
 
     # ------------------------------------------------------------------ compiling
 
-    def compile(self, buckets: Sequence[int]) -> None:
-        """Compiles every phase for each bucket, logging each; a bucket serves once all are ready."""
+    def compile(self, buckets: Sequence[int], stop: threading.Event) -> None:
+        """Compiles every phase for each bucket, logging each; a bucket serves once all are ready.
+
+        Returns early once `stop` is set, between two compiles (one cannot be interrupted): an
+        engine closing, or a process exiting, waits for at most the compile in progress."""
         for b in buckets:
             for phase in PHASES:
+                if stop.is_set():
+                    log.info("compiling stopped before %s for batch %d", phase, b)
+                    return
                 t0 = time.perf_counter()
                 executable = self.lower(phase, b).compile()
                 with self._lock:

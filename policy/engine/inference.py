@@ -17,11 +17,13 @@ and `close()` answers whatever is still queued. Process-wide JAX settings are no
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import logging
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,10 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import get_model_config
-from policy import checkpoint, download
+from policy import checkpoint
 from policy.engine.executables import Executables
 from policy.engine.host_prep import HostPrep
 from policy.engine.images import Resizer
+from policy.engine.model_files import fetch_model_files
 from policy.engine.scheduler import Scheduler, Ticket, fail
 from policy.engine.settings import EngineSettings
 from policy.engine.validation import RequestValidator, decodes_subtask
@@ -46,6 +49,9 @@ from policy.request import DeadlineExceeded, EngineBusy, EngineError, InferenceR
 from policy.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
+
+# Engines whose threads may still run; `_stop_engines_at_exit` waits for them.
+_LIVE: weakref.WeakSet[AsyncPi05Inference] = weakref.WeakSet()
 
 
 class AsyncPi05Inference:
@@ -81,6 +87,7 @@ class AsyncPi05Inference:
         self._worker: DeviceWorker | None = None
         self._thread: threading.Thread | None = None
         self._compiler: threading.Thread | None = None
+        self._stopping = threading.Event()  # set by close() and at process exit: no new compile starts
         self._ready: concurrent.futures.Future = concurrent.futures.Future()
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -100,6 +107,7 @@ class AsyncPi05Inference:
             raise EngineError("the engine is closed", code="unavailable")
         if self._thread is None:
             self._thread = threading.Thread(target=self._device_thread, name="pi05-engine", daemon=True)
+            _LIVE.add(self)
             self._thread.start()
         await asyncio.wrap_future(self._ready)
 
@@ -108,8 +116,10 @@ class AsyncPi05Inference:
         on the device finish, and stops the device thread and the host pool.
 
         It never waits for a compile (seconds to minutes for the full model): a server stopped
-        while loading or compiling stops at once, and the compile threads, daemons, end with it."""
+        while loading or compiling stops at once. No compile starts after it; the one in progress
+        ends on its daemon thread, which the process waits for at exit (`_stop_engines_at_exit`)."""
         self._closing = True
+        self._stopping.set()
         self._scheduler.close(EngineError("the engine is closed", code="unavailable"))
         if self._thread is not None and self._ready.done():
             await asyncio.to_thread(self._thread.join)
@@ -279,11 +289,12 @@ class AsyncPi05Inference:
         Remote locations are downloaded here, on the device thread, never in the constructor."""
         start = time.perf_counter()
         settings = self.settings
-        ckpt = download.maybe_download(settings.checkpoint_dir) if settings.checkpoint_dir else None
-        self.tokenizer = load_tokenizer(self.cfg, settings.tokenizer_path, fetch=True)
+        files = fetch_model_files(self.cfg, settings)
+        ckpt = files.checkpoint
+        self.tokenizer = load_tokenizer(self.cfg, files.tokenizer)
         self.prompts = Prompts(self.cfg, self.tokenizer)
-        if settings.norm_stats is not None:
-            self.normalizer = load_norm_stats(settings.norm_stats)
+        if files.norm_stats is not None:
+            self.normalizer = load_norm_stats(files.norm_stats)
         elif ckpt is not None:
             self.normalizer = checkpoint_normalizer(self.cfg, checkpoint.assets_dir(ckpt))
         else:
@@ -333,22 +344,45 @@ class AsyncPi05Inference:
         )
         self.resizer.warm()
         first, rest = self.buckets[:1], self.buckets[1:]
-        self._executables.compile(first)
+        self._executables.compile(first, self._stopping)
         self.startup_s["compile_first"] = time.perf_counter() - start
+        if self._stopping.is_set():
+            raise EngineError("the engine was closed while it started", code="unavailable")
         if rest and self.settings.compile_in_background:
             # Serve at once with the smallest bucket; bigger batches split until theirs are compiled.
             log.info("serving while batch buckets %s compile in the background", list(rest))
             self._compiler = threading.Thread(target=self._compile_rest, args=(rest,), name="pi05-compile", daemon=True)
             self._compiler.start()
         else:
-            self._executables.compile(rest)
+            self._executables.compile(rest, self._stopping)
             self._executables.compiling_done.set()
 
     def _compile_rest(self, buckets: Sequence[int]) -> None:
         try:
-            self._executables.compile(buckets)
+            self._executables.compile(buckets, self._stopping)
         except Exception:  # the engine keeps serving with the buckets it has
             log.exception("compiling batch buckets %s failed; serving with the buckets compiled so far", list(buckets))
         finally:
             self._executables.compiling_done.set()
         self._scheduler.wake()  # a queue waiting for a fuller batch may go now
+
+    def _stop_threads(self) -> None:
+        """No new batch or compile starts; returns once the one in progress has ended."""
+        self._stopping.set()
+        self._scheduler.close(EngineError("the process is exiting", code="unavailable"))
+        for thread in (self._thread, self._compiler):  # the device thread may start the compiler: first
+            if thread is not None:
+                thread.join()
+
+
+@atexit.register
+def _stop_engines_at_exit() -> None:
+    """Waits at process exit for the compile or batch each engine has in progress, starting no other.
+
+    The engine's threads are daemons, so an exit never waits for a queue of compiles. But one still
+    inside XLA when the interpreter finalizes is killed on its way back into Python, and that
+    unwinding through XLA's C++ aborts the process ("terminate called after throwing an instance of
+    ''", exit code 134). atexit runs before that point (and, registered after JAX's import, before
+    JAX's own exit hooks). A server that must stop at once leaves with `os._exit`, skipping this."""
+    for engine in list(_LIVE):
+        engine._stop_threads()

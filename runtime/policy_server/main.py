@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     who = f"%(name)s@{args.worker_name or 'worker'}" if args.join else "%(name)s"  # workers share a log
     logs.configure(args.log_level, f"%(asctime)s %(levelname)s {who}: %(message)s")
     if args.log_level != "DEBUG":  # absl's and JAX's start-up notes (the TPU probe) are not the server's news
-        for noisy in ("absl", "jax"):
+        for noisy in ("absl", "jax", "gcsfs", "fsspec", "aiohttp", "google"):  # retries: our one line says it
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         asyncio.run(serve(args))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import get_model_config
-from policy.checkpoint import CheckpointError, load_params, save_params
-from policy.model.params import flatten, init_params
+from policy.checkpoint import CheckpointError, load_params, parse_metadata, save_params
+from policy.model.params import flatten, init_params, param_shapes
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +82,19 @@ def test_missing_directory(tmp_path, tiny_cfg):
 def test_full_config_rejects_tiny_checkpoint_before_reading_weights(fixture_dir):
     with pytest.raises(CheckpointError, match=r"PaliGemma/img/.*has shape .* expects"):
         load_params(fixture_dir, get_model_config("pi05"))
+
+
+def test_the_metadata_json_gives_the_tree_orbax_reads(fixture_dir, tiny_cfg):
+    """A remote checkpoint is checked from `params/_METADATA` alone: its JSON must give exactly the
+    shapes orbax reads, and, without `write_shape` (older orbax), those of `array_metadatas/`."""
+    params = fixture_dir / "params"
+    expected = dict(flatten(param_shapes(tiny_cfg)))
+    assert parse_metadata((params / "_METADATA").read_bytes()) == expected
+    stripped = json.loads((params / "_METADATA").read_bytes())
+    for leaf in stripped["tree_metadata"].values():
+        del leaf["value_metadata"]["write_shape"]
+    stripped = json.dumps(stripped).encode()
+    assert parse_metadata(stripped) == dict.fromkeys(expected)  # the paths, shapes unknown
+    assert parse_metadata(stripped, (params / "array_metadatas" / "process_0").read_bytes()) == expected
+    with pytest.raises(CheckpointError, match="is not orbax's metadata"):
+        parse_metadata(b"<html>not found</html>")

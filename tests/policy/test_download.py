@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import re
+import socket
 import uuid
 from pathlib import Path
 
+import gcsfs.retry
 import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
@@ -33,13 +36,6 @@ def _stats(offset: float, dim: int = 8) -> dict:
     q01 = np.arange(dim) - 4.0 + offset
     entry = {"mean": [offset] * dim, "std": [1.0] * dim, "q01": q01.tolist(), "q99": (q01 + 2 + offset).tolist()}
     return {"norm_stats": {"state": entry, "actions": entry}}
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setenv("OPENPI_DATA_HOME", str(tmp_path / "openpi"))
-    return tmp_path / "cache"
 
 
 @pytest.fixture
@@ -82,16 +78,89 @@ def _local_files(path: Path) -> dict[str, bytes]:
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
 
 
-def test_first_resolve_downloads_the_checkpoint_into_the_cache(cache, remote):
-    out = io.StringIO()
-    local = download.maybe_download(remote, progress=out)
+def test_first_resolve_downloads_the_checkpoint_into_the_cache(cache, remote, caplog):
+    out = io.StringIO()  # not a terminal: the progress goes to the log
+    with caplog.at_level(logging.INFO, logger="policy.download"):
+        local = download.maybe_download(remote, progress=out)
     assert local == cache / "memory" / remote.removeprefix("memory://")
     files = _remote_files(remote)
     assert len(files) > 10 and "params/_METADATA" in files and "assets/droid/norm_stats.json" in files
     assert _local_files(local) == files  # every file, byte for byte, nothing else
-    lines = out.getvalue().splitlines()
-    assert lines[-1].startswith(f"downloading {remote}: ") and "(100%," in lines[-1]
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("downloading ")]
+    assert progress[-1].startswith(f"downloading {remote}: ") and "(100%," in progress[-1]
+    assert out.getvalue() == ""
     assert [p.name for p in local.parent.iterdir() if p.name.endswith(".partial")] == []
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_a_log_line_every_few_seconds_elsewhere(caplog):
+    now = [0.0]
+    tty = _Terminal()
+    bar = download.Progress("gs://b/ckpt", 100 << 20, tty, clock=lambda: now[0])
+    for _ in range(10):  # 10 MB every 0.125 s: a redraw at most every 0.2 s, so every other one
+        now[0] += 0.125
+        bar.add(10 << 20)
+    bar.close()
+    frames = tty.getvalue().split("\r")[1:]
+    assert len(frames) == 6 and frames[-1].endswith("(100%, 83.9 MB/s)\n"), frames  # 5 redraws, the last
+    assert "\n" not in "".join(frames[:-1])  # redrawn in place
+
+    now[0] = 0.0
+    with caplog.at_level(logging.INFO, logger="policy.download"):
+        bar = download.Progress("gs://b/ckpt", 80 << 20, io.StringIO(), clock=lambda: now[0])
+        for _ in range(80):  # 1 MB every 0.125 s, 10 s in all: a line at 5 s and 10 s, and the end's
+            now[0] += 0.125
+            bar.add(1 << 20)
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split("(")[1].split(",")[0] for line in lines] == ["50%", "100%", "100%"], lines
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="policy.download"):
+        quiet = download.Progress("gs://b/ckpt", 10, None, clock=lambda: now[0])
+        now[0] += 60
+        quiet.add(10)
+        quiet.close()
+    assert caplog.records == []
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed when the block ends: nothing listens there
+
+
+def test_an_unreachable_gs_url_fails_at_once_in_one_line_without_gcsfs_retries(cache, monkeypatch):
+    """Offline, gcsfs retried six times with backoff (35 s) and logged each traceback. The endpoint
+    (here an emulator's, on a closed local port) is probed once; gcsfs never sleeps for a retry."""
+    port = _closed_port()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    slept: list[float] = []
+
+    async def no_sleep(delay, *args, **kwargs):
+        slept.append(delay)
+
+    monkeypatch.setattr(gcsfs.retry.asyncio, "sleep", no_sleep)
+    url = "gs://openpi-assets/checkpoints/pi05_droid"
+    with pytest.raises(download.DownloadError) as refused:
+        download.maybe_download(url, progress=None)
+    message = str(refused.value)
+    assert message.startswith(f"cannot reach {url} (127.0.0.1:{port}: ") and "\n" not in message
+    assert message.endswith(f"`gsutil -m cp -r {url} DIR` and pass DIR/pi05_droid as the local copy")
+    assert slept == []
+    assert not download.cache_path(url).exists()
+
+
+def test_an_unreachable_http_url_fails_in_one_line_naming_it(cache):
+    url = f"http://127.0.0.1:{_closed_port()}/ckpt"
+    with pytest.raises(download.DownloadError, match=re.escape(f"cannot reach {url} (127.0.0.1:")) as refused:
+        download.maybe_download(url, progress=None, pass_as="--checkpoint")
+    assert str(refused.value).endswith(
+        "copy it by hand to DIR/ckpt and pass DIR/ckpt as --checkpoint".replace("it", url, 1)
+    )
 
 
 def test_second_resolve_reads_nothing(cache, remote, opened):
