@@ -3,11 +3,14 @@
 Every server runs as it is deployed: `python -m runtime.policy_server --fixed-reply` in a process of
 its own (its WebSocket protocols in their gateway processes), with the model replaced by a backend
 that checks each request and answers a fixed chunk, so only the transports are timed. Beside it, in
-processes of their own, two references with no server machinery at all: openpi's `serve_policy`
-minus the model (websockets + `openpi_client.msgpack_numpy`, a fixed reply) and a bare ROUTER loop
-that decodes our frames and answers fixed ones. The clients are in this process, one call at a time:
-`PolicyClient`, openpi-client's `WebsocketClientPolicy`, `JsonApiClient`, and a bare DEALER (encode,
-send, receive, decode, nothing else); bare DEALER against bare ROUTER is the floor of our protocol.
+processes of their own, references with no server machinery at all: openpi's `serve_policy`
+minus the model (websockets + `openpi_client.msgpack_numpy`, a fixed reply), a bare ROUTER loop
+that decodes our frames and answers fixed ones, and a bare pyzmq exchange (the same frames, built
+once, each way; the arrays rebuilt with `np.frombuffer`, nothing decoded or checked). The clients
+are in this process, one call at a time: `PolicyClient`, openpi-client's `WebsocketClientPolicy`,
+`JsonApiClient`, a bare DEALER (encode, send, receive, decode, nothing else), and the bare
+exchange's DEALER. `PolicyClient` against the server, over the bare exchange, is what the whole ZMQ
+path costs beyond moving its bytes (the target: at most 1.15x).
 
 All of them carry the same observation: DROID's two 224x224x3 uint8 cameras and 8 state values (the
 openpi clients as `observation/exterior_image_1_left`, `observation/wrist_image_left`,
@@ -60,7 +63,9 @@ OPENPI = "openpi protocol: `WebsocketClientPolicy` -> policy server"
 OPENPI_REF = "openpi protocol: `WebsocketClientPolicy` -> openpi-style reference server"
 ZMQ_REF = "ZMQ: `PolicyClient` -> bare ROUTER loop (reference)"
 BARE = "ZMQ: bare DEALER -> policy server"
-BARE_REF = "ZMQ: bare DEALER -> bare ROUTER loop (the floor)"
+BARE_REF = "ZMQ: bare DEALER -> bare ROUTER loop (the floor of our protocol)"
+EXCHANGE = "bare pyzmq exchange: the same frames, `np.frombuffer` each side (the floor of moving the bytes)"
+EXCHANGE_TARGET = 1.15  # PolicyClient -> policy server over the bare exchange, at p50
 JSON = "JSON API: `JsonApiClient` -> policy server"
 
 
@@ -130,7 +135,7 @@ def _serve_zmq_reference(port: int, ready: Any) -> None:
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.bind(f"tcp://127.0.0.1:{port}")
-    actions = np.zeros((HORIZON, ACTION_DIM), np.float32)
+    actions = _chunk()
     ready.set()
     while True:
         identity, *body = router.recv_multipart(copy=False)
@@ -148,6 +153,25 @@ def _serve_zmq_reference(port: int, ready: Any) -> None:
         }
         reply = {"type": REPLY_TYPE[header["type"]], "id": header.get("id"), "data": data}
         router.send_multipart([identity, *codec.encode(reply, {ACTIONS: actions})], copy=False)
+
+
+def _serve_bare_exchange(port: int, ready: Any) -> None:
+    """A blocking ROUTER that rebuilds each request's arrays with `np.frombuffer` (the sizes known
+    in advance, nothing decoded or checked) and answers the reply's frames, built once."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(f"tcp://127.0.0.1:{port}")
+    reply = [bytes(f) for f in codec.encode({"type": REPLY_TYPE[INFER], "id": 0}, {ACTIONS: _chunk()})]
+    ready.set()
+    while True:
+        identity, _header, *arrays = router.recv_multipart(copy=False)
+        for frame in arrays:
+            np.frombuffer(frame.buffer, np.uint8)
+        router.send_multipart([identity, *reply])
+
+
+def _chunk() -> np.ndarray:
+    return np.zeros((HORIZON, ACTION_DIM), np.float32)
 
 
 class ReferenceProcess:
@@ -217,6 +241,30 @@ class _JsonCaller:
         self.loop.close()
 
 
+class _BareExchange:
+    """The bare exchange's client: the request's frames built once, sent as pyzmq sends by default,
+    the reply's chunk rebuilt with `np.frombuffer`."""
+
+    def __init__(self, endpoint: str, images: dict[str, np.ndarray], state: np.ndarray):
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        header = {"type": INFER, "id": 1, "robot": "bench-exchange"}
+        self.frames = [bytes(f) for f in codec.encode(header, observation_arrays(Observation(images, state)))]
+
+    def __call__(self) -> None:
+        self.socket.send_multipart(self.frames)
+        if not self.socket.poll(30_000):
+            raise RuntimeError(f"{EXCHANGE}: no reply in 30 s")
+        _header, chunk = self.socket.recv_multipart(copy=False)
+        _expect_shape(
+            np.frombuffer(chunk.buffer, np.float32).reshape(HORIZON, ACTION_DIM), (HORIZON, ACTION_DIM), EXCHANGE
+        )
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
 class _BareDealer:
     """A blocking DEALER that encodes, sends, receives and decodes, nothing else: what a client
     of this protocol costs at the least."""
@@ -233,7 +281,7 @@ class _BareDealer:
     def __call__(self) -> None:
         request_id = next(self.ids)
         header = {"type": INFER, "id": request_id, "robot": "bench-bare", "options": self.options}
-        self.socket.send_multipart(codec.encode(header, self.arrays), copy=False)
+        self.socket.send_multipart(codec.encode(header, self.arrays))  # copied, as `PolicyClient` sends 150 KB
         if not self.socket.poll(30_000):
             raise RuntimeError(f"{self.what}: no reply in 30 s")
         reply, arrays = codec.decode(self.socket.recv_multipart(copy=False))
@@ -276,6 +324,7 @@ def run(iters: int, json_iters: int, rounds: int, cameras: int) -> str:
         server = stack.enter_context(ServerProcess("--fixed-reply"))
         openpi_ref = stack.enter_context(ReferenceProcess(_serve_openpi_reference))
         zmq_ref = stack.enter_context(ReferenceProcess(_serve_zmq_reference))
+        exchange_ref = stack.enter_context(ReferenceProcess(_serve_bare_exchange))
         zmq_client = stack.enter_context(PolicyClient(server.router, "bench-zmq"))
         zmq_ref_client = stack.enter_context(PolicyClient(f"tcp://127.0.0.1:{zmq_ref.port}", "bench-zmq-ref"))
         openpi_client = WebsocketClientPolicy(host="127.0.0.1", port=server.ports[3])
@@ -286,6 +335,8 @@ def run(iters: int, json_iters: int, rounds: int, cameras: int) -> str:
         stack.callback(bare.close)
         bare_ref = _BareDealer(f"tcp://127.0.0.1:{zmq_ref.port}", images, state, BARE_REF)
         stack.callback(bare_ref.close)
+        exchange = _BareExchange(f"tcp://127.0.0.1:{exchange_ref.port}", images, state)
+        stack.callback(exchange.close)
         json_caller = _JsonCaller(server.ws, images, state)
         stack.callback(json_caller.close)
 
@@ -314,6 +365,7 @@ def run(iters: int, json_iters: int, rounds: int, cameras: int) -> str:
             BARE: bare,
             ZMQ_REF: zmq_call(zmq_ref_client, ZMQ_REF),
             BARE_REF: bare_ref,
+            EXCHANGE: exchange,
         }
         per_round = {name: max(1, iters // rounds) for name in calls}
         per_round[JSON] = max(1, json_iters // rounds)
@@ -349,7 +401,9 @@ def _report(
         "replaced by a backend that checks each request and answers zeros; the WebSocket protocols in their gateway "
         "processes), an openpi-style reference server (openpi's `serve_policy` handler, websockets + "
         "`openpi_client.msgpack_numpy`, minus the model) and a bare ROUTER loop (decodes our frames, answers fixed "
-        "ones). A bare DEALER is a client that only encodes, sends, receives and decodes. One call at a time from "
+        "ones). A bare DEALER is a client that only encodes, sends, receives and decodes; the bare pyzmq exchange "
+        "sends the same frames built once and rebuilds the arrays with `np.frombuffer` on each side, nothing "
+        "decoded or checked. One call at a time from "
         "this process over 127.0.0.1. Out: DROID's two 224x224x3 uint8 images + 8 state values (openpi: "
         "`observation/exterior_image_1_left`, `observation/wrist_image_left`, `observation/joint_position`, "
         "`observation/gripper_position`, `prompt`; JSON: nested lists)"
@@ -366,7 +420,16 @@ def _report(
         "| client -> server | round trips | p50 ms | p99 ms | p50 vs ZMQ |\n|---|---|---|---|---|\n"
         + "\n".join(rows)
         + "\n\n"
-        "Target: the ZMQ round trip at least 2.5x faster than openpi's protocol at p50.\n\n"
+        "Targets at p50: the ZMQ round trip at least 2.5x faster than openpi's protocol, and within "
+        f"{EXCHANGE_TARGET:g}x of the bare pyzmq exchange of the same frames.\n\n"
+        f"- vs the bare pyzmq exchange: `PolicyClient` -> policy server takes **{p50[ZMQ] / p50[EXCHANGE]:.2f}x** "
+        f"its time ({'met' if p50[ZMQ] / p50[EXCHANGE] <= EXCHANGE_TARGET else 'NOT met'}; "
+        f"{p50[ZMQ] - p50[EXCHANGE]:+.2f} ms), and stays ahead of openpi's protocol: "
+        f"{'yes' if p50[ZMQ] < p50[OPENPI] else 'NO'}. Where the difference goes, p50: our codec both ways "
+        f"and the reference's reply (bare DEALER -> bare ROUTER loop over the exchange) "
+        f"{p50[BARE_REF] - p50[EXCHANGE]:+.2f} ms, `PolicyClient` over a bare DEALER (same loop) "
+        f"{p50[ZMQ_REF] - p50[BARE_REF]:+.2f} ms, the policy server over the bare ROUTER loop "
+        f"{p50[ZMQ] - p50[ZMQ_REF]:+.2f} ms\n"
         f"- vs openpi's protocol on the policy server (through its gateway process): {versus(OPENPI)}\n"
         f"- vs openpi's own handler (the reference server, what openpi serves today): {versus(OPENPI_REF)}\n"
         f"- the policy server's own time per ZMQ request (`server_timing.total_ms`, receipt to reply), p50: "
