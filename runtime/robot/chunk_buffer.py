@@ -12,10 +12,11 @@ chunk is the steps between its observation and its arrival; the estimate is a hi
 the recent ones (by default the largest of the last 20), the first chunk left out (it carries the
 server's compilation and the connection set-up). The next chunk is asked for when d plus a margin
 of actions are left, never later than `request_when_left` (a floor that also rules before anything
-was measured), and never with more than the H - d a chunk covers after its own delay: asking
-earlier would send a request while the previous one is still computing, and a server computing
-one at a time answers each such request later than the last, the delay feeding its own growth.
-A single slow reply raises the trigger until it leaves the window.
+was measured). The learnt part never asks while a request is in flight: where d plus the margin
+exceeds the H - d actions a chunk still holds when it lands, it asks as each chunk lands, the
+earliest a server computing one request at a time can start the next; an earlier, overlapping
+request would only queue behind the last one, be answered later than it, and raise the delay it
+was asked for. A single slow reply raises the trigger until it leaves the window.
 
 Real-time chunking (`rtc`; Black, Galliker & Levine 2025) moves the blending into the model: each
 request carries the unexecuted leftover from its observation's step (`rtc_inputs`), the
@@ -146,17 +147,21 @@ class ActionChunkBuffer:
         return max(0, len(self._plan) - max(0, step - self._first_step))
 
     def needs_chunk(self, step: int, in_flight_obs_steps: tuple[int, ...] | list[int] = ()) -> bool:
-        """Whether to request now: with `request_trigger()` actions left; a request in flight from
-        the observation of step s will cover the steps up to s + horizon. In `rtc` mode: every s
-        steps after the current chunk's observation, never while a request is in flight."""
+        """Whether to request now: with `request_trigger()` actions left and no request in flight,
+        or with `request_when_left` left counting what the requests in flight will cover (one from
+        the observation of step s covers the steps up to s + horizon): only the floor pipelines. In
+        `rtc` mode: every s steps after the current chunk's observation, never while a request is
+        in flight."""
         if self.settings.blend == "rtc":
             if in_flight_obs_steps:
                 return False
             return self._chunk_obs_step is None or step - self._chunk_obs_step >= self.execute_horizon()
         end = self._first_step + len(self._plan)
+        if not in_flight_obs_steps:
+            return end - step <= self.request_trigger()
         for obs_step in in_flight_obs_steps:
             end = max(end, obs_step + self._horizon)
-        return end - step <= self.request_trigger()
+        return end - step <= self.settings.request_when_left
 
     def chunk_age(self, step: int) -> int | None:
         """Steps since the observation the current plan was computed from."""
@@ -238,17 +243,16 @@ class ActionChunkBuffer:
         return math.ceil(np.percentile(np.fromiter(self._delays, float), self.settings.delay_percentile))
 
     def request_trigger(self) -> int:
-        """Actions left (counting requests in flight) at which the next chunk is asked for:
-        d + `request_margin`, so a chunk as late as the estimate lands before the plan runs out; at
-        most H - d, the steps a chunk still covers when it lands d late (more would send the next
-        request before this one is answered, overlapping requests the server computes one after
-        the other); and never below `request_when_left`, which alone rules before any delay was
-        measured and which may ask earlier still (pipelining, for a server that batches them)."""
+        """Actions left at which the next chunk is asked for with no request in flight: d +
+        `request_margin`, so a chunk as late as the estimate lands before the plan runs out, and
+        never below `request_when_left`, which alone rules before any delay was measured. It is
+        not capped, but it asks for no more than the chunk in hand can cover: `needs_chunk` holds
+        it back while a request is in flight, so past H - d (what a chunk holds when it lands d
+        late) it asks as each chunk lands; only the floor may ask earlier, overlapping requests
+        (pipelining, for a latency that is not the server's computing, e.g. a long network path)."""
         d = self.delay_estimate()
         floor = self.settings.request_when_left
-        if d is None or not self._horizon:
-            return floor
-        return max(floor, min(d + self.settings.request_margin, self._horizon - d))
+        return floor if d is None else max(floor, d + self.settings.request_margin)
 
     def inference_delay(self) -> int:
         """d as a guided request carries it: the delay estimate, at most half the horizon (the

@@ -118,13 +118,22 @@ def test_the_first_chunks_delay_is_left_out_and_the_floor_rules_until_one_is_mea
     [
         (0, [0, 12, 9, 11], 14),  # the largest recent delay plus the margin of 2
         (30, [0, 12], 30),  # the floor asks earlier than the delays need
-        (0, [0, 30], 20),  # 32 would ask again before the last chunk lands: at most H - 30
-        (40, [0, 30], 40),  # the floor asks earlier still (pipelining)
-        (0, [0, 60], 0),  # a chunk later than its length covers nothing: only the floor is left
+        (0, [0, 30], 32),
     ],
 )
-def test_the_trigger_is_the_delay_plus_a_margin_within_the_floor_and_h_minus_d(floor, delays, trigger):
+def test_the_trigger_is_the_delay_plus_a_margin_never_below_the_floor(floor, delays, trigger):
     assert _measured(delays, request_when_left=floor).request_trigger() == trigger
+
+
+@pytest.mark.parametrize(("floor", "overlaps"), [(0, False), (40, True)])
+def test_past_h_minus_d_it_asks_as_each_chunk_lands_and_only_the_floor_overlaps_requests(floor, overlaps):
+    buf = _measured([0, 30], request_when_left=floor)
+    # Landed 30 steps late, the chunk holds 20 actions: fewer than the 32 asked for, so ask now...
+    assert buf.add_chunk(_chunk(0, n=50), obs_step=200, now_step=230) == 30
+    assert buf.actions_left(230) == 20 and buf.needs_chunk(230)
+    # ...and not again while that request computes: a second one would queue behind it. The floor of
+    # 40 does ask again once the one in flight will leave 40 (at step 240), as it always did.
+    assert buf.needs_chunk(240, [230]) is overlaps and not buf.needs_chunk(239, [230])
 
 
 def test_a_slow_reply_raises_the_trigger_until_it_leaves_the_window():

@@ -65,7 +65,7 @@ def test_underruns_are_counted_exactly_hold_the_safe_action_and_teach_the_trigge
     robot = CountingRobot(clock)
     # 24.5 periods of latency; before any delay is measured the request goes at the floor of 10
     # actions left (step 40), its chunk merges before step 64: steps 50..63 run without a plan.
-    # That delay of 24 steps then sets the trigger to 24 + 2 (the margin), at most H - 24 = 26:
+    # That delay of 24 steps then sets the trigger to 24 + 2 (the margin), as many as a chunk holds:
     # every later request goes with 26 left, its chunk lands with 2 to spare, and nothing starves.
     loop = simulated_loop(SimServer(clock, 0.49), robot, buffer={"request_when_left": 10}, max_in_flight=1)
     summary = loop.run(4.0)
