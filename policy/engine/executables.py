@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # Every bucket gets all four: action-only rows, subtask start and segments, two-stage actions.
 PHASES = ("action", "subtask_start", "subtask_segment", "action_from_image_tokens")
+LOWERING_ATTEMPTS = 3
 
 
 class Executables:
@@ -64,12 +65,26 @@ class Executables:
                     log.info("compiling stopped before %s for batch %d", phase, b)
                     return
                 t0 = time.perf_counter()
-                executable = self.lower(phase, b).compile()
+                executable = self._lowered(phase, b).compile()
                 with self._lock:
                     self._compiled[(phase, b)] = executable
                 log.info("compiled %s for batch %d in %.2f s", phase, b, time.perf_counter() - t0)
             with self._lock:
                 self._ready = tuple(sorted({*self._ready, b}))
+
+    def _lowered(self, phase: str, b: int) -> jax.stages.Lowered:
+        """`lower`, tried again when JAX's tracing fails with a `KeyError` on one of its own variables.
+
+        On the background thread, beside the first requests, that happened in about one run in ten
+        on a loaded 2-core CPU (`KeyError: Var(id=...):float32[256]` inside `jit(...).lower`), and
+        the engine then served every batch on its smallest bucket. Lowering has no side effect, and
+        a second try has always succeeded."""
+        for _ in range(LOWERING_ATTEMPTS - 1):
+            try:
+                return self.lower(phase, b)
+            except KeyError as e:
+                log.warning("lowering %s for batch %d failed inside JAX (%r); trying again", phase, b, e)
+        return self.lower(phase, b)
 
     def lower(self, phase: str, b: int) -> jax.stages.Lowered:
         """The phase lowered for batch `b` (its text shows what runs: tests look for SigLIP's conv)."""
