@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-when-left",
         type=int,
         default=None,
-        help="actions left when the next chunk is requested (default: half the model's chunk)",
+        help="the request trigger's floor: the next chunk is asked for with at least this many actions left, "
+        "more when the measured delays call for it (default: half the model's chunk)",
     )
     p.add_argument("--subtask", choices=("off", "per_chunk", "refresh"), default="refresh")
     p.add_argument(
@@ -120,7 +121,7 @@ def loop_settings(args: argparse.Namespace, model: ServerModel, task: str | None
         prompt=args.prompt or "pick up the block",
         hz=args.hz,
         buffer=BufferSettings(
-            request_when_left=args.request_when_left or model.action_horizon // 2,
+            request_when_left=model.action_horizon // 2 if args.request_when_left is None else args.request_when_left,
             blend=args.blend,
             crossfade_steps=args.crossfade_steps,
             rtc_execute_horizon=args.rtc_execute_horizon,
