@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from configs import DEFAULT_IMAGE_RESOLUTIONS, DEMO_MODEL, model_config_names
+from configs import DEFAULT_IMAGE_RESOLUTIONS, DEMO_MODEL, get_model_config, model_config_names
 from robots.adapters import ADAPTERS
 from runtime import cli_args
 from runtime.cli_args import (
@@ -49,10 +49,12 @@ def resolutions(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def config_name(text: str) -> str:
-    """A named model config, checked at parsing: an unknown name is a usage error naming the known ones."""
-    if text not in model_config_names():
-        raise argparse.ArgumentTypeError(f"unknown config {text!r}; known: {', '.join(model_config_names())}")
-    return text
+    """A named model config, checked at parsing: an unknown name is a usage error naming the closest
+    and the known ones (before anything binds or loads, so no line about a model comes first)."""
+    try:
+        return get_model_config(text).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def join_endpoint(text: str) -> str:

@@ -54,7 +54,7 @@ def _json_server(keys: list[str] | None = None, settings: WsSettings = SETTINGS)
         return opened[-1]
 
     async def handler(key, request):
-        return {"timing": {}}, {"actions": BIG_ACTIONS}
+        return {"timing": {}, "actions": BIG_ACTIONS}
 
     return JsonApiServer(settings, handler, open, _nothing)
 

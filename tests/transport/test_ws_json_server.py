@@ -37,7 +37,7 @@ def test_a_reply_holding_nan_or_infinity_is_an_internal_error_and_the_connection
         actions = np.zeros((4, 2), np.float32)
         if request.prompt == "bad":
             actions[1, 1] = bad
-        return {"timing": {}}, {"actions": actions}
+        return {"timing": {}, "actions": actions}
 
     async def scenario():
         server = JsonApiServer(WsSettings(port=0), handler, lambda: "k", _nothing)
