@@ -45,6 +45,7 @@ def test_unknown_config_is_a_clear_error(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert "unknown model config 'pi05_tiyn'. Did you mean 'pi05_tiny'?" in result.stderr
+    assert "model:" not in result.stderr, "a line about a model came before the config error"
 
 
 def test_a_port_in_use_is_a_clear_error(tmp_path):
