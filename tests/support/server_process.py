@@ -197,5 +197,7 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.stop()
+        if exc_type is not None:  # pytest shows what a failing test printed: the server's side of it
+            print(f"--- the server's log ---\n{self.log}")
