@@ -162,6 +162,23 @@ class InferenceResult:
     timing: Mapping[str, float]
     # The chunk in model space (horizon, model action dim), normalized and padded, when asked.
     model_actions: np.ndarray | None = None
+    # Rows in the batch that answered it (its last phase): what its timings are read against.
+    batch: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """What an operator's metrics read off a backend at scrape time (cheap: counters it keeps
+    anyway). `batches` maps (phase, real rows) to executed batches ("subtask" counts decoding
+    starts); `compiles` maps a phase to (compiles, seconds spent)."""
+
+    healthy: bool
+    queued: int
+    in_flight: int
+    batches: Mapping[tuple[str, int], int]
+    compiles: Mapping[str, tuple[int, float]]
+    failed_batches: int = 0
+    nonfinite_rows: int = 0
 
 
 class EngineError(Exception):

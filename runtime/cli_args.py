@@ -18,6 +18,8 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from transport.logs import LOG_FORMATS
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -176,6 +178,19 @@ def heartbeat_option(default_s: float) -> Option:
 
 LOG_LEVEL = Option(
     ("--log-level",), {"type": str.upper, "choices": LOG_LEVELS, "default": "INFO", "help": "least severe lines logged"}
+)
+LOG_FORMAT = Option(
+    ("--log-format",),
+    {"choices": LOG_FORMATS, "default": "text", "help": "text lines for people, or one JSON object a line"},
+)
+METRICS_PORT = Option(
+    ("--metrics-port",),
+    {
+        "type": port,
+        "default": 0,
+        "help": "Prometheus /metrics over HTTP on --host at this port (0: off; 9464 is the usual choice)",
+    },
+    Where.FRONT,
 )
 READY_FILE = Option(
     ("--ready-file",),

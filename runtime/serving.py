@@ -20,8 +20,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from configs import SHIPPED_CHECKPOINTS, get_model_config
+from runtime.gateway.metrics import GatewayCollector
 from runtime.gateway.supervisor import GatewayProcess
+from runtime.metrics_http import MetricsEndpoint, process_registry, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,25 @@ async def until_stopped(work: Awaitable[Any], stop: asyncio.Event) -> bool:
     return False
 
 
-def endpoints(args: argparse.Namespace, server: Any, sockets: dict[str, socket.socket]) -> dict[str, str]:
+def open_metrics(
+    args: argparse.Namespace, stack: contextlib.AsyncExitStack
+) -> tuple[CollectorRegistry, MetricsEndpoint] | None:
+    """`--metrics-port`'s registry and endpoint, bound now like every other endpoint (before the
+    model loads); None when it is 0. What the process serves is registered on it as it starts."""
+    if not args.metrics_port:
+        return None
+    registry = process_registry()
+    endpoint = serve_metrics(registry, args.host, args.metrics_port)
+    on_close(stack, lambda: asyncio.to_thread(endpoint.close))
+    return registry, endpoint
+
+
+def endpoints(
+    args: argparse.Namespace,
+    server: Any,
+    sockets: dict[str, socket.socket],
+    metrics: MetricsEndpoint | None = None,
+) -> dict[str, str]:
     """The public endpoints, by name, as the log, the ready file and `on_ready` give them."""
     found: dict[str, str] = {}
     if server.router_endpoint:
@@ -106,6 +128,8 @@ def endpoints(args: argparse.Namespace, server: Any, sockets: dict[str, socket.s
         found["json websocket"] = f"{scheme}://{args.host}:{sockets['json'].getsockname()[1]}"
     if "openpi" in sockets:
         found["openpi websocket"] = f"{scheme}://{args.host}:{sockets['openpi'].getsockname()[1]}"
+    if metrics is not None:
+        found["metrics"] = f"http://{args.host}:{metrics.port}/metrics"
     return found
 
 
@@ -119,6 +143,7 @@ def gateway_argv(args: argparse.Namespace, name: str, server: Any, ipc_dir: str)
         "--max-connections", str(args.max_ws_connections),
         "--max-connections-per-client", str(args.max_ws_connections_per_client),
         "--log-level", args.log_level,
+        "--log-format", args.log_format,
     ]  # fmt: skip
     # Paths only: the gateway reads the token itself, so it never shows in a process listing.
     for flag, value in (("--token-file", args.token_file), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
@@ -140,14 +165,19 @@ async def start_gateways(
     ipc_dir: str,
     stop: asyncio.Event,
     stack: contextlib.AsyncExitStack,
+    registry: CollectorRegistry | None = None,
 ) -> bool:
-    """One gateway process per WebSocket socket, each serving before the next starts; False if
-    `stop` came first."""
+    """One gateway process per WebSocket socket, each serving before the next starts, their
+    connections on `registry` (the process's metrics) if given; False if `stop` came first."""
+    gateways: list[GatewayProcess] = []
+    if registry is not None:
+        registry.register(GatewayCollector(gateways))
     for name, sock in sockets.items():
         gateway = GatewayProcess(name, sock, gateway_argv(args, name, server, ipc_dir))
         on_close(stack, gateway.close)
         if not await until_stopped(gateway.start(), stop):
             return False
+        gateways.append(gateway)
     return True
 
 

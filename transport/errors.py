@@ -6,6 +6,14 @@ from typing import Any
 
 _SHOWN_CHARS = 40
 
+# Every code a server or broker answers (docs/protocol.md): a metric labelled by code stays bounded.
+ERROR_CODES = frozenset(
+    {
+        "bad_message", "bad_header", "bad_version", "bad_frames", "bad_dtype", "unknown_type", "oversize",
+        "bad_request", "busy", "timeout", "unavailable", "internal",
+    }
+)  # fmt: skip
+
 
 class TransportError(Exception):
     """An error with a machine-readable code that travels to the peer."""

@@ -52,7 +52,7 @@ import numpy as np
 import zmq
 
 from transport import codec, curve
-from transport.admission import Admission, AdmissionLimits, rejection
+from transport.admission import Admission, AdmissionLimits, Observer, rejection
 from transport.connections import Connections
 from transport.errors import TransportError
 from transport.heap import HeapTrimmer
@@ -186,9 +186,10 @@ class Publisher:
 class ZmqServer:
     """Bind first (`bind()`, before the model loads, so a port problem shows at once), then `start()`."""
 
-    def __init__(self, settings: ZmqServerSettings, handler: Handler):
+    def __init__(self, settings: ZmqServerSettings, handler: Handler, observe: Observer | None = None):
         self.settings = settings
         self._handler = handler
+        self._observe = observe
         self._ctx = zmq.Context()
         # The ZAP handler admits CURVE keys (robots' requests and subscriptions) and names the XPUB's
         # connections (`transport.subscriptions`).
@@ -332,7 +333,7 @@ class ZmqServer:
         try:
             request = self.admission.admit(body, peer.identity, peer.internal, peer.principal)
         except TransportError as e:
-            self._reject(router, peer, body, e)
+            self._reject(router, peer, body, e, received)
             return
         counted = request.type != PING
         if counted:
@@ -341,10 +342,12 @@ class ZmqServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _reject(self, router: zmq.Socket, peer: Peer, body: list, e: TransportError) -> None:
+    def _reject(self, router: zmq.Socket, peer: Peer, body: list, e: TransportError, received: float) -> None:
         self.errors[e.code] += 1
         log.info("rejected a message from %s (%r): %s", peer.identity.hex(), peer.principal, e.message)
         self._send(router, peer.identity, rejection(body, e))
+        if self._observe is not None:
+            self._observe(peer.internal, "", "", e.code, time.perf_counter() - received)
 
     async def _serve(self, router: zmq.Socket, peer: Peer, request: Request, received: float, counted: bool) -> None:
         try:
@@ -360,10 +363,14 @@ class ZmqServer:
         finally:
             if counted:
                 self.admission.settle(peer.identity, peer.internal, peer.principal)
+        seconds = time.perf_counter() - received
         if "data" in header:
-            header["data"]["server_timing"] = {"total_ms": (time.perf_counter() - received) * 1e3}
+            header["data"]["server_timing"] = {"total_ms": seconds * 1e3}
         self._send(router, peer.identity, header, arrays)
         self._kick(router)
+        if self._observe is not None:
+            outcome = header["error"]["code"] if "error" in header else "ok"
+            self._observe(peer.internal, request.robot, request.type, outcome, seconds)
 
     def _error(self, request: Request, code: str, message: str) -> dict[str, Any]:
         self.errors[code] += 1

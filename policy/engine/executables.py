@@ -51,6 +51,9 @@ class Executables:
         self.compiling_done = threading.Event()  # set by the engine once no more compiles will come
         # (phase, bucket) -> executions: what ran (tests count SigLIP passes with it).
         self.runs: collections.Counter[tuple[str, int]] = collections.Counter()
+        # phase -> compiles done and their seconds: what a restart without the compile cache costs.
+        self.compiles: collections.Counter[str] = collections.Counter()
+        self.compile_seconds: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ compiling
 
@@ -66,9 +69,12 @@ class Executables:
                     return
                 t0 = time.perf_counter()
                 executable = self._lowered(phase, b).compile()
+                seconds = time.perf_counter() - t0
                 with self._lock:
                     self._compiled[(phase, b)] = executable
-                log.info("compiled %s for batch %d in %.2f s", phase, b, time.perf_counter() - t0)
+                    self.compiles[phase] += 1
+                    self.compile_seconds[phase] += seconds
+                log.info("compiled %s for batch %d in %.2f s", phase, b, seconds)
             with self._lock:
                 self._ready = tuple(sorted({*self._ready, b}))
 

@@ -45,7 +45,14 @@ from policy.engine.worker import DeviceWorker
 from policy.model import params
 from policy.normalize import IDENTITY, Normalizer, checkpoint_normalizer, load_norm_stats
 from policy.prompts import Prompts
-from policy.request import DeadlineExceeded, EngineBusy, EngineError, InferenceRequest, InferenceResult
+from policy.request import (
+    DeadlineExceeded,
+    EngineBusy,
+    EngineError,
+    EngineStats,
+    InferenceRequest,
+    InferenceResult,
+)
 from policy.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -178,6 +185,19 @@ class AsyncPi05Inference:
             "nonfinite_rows": self._worker.nonfinite_rows if self._worker else 0,
             "healthy": self.healthy,
         }
+
+    def stats(self) -> EngineStats:
+        x = self._executables
+        worker = self._worker
+        return EngineStats(
+            healthy=self.healthy,
+            queued=self._scheduler.depth(),
+            in_flight=self._in_flight,
+            batches=dict(worker.batch_counts) if worker else {},
+            compiles={p: (n, x.compile_seconds[p]) for p, n in list(x.compiles.items())} if x else {},
+            failed_batches=worker.failed_batches if worker else 0,
+            nonfinite_rows=worker.nonfinite_rows if worker else 0,
+        )
 
     @property
     def batch_counts(self):

@@ -139,7 +139,7 @@ class DeviceWorker:
             ids = [int(v) for v in tokens[i, : lengths[i]]]
             t.subtask_tokens, t.subtask, t.subtask_ms = tuple(ids), tokenizer.decode(ids).strip(), ms
             if t.request.kind == "subtask" and not t.future.done():
-                self._answer(t, None)
+                self._answer(t, None, i, len(job.tickets))
         if any(t.request.kind == "infer" and not t.future.done() for t in job.tickets):
             self.scheduler.follow_up(job)
         else:
@@ -217,7 +217,7 @@ class DeviceWorker:
         returned = None  # a copy: the caller owns it (the batch's array is the device's, read-only)
         if model_actions is not None and t.request.return_model_actions:
             returned = np.array(model_actions, np.float32)
-        result = InferenceResult(actions, t.subtask, t.subtask_tokens, t.state, timing, returned)
+        result = InferenceResult(actions, t.subtask, t.subtask_tokens, t.state, timing, returned, batch)
         try:
             t.future.set_result(result)
         except concurrent.futures.InvalidStateError:  # its waiter gave up (deadline) and cancelled it

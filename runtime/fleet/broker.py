@@ -73,11 +73,11 @@ from runtime.fleet.protocol import (
 )
 from runtime.fleet.routing import InFlight, Worker, WorkerTable
 from transport import codec, curve
-from transport.admission import Admission, AdmissionLimits, rejection
+from transport.admission import Admission, AdmissionLimits, Observer, rejection
 from transport.connections import Connections
 from transport.errors import TransportError
 from transport.heap import HeapTrimmer
-from transport.messages import BYE, ERROR, KEEP, PING, REFRESH_INTERVAL, REPLY_TYPE
+from transport.messages import BYE, ERROR, KEEP, PING, REFRESH_INTERVAL, REPLY_TYPE, Request
 from transport.server_info import ServerInfo
 from transport.subscriptions import SUBSCRIBERS_DOMAIN, SubscriptionBook, SubscriptionLimits, configure_xpub
 from transport.zap import ZapHandler
@@ -121,9 +121,12 @@ class BrokerSettings:
 class Broker:
     """`bind()` (fast errors for a port in use), then `start()` (a thread) or `run(stop)`."""
 
-    def __init__(self, settings: BrokerSettings, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, settings: BrokerSettings, clock: Callable[[], float] = time.monotonic, observe: Observer | None = None
+    ):
         self.settings = settings
         self._clock = clock
+        self._observe = observe  # told of every answered request (metrics)
         self._ctx = zmq.Context()
         # The ZAP handler admits robots' keys (requests and subscriptions) and workers' keys, each in a
         # domain of its own, and names the front XPUB's connections (`transport.subscriptions`).
@@ -297,6 +300,7 @@ class Broker:
         for worker, flight in self.table.overdue(now - self.settings.request_timeout_s):
             self._settled(flight)
             self.errors["timeout"] += 1
+            self._observed(flight, "timeout")
             log.warning("worker %r held request %r of robot %r past %.0f s", worker.name, flight.request_id,
                         flight.robot, self.settings.request_timeout_s)  # fmt: skip
             message_ = f"policy worker {worker.name} did not answer within {self.settings.request_timeout_s:g} s"
@@ -316,18 +320,35 @@ class Broker:
 
     def _on_front(self, internal: bool, frames: list) -> None:
         identity, body = frames[0].bytes, frames[1:]
+        received = self._clock()
         # Under CURVE every message on the public ROUTER carries its connection's ZAP User-Id.
         user = None if internal or not self.settings.curve else curve.user_id(frames[-1])
+        principal = principal_of(frames[-1], identity, internal, user)
+        request: Request | None = None
         try:
-            self._forward(internal, identity, user, principal_of(frames[-1], identity, internal, user), body)
+            request = self.admission.admit(body, identity, internal, principal)
+            self._forward(internal, identity, user, principal, body, request, received)
         except TransportError as e:
             self.errors[e.code] += 1
             self._reply(internal, identity, rejection(body, e))
+            if self._observe is not None:
+                robot, type_ = (request.robot, request.type) if request is not None else ("", "")
+                self._observe(internal, robot, type_, e.code, self._clock() - received)
 
-    def _forward(self, internal: bool, identity: bytes, user: str | None, principal: str, body: list) -> None:
-        request = self.admission.admit(body, identity, internal, principal)
+    def _forward(
+        self,
+        internal: bool,
+        identity: bytes,
+        user: str | None,
+        principal: str,
+        body: list,
+        request: Request,
+        received: float,
+    ) -> None:
         if request.type == PING:  # exempt from the caps: a health check answers under load
             self._reply(internal, identity, self._pong(request.id))
+            if self._observe is not None:
+                self._observe(internal, request.robot, PING, "ok", self._clock() - received)
             return
         key = curve.session_key(user, request.robot)  # the worker's session key: what sticks
         worker = self.table.placed(key) if request.type == BYE else self.table.route(key)
@@ -343,6 +364,8 @@ class Broker:
             self._reply(
                 internal, identity, {"type": REPLY_TYPE[BYE], "id": request.id, "robot": request.robot, "data": data}
             )
+            if self._observe is not None:
+                self._observe(internal, request.robot, BYE, "ok", self._clock() - received)
             return
         if worker is None:
             raise TransportError("no policy worker is connected to the broker; retry later", "unavailable")
@@ -350,9 +373,12 @@ class Broker:
         envelope = Envelope(seq, identity, internal, user, principal)
         if not self._to_worker(worker.identity, request_frames(envelope, body)):
             raise TransportError(f"policy worker {worker.name} cannot take requests now; retry later", "unavailable")
-        worker.in_flight[seq] = InFlight(seq, internal, identity, request.id, request.robot, principal, self._clock())
+        worker.in_flight[seq] = InFlight(
+            seq, internal, identity, request.id, request.robot, principal, received, request.type
+        )
         self.admission.take(identity, internal, principal)
         self.forwarded += 1
+        worker.routed += 1
         if request.type == BYE:
             self.table.leave(key)
 
@@ -395,11 +421,16 @@ class Broker:
         for flight in worker.in_flight.values():
             self._settled(flight)
             self.errors["unavailable"] += 1
+            self._observed(flight, "unavailable")
             self._to_front(flight.internal, flight.client, codec.encode(_error(flight, "unavailable", reason)))
         worker.in_flight.clear()
 
     def _settled(self, flight: InFlight) -> None:
         self.admission.settle(flight.client, flight.internal, flight.principal)
+
+    def _observed(self, flight: InFlight, outcome: str) -> None:
+        if self._observe is not None:
+            self._observe(flight.internal, flight.robot, flight.type, outcome, self._clock() - flight.sent)
 
     # ------------------------------------------------------------------ workers
 
@@ -457,6 +488,8 @@ class Broker:
             if flight is not None:
                 self._settled(flight)
                 self._to_front(flight.internal, flight.client, rest[1:])
+                if self._observe is not None:
+                    self._observed(flight, _outcome(rest[1:]))
         elif command == DISCONNECT:
             self.table.remove(identity)
             log.info("worker %r left", worker.name)
@@ -513,6 +546,15 @@ class Broker:
             self.published += 1
         except zmq.Again:
             log.warning("refresh publisher is at its high-water mark; dropped a message")
+
+
+def _outcome(frames: list) -> str:
+    """A worker's reply as the metrics count it: "ok", or its error code (read from its header)."""
+    try:
+        header = msgpack.unpackb(frames[0].bytes if isinstance(frames[0], zmq.Frame) else frames[0])
+        return str(header["error"]["code"]) if header.get("type") == ERROR else "ok"
+    except Exception:  # a worker's reply the robot will find malformed too
+        return "bad_message"
 
 
 def _error(flight: InFlight, code: str, message_: str) -> dict[str, Any]:

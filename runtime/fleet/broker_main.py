@@ -18,7 +18,9 @@ from runtime.cli_args import (
     CURVE_CLIENTS,
     CURVE_PAIRS,
     CURVE_SECRET,
+    LOG_FORMAT,
     LOG_LEVEL,
+    METRICS_PORT,
     READY_FILE,
     WORKER_CURVE_CLIENTS,
     WORKER_CURVE_SECRET,
@@ -31,7 +33,10 @@ from runtime.cli_args import (
 )
 from runtime.fleet.broker import Broker, BrokerSettings
 from runtime.fleet.heartbeat import DEFAULT_INTERVAL_S, DEFAULT_MISSES
+from runtime.fleet.metrics import BrokerCollector
+from runtime.metrics_http import process_registry, serve_metrics
 from runtime.ready import Readiness
+from runtime.request_metrics import RequestMetrics
 from transport import curve, logs
 
 log = logging.getLogger(__name__)
@@ -71,8 +76,10 @@ OPTIONS = (
     CURVE_CLIENTS,
     WORKER_CURVE_SECRET,
     WORKER_CURVE_CLIENTS,
+    METRICS_PORT,
     READY_FILE,
     LOG_LEVEL,
+    LOG_FORMAT,
 )
 
 
@@ -132,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_together(parser, args, *CURVE_PAIRS)
-    logs.configure(args.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s", args.log_format, "broker")
+    registry = process_registry() if args.metrics_port else None
     try:
-        broker = Broker(settings_from(args))
+        broker = Broker(settings_from(args), observe=RequestMetrics(registry).observe if registry else None)
         broker.bind()
     except curve.CurveError as e:
         log.error("%s", e)
@@ -142,6 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     except zmq.ZMQError as e:
         log.error("cannot bind a ZMQ endpoint: %s", e)
         return 2
+    try:
+        metrics = serve_metrics(registry, args.host, args.metrics_port) if registry else None
+    except OSError as e:
+        broker.close()
+        log.error("cannot bind the metrics endpoint on %s: %s", args.host, e)
+        return 2
+    if registry is not None:
+        registry.register(BrokerCollector(broker))
     if not args.curve_secret and not loopback(args.host):
         log.warning("the robots' endpoints on %s are open to anyone who can reach them: use --curve-secret", args.host)
     stop = threading.Event()
@@ -151,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("workers join %s (refreshes into %s)", broker.backend_endpoint, broker.xsub_endpoint)
     endpoints = {"router": broker.router_endpoint, "pub": ", ".join(broker.pub_endpoints)}
     endpoints |= {"workers": broker.backend_endpoint, "worker pub": broker.xsub_endpoint}
+    if metrics is not None:
+        endpoints["metrics"] = f"http://{args.host}:{metrics.port}/metrics"
     readiness = Readiness(args.ready_file)
     log.info("ready")
     readiness.ready({"role": "broker", "endpoints": {k: v for k, v in endpoints.items() if v}})
@@ -159,4 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         readiness.stopping()
         broker.close()
+        if metrics is not None:
+            metrics.close()
     return 0

@@ -25,9 +25,19 @@ from runtime.cli_args import loopback, tcp_endpoint
 from runtime.fleet.broker import Broker, BrokerSettings
 from runtime.fleet.broker_main import worker_side_keys
 from runtime.fleet.heartbeat import DEFAULT_MISSES
+from runtime.fleet.metrics import BrokerCollector
 from runtime.fleet.worker_link import WorkerLink, tcp_host
 from runtime.fleet.workers import WorkerProcess, worker_specs
-from runtime.serving import endpoints, listen_websockets, on_close, run_demo, start_gateways, until_stopped
+from runtime.request_metrics import RequestMetrics
+from runtime.serving import (
+    endpoints,
+    listen_websockets,
+    on_close,
+    open_metrics,
+    run_demo,
+    start_gateways,
+    until_stopped,
+)
 from transport import curve
 from transport.zmq_server import ZmqServer
 
@@ -82,6 +92,8 @@ async def serve_front(
     worker_keys = None
     if args.worker_port:
         worker_keys = worker_side_keys(args.worker_curve_secret, args.worker_curve_clients, args.host, curve_keys)
+    metrics = open_metrics(args, stack)
+    registry = metrics[0] if metrics else None
     broker = Broker(
         BrokerSettings(
             router_endpoint=tcp_endpoint(args.host, args.router_port) if args.router_port else None,
@@ -101,12 +113,15 @@ async def serve_front(
             request_timeout_s=max(30.0, 3 * args.deadline),
             curve=curve_keys,
             worker_curve=worker_keys,
-        )
+        ),
+        observe=RequestMetrics(registry).observe if registry else None,
     )
+    if registry is not None:
+        registry.register(BrokerCollector(broker))
     broker.bind()
     on_close(stack, lambda: asyncio.to_thread(broker.close))
     sockets = listen_websockets(args, stack)
-    found = endpoints(args, broker, sockets)
+    found = endpoints(args, broker, sockets, metrics[1] if metrics else None)
     log.info("workers join %s", broker.backend_endpoint)
     if broker.remote_backend_endpoint:
         how = "with an allowed CURVE key" if worker_keys else "with no key (plain)"
@@ -120,7 +135,7 @@ async def serve_front(
     log.info("waiting for %d workers to join", len(workers))
     if not await until_stopped(_joined(broker, workers), stop):
         return
-    if not await start_gateways(args, broker, sockets, ipc_dir, stop, stack):
+    if not await start_gateways(args, broker, sockets, ipc_dir, stop, stack, registry):
         return
     announce(found)
     if args.demo:

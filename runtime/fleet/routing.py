@@ -34,6 +34,7 @@ class InFlight:
     robot: str
     principal: str = ""  # whom it counts against (`transport.zmq_server.principal_of`)
     sent: float = 0.0  # when it went to the worker (the broker's clock)
+    type: str = ""  # its request type (the metrics' label)
 
 
 @dataclasses.dataclass(eq=False)
@@ -47,7 +48,8 @@ class Worker:
     status: dict[str, Any] = dataclasses.field(default_factory=dict)  # its latest HEARTBEAT
     robots: set[str] = dataclasses.field(default_factory=set)
     in_flight: dict[int, InFlight] = dataclasses.field(default_factory=dict)
-    served: int = 0
+    routed: int = 0  # requests sent to it
+    served: int = 0  # replies it sent back
 
     def load(self) -> tuple[float, float, str]:
         return len(self.robots) / self.capacity, len(self.in_flight) / self.capacity, self.name

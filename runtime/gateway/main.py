@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", default=None, help="the certificate's PEM private key")
     p.add_argument("--allow-origin", action="append", default=[], help="a browser Origin let in (repeatable)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=logs.LOG_FORMATS, default="text")
     return p
 
 
@@ -151,7 +152,15 @@ class Gateway:
         key = f"{self._prefix}{next(self._ids)}"
         client = self._clients[key] = AsyncPolicyClient(self.args.router, key, timeout_s=INTERNAL_TIMEOUT_S, retries=0)
         client.listen_refreshes(self.args.pub, lambda message: self._push(key, message))
+        self._report()
         return key
+
+    def _report(self) -> None:
+        """Tells the parent how many connections are open, as a `connections N` line on stdout
+        (non-blocking: the parent's metrics read it, `runtime.gateway.supervisor`). A full pipe
+        drops the line; the next change reports the count again."""
+        with contextlib.suppress(BlockingIOError):
+            os.write(1, f"connections {len(self._clients)}\n".encode())
 
     def _push(self, key: str, message: dict[str, Any]) -> None:
         if isinstance(self.server, JsonApiServer):
@@ -162,6 +171,7 @@ class Gateway:
         client = self._clients.pop(key, None)
         if client is None:
             return
+        self._report()
         with contextlib.suppress(TransportError):
             await asyncio.wait_for(client.request(BYE), 5.0)
         await client.close()
@@ -233,13 +243,19 @@ async def run(args: argparse.Namespace, parent: int) -> None:
     gateway = Gateway(args, model)
     await gateway.server.start()
     print("ready", flush=True)
+    os.set_blocking(1, False)  # the connection reports must never stall the event loop
     await _watch_parent(parent)
     await gateway.server.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.configure(args.log_level.upper(), "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logs.configure(
+        args.log_level.upper(),
+        "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        args.log_format,
+        f"{args.protocol} gateway",
+    )
     parent = os.getppid()
     child_process.die_with_parent(parent)
     try:

@@ -3,6 +3,8 @@
 The parent binds the listening socket and the child inherits it, so the port is held (and a port
 problem reported) before the model loads, and a gateway that dies is restarted on the same socket
 without a client ever finding the port closed: connections wait in the listen backlog meanwhile.
+After its `ready` line the child's stdout carries `connections N` whenever its count of open
+WebSocket connections changes: the one metrics endpoint of the server reads it from here.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class GatewayProcess:
         self._watcher: asyncio.Task | None = None
         self._closing = False
         self.restarts = 0
+        self.connections = 0  # open WebSocket connections, as the process last reported
 
     async def start(self) -> None:
         """Starts the process and returns once it serves; then watches it and restarts it if it dies."""
@@ -50,9 +53,19 @@ class GatewayProcess:
             await child_process.stop(self._proc, STOP_TIMEOUT_S)
             raise RuntimeError(f"the {self.name} WebSocket gateway did not start (see its log above)")
 
+    async def _read_reports(self) -> None:
+        """Reads the process's `connections N` lines until it closes its stdout (it exited)."""
+        assert self._proc is not None and self._proc.stdout is not None
+        async for line in self._proc.stdout:
+            word, _, count = line.decode(errors="replace").partition(" ")
+            if word == "connections" and count.strip().isdigit():
+                self.connections = int(count)
+        self.connections = 0
+
     async def _watch(self) -> None:
         while not self._closing:
             assert self._proc is not None
+            await self._read_reports()
             code = await self._proc.wait()
             if self._closing:
                 return

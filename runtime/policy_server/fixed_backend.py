@@ -9,6 +9,7 @@ hostile-input tests run servers this way, in their own processes). It imports no
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from configs import DEFAULT_IMAGE_RESOLUTIONS, DEFAULT_MODEL, get_model_config
-from policy.request import InferenceRequest, InferenceResult, check_guidance
+from policy.request import EngineStats, InferenceRequest, InferenceResult, check_guidance
 
 
 class FixedBackend:
@@ -35,6 +36,8 @@ class FixedBackend:
         self.max_image_hw = (max(h for h, _ in image_resolutions), max(w for _, w in image_resolutions))
         self.healthy = True
         self.served = 0
+        self._in_flight = 0
+        self._batches: collections.Counter[tuple[str, int]] = collections.Counter()
 
     def info(self) -> dict[str, Any]:
         return {
@@ -70,11 +73,20 @@ class FixedBackend:
     async def prepare_images(self, images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(images)
 
+    def stats(self) -> EngineStats:
+        """Each request is a batch of one, of its phase; nothing compiles."""
+        return EngineStats(self.healthy, 0, self._in_flight, dict(self._batches), {})
+
     async def submit(self, request: InferenceRequest) -> InferenceResult:
         start = time.perf_counter()
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        self._in_flight += 1
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+        finally:
+            self._in_flight -= 1
         self.served += 1
+        self._batches[("action" if request.kind == "infer" else "subtask", 1)] += 1
         actions = model_actions = None
         if request.kind == "infer":
             actions = np.zeros((self.cfg.action_horizon, self.cfg.action_dim), np.float32)

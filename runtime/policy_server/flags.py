@@ -178,10 +178,12 @@ ENDPOINTS = (
     ),
 )
 RUN = (
+    cli_args.METRICS_PORT,
     _opt("--demo", FRONT, action="store_true", help="also drive the simulated arm through the ZMQ endpoints"),
     _opt("--demo-duration", FRONT, type=float, default=None, help="seconds of demo, then exit (default: until Ctrl-C)"),
     READY_FILE,
     LOG_LEVEL,
+    cli_args.LOG_FORMAT,
 )
 FLEET = (
     _opt("--workers", FRONT, type=positive(int), default=None, help="front host: broker + N CPU worker processes"),

@@ -30,8 +30,10 @@ import zmq
 from runtime.cli_args import loopback, tcp_endpoint
 from runtime.fleet.front import join_link, serve_front
 from runtime.policy_server.flags import is_front, parse_args, worker_argv
+from runtime.policy_server.metrics import EngineMetrics, ServerCollector
 from runtime.policy_server.service import InferenceBackend, PolicyService, ServiceLimits
 from runtime.ready import Readiness
+from runtime.request_metrics import RequestMetrics
 from runtime.serving import (
     cancel,
     checkpoint_of,
@@ -39,6 +41,7 @@ from runtime.serving import (
     listen_websockets,
     model_info,
     on_close,
+    open_metrics,
     run_demo,
     start_gateways,
     until_stopped,
@@ -174,6 +177,8 @@ async def _serve_here(
     pub_endpoints = [] if worker else [f"ipc://{ipc_dir}/pub"]
     if args.pub_port and not worker:
         pub_endpoints.append(tcp_endpoint(args.host, args.pub_port))
+    metrics = open_metrics(args, stack)
+    registry = metrics[0] if metrics else None
     zmq_server = ZmqServer(
         ZmqServerSettings(
             router_endpoint=tcp_endpoint(args.host, args.router_port) if args.router_port and not worker else None,
@@ -182,12 +187,13 @@ async def _serve_here(
             curve=curve_keys,
         ),
         lambda peer, request: service.handle(peer.principal, request, peer.user),
+        RequestMetrics(registry).observe if registry else None,
     )
     zmq_server.bind()
     on_close(stack, zmq_server.close)
     link = join_link(args, zmq_server) if worker else None  # a fleet worker: requests come from a broker
     sockets = {} if worker else listen_websockets(args, stack)
-    found = endpoints(args, zmq_server, sockets)
+    found = endpoints(args, zmq_server, sockets, metrics[1] if metrics else None)
     log.info("model: %s", model_info(args)["label"])
 
     if backend is None and args.fixed_reply:
@@ -214,6 +220,7 @@ async def _serve_here(
             min_refresh_interval_s=args.min_refresh_interval,
             session_ttl_s=args.session_ttl,
         ),
+        on_result=EngineMetrics(registry).observe if registry else None,
     )
     on_close(stack, service.close)
     await zmq_server.start()
@@ -230,7 +237,9 @@ async def _serve_here(
             return
     expiry = asyncio.create_task(supervise("session-expiry", service.run_expiry))
     on_close(stack, lambda: cancel(expiry))
-    if not await start_gateways(args, zmq_server, sockets, ipc_dir, stop, stack):
+    if registry is not None:
+        registry.register(ServerCollector(service))
+    if not await start_gateways(args, zmq_server, sockets, ipc_dir, stop, stack, registry):
         return
     announce(found)
     if args.demo:
@@ -248,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # A fleet worker's lines name it (and its `ready` is not its front host's, which shares the log).
     who = f"%(name)s@{args.worker_name or 'worker'}" if args.join else "%(name)s"  # workers share a log
-    logs.configure(args.log_level, f"%(asctime)s %(levelname)s {who}: %(message)s")
+    role = f"worker {args.worker_name or 'worker'}" if args.join else "front host" if is_front(args) else "server"
+    logs.configure(args.log_level, f"%(asctime)s %(levelname)s {who}: %(message)s", args.log_format, role)
     if args.log_level != "DEBUG":  # absl's and JAX's start-up notes (the TPU probe) are not the server's news
         for noisy in ("absl", "jax", "gcsfs", "fsspec", "aiohttp", "google"):  # retries: our one line says it
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -55,7 +55,8 @@ class RefreshScheduler:
         self._states: dict[str, RefreshState] = {}
         self._last: dict[str, dict[str, Any]] = {}
         self._counts: dict[str, int] = {}
-        self._seq = 0
+        self._seq = 0  # refreshes published in all (each message's `seq`)
+        self.failed = 0  # refreshes whose generation failed
         self.epoch = time.time()
 
     def interval(self, key: str) -> float | None:
@@ -68,6 +69,10 @@ class RefreshScheduler:
     def active(self) -> int:
         """How many sessions are refreshing."""
         return len(self._states)
+
+    @property
+    def published(self) -> int:
+        return self._seq
 
     def last(self, key: str) -> dict[str, Any] | None:
         """The last refresh published for `key`, even after its interval was cleared."""
@@ -137,6 +142,7 @@ class RefreshScheduler:
             raise
         except Exception as e:
             state.failures += 1
+            self.failed += 1
             log.warning("subtask refresh of %r failed: %s", key, e)
             return
         if result is None:

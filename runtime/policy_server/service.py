@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from policy.request import EngineError, InferenceRequest, InferenceResult, Observation, Options
+from policy.request import EngineError, EngineStats, InferenceRequest, InferenceResult, Observation, Options
 from runtime.policy_server.refresh import Publish, RefreshScheduler
 from transport.curve import session_key
 from transport.errors import BadRequest, TransportError
@@ -48,6 +48,8 @@ class InferenceBackend(Protocol):
     async def submit(self, request: InferenceRequest) -> InferenceResult: ...
 
     def info(self) -> dict[str, Any]: ...
+
+    def stats(self) -> EngineStats: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +78,8 @@ class Session:
 
 class PolicyService:
     """`publish(topic, message)` delivers refreshes; `subscribers(topic)` counts who listens (the
-    XPUB's view), `forget(topic)` drops a gone robot's last value."""
+    XPUB's view), `forget(topic)` drops a gone robot's last value; `on_result(request, result)` is
+    told of every result the backend gave (the metrics' engine figures)."""
 
     def __init__(
         self,
@@ -86,8 +89,10 @@ class PolicyService:
         forget: Callable[[str], None] = lambda topic: None,
         limits: ServiceLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_result: Callable[[InferenceRequest, InferenceResult], None] | None = None,
     ):
         self.backend = backend
+        self._on_result = on_result
         self.limits = limits or ServiceLimits()
         self.scheduler = RefreshScheduler(self._refresh_subtask, publish)
         self.sessions: dict[str, Session] = {}
@@ -291,9 +296,12 @@ class PolicyService:
 
     async def _submit(self, request: InferenceRequest) -> InferenceResult:
         try:
-            return await self.backend.submit(request)
+            result = await self.backend.submit(request)
         except EngineError as e:
             raise TransportError(str(e), e.code) from None
+        if self._on_result is not None:
+            self._on_result(request, result)
+        return result
 
     def _refresh_ack(self, session: Session) -> dict[str, Any]:
         return {

@@ -1,0 +1,143 @@
+"""`--metrics-port`: `/metrics` of a live server and of a `--workers 2` front host, scraped over HTTP
+and read with prometheus-client's own parser before and after requests of known kinds."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.eventually import eventually
+from tests.support.ports import free_local_ports
+from tests.support.server_process import ServerProcess
+from transport.errors import RemoteError
+from transport.ws_client import JsonApiClient
+from transport.zmq_client import PolicyClient
+
+CAP_S = 60.0  # failure detection only
+IMAGES = {"base_0_rgb": np.zeros((8, 8, 3), np.uint8)}
+N = 7
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of `/metrics` by (name, sorted labels)."""
+    with urllib.request.urlopen(url, timeout=CAP_S) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def moved(before: dict, after: dict, name: str, **labels: str) -> float:
+    return sample(after, name, **labels) - sample(before, name, **labels)
+
+
+def requests_of_known_kinds(router: str) -> None:
+    """N infers answered, then one refused (an unknown camera: `bad_request`), then a subtask."""
+    with PolicyClient(router, "metrics-arm", timeout_s=CAP_S) as client:
+        for _ in range(N):
+            client.infer(IMAGES, "pick up the cup", generate_subtask=False)
+        with pytest.raises(RemoteError) as refused:
+            client.infer({"no_such_camera": IMAGES["base_0_rgb"]}, "pick up the cup")
+        assert refused.value.code == "bad_request"
+        client.subtask(IMAGES, "pick up the cup")
+
+
+@pytest.fixture(scope="module")
+def server():
+    (port,) = free_local_ports(1)
+    with ServerProcess("--fixed-reply", "--metrics-port", str(port)) as srv:
+        yield srv
+
+
+def test_requests_move_their_counters_by_exactly_their_number(server):
+    url = server.ready["endpoints"]["metrics"]
+    before = scrape(url)
+    requests_of_known_kinds(server.router)
+    after = scrape(url)
+    zmq_infer = {"type": "infer", "transport": "zmq"}
+    assert moved(before, after, "pi05_requests_total", **zmq_infer, outcome="ok") == N
+    assert moved(before, after, "pi05_requests_total", **zmq_infer, outcome="bad_request") == 1
+    assert moved(before, after, "pi05_requests_total", type="subtask", transport="zmq", outcome="ok") == 1
+    assert moved(before, after, "pi05_request_seconds_count", **zmq_infer) == N + 1
+    # The engine's stages: the fixed backend answers each request as a batch of one.
+    assert moved(before, after, "pi05_engine_total_seconds_count", kind="infer", batch="1") == N
+    assert moved(before, after, "pi05_engine_action_seconds_count", kind="infer", batch="1") == N
+    assert moved(before, after, "pi05_engine_subtask_seconds_count", kind="subtask", batch="1") == 1
+    assert moved(before, after, "pi05_engine_batches_total", phase="action", rows="1") == N
+    assert sample(after, "pi05_engine_healthy") == 1
+    assert sample(after, "process_resident_memory_bytes") > 0  # the library's process collector
+    assert sample(after, "pi05_sessions") >= 1
+
+
+def test_a_gateway_connection_gauge_follows_a_client(server):
+    url = server.ready["endpoints"]["metrics"]
+
+    def connections() -> float:
+        return sample(scrape(url), "pi05_gateway_connections", gateway="json")
+
+    assert connections() == 0
+
+    async def hold_open(opened: asyncio.Event, release: asyncio.Event) -> None:
+        async with JsonApiClient(server.ws, retries=0):
+            opened.set()
+            await release.wait()
+
+    async def scenario() -> tuple[bool, bool]:
+        opened, release = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(hold_open(opened, release))
+        await asyncio.wait_for(opened.wait(), CAP_S)
+        seen_open = await asyncio.to_thread(eventually, lambda: connections() == 1, CAP_S)
+        release.set()
+        await task
+        return seen_open, await asyncio.to_thread(eventually, lambda: connections() == 0, CAP_S)
+
+    seen_open, seen_closed = asyncio.run(scenario())
+    assert seen_open, "the json gateway's connection never showed"
+    assert seen_closed, "the json gateway's connection never went away"
+
+
+def test_many_robot_ids_make_no_more_series_than_a_few(server):
+    url = server.ready["endpoints"]["metrics"]
+
+    def robots_ask(robots: int, requests: int) -> None:
+        clients = [PolicyClient(server.router, f"series-{r}", timeout_s=CAP_S) for r in range(robots)]
+        try:
+            for i in range(requests):
+                clients[i % robots].infer(IMAGES, "pick up the cup", generate_subtask=False)
+        finally:
+            for client in clients:
+                client.close()
+
+    robots_ask(10, 10)
+    few = set(scrape(url))
+    robots_ask(200, 1000)
+    many = set(scrape(url))
+    assert many == few, f"series added by robot ids: {sorted(many - few)[:5]}"
+
+
+def test_a_front_host_counts_through_its_broker():
+    (port,) = free_local_ports(1)
+    with ServerProcess("--workers", "2", "--fixed-reply", "--metrics-port", str(port), gateways=False) as srv:
+        url = srv.ready["endpoints"]["metrics"]
+        before = scrape(url)
+        assert sample(before, "pi05_fleet_workers") == 2
+        requests_of_known_kinds(srv.router)
+        after = scrape(url)
+    zmq_infer = {"type": "infer", "transport": "zmq"}
+    assert moved(before, after, "pi05_requests_total", **zmq_infer, outcome="ok") == N
+    assert moved(before, after, "pi05_requests_total", **zmq_infer, outcome="bad_request") == 1
+    assert moved(before, after, "pi05_request_seconds_count", **zmq_infer) == N + 1
+    routed = sum(v for (name, _), v in after.items() if name == "pi05_fleet_routed_total")
+    routed_before = sum(v for (name, _), v in before.items() if name == "pi05_fleet_routed_total")
+    assert routed - routed_before == N + 2  # the infers, the refused one and the subtask: all went to workers
