@@ -4,12 +4,20 @@ and read with prometheus-client's own parser before and after requests of known 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import urllib.request
+from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from runtime.fleet.broker import Broker, BrokerSettings
+from runtime.fleet.metrics import BrokerCollector
+from runtime.robot.metrics import LoopMetrics
 from tests.support.eventually import eventually
 from tests.support.ports import free_local_ports
 from tests.support.server_process import ServerProcess
@@ -141,3 +149,72 @@ def test_a_front_host_counts_through_its_broker():
     routed = sum(v for (name, _), v in after.items() if name == "pi05_fleet_routed_total")
     routed_before = sum(v for (name, _), v in before.items() if name == "pi05_fleet_routed_total")
     assert routed - routed_before == N + 2  # the infers, the refused one and the subtask: all went to workers
+
+
+# The parts of Grafana's dashboard JSON model (grafana.com/docs/grafana/latest/dashboards/build-dashboards/
+# view-dashboard-json-model/) an import reads: a dashboard and its panels, each query with its refId.
+DASHBOARD_SCHEMA = {
+    "type": "object",
+    "required": ["title", "uid", "schemaVersion", "panels", "editable", "graphTooltip", "time"],
+    "properties": {
+        "title": {"type": "string", "minLength": 1},
+        "uid": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,40}$"},
+        "schemaVersion": {"type": "integer", "minimum": 36},
+        "editable": {"type": "boolean"},
+        "graphTooltip": {"enum": [0, 1, 2]},
+        "time": {"type": "object", "required": ["from", "to"]},
+        "__inputs": {"type": "array", "items": {"type": "object", "required": ["name", "type", "pluginId"]}},
+        "panels": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["id", "type", "title", "gridPos", "targets", "datasource"],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "type": {"enum": ["timeseries", "stat", "gauge", "table", "bargauge"]},
+                    "gridPos": {
+                        "type": "object",
+                        "required": ["h", "w", "x", "y"],
+                        "properties": {k: {"type": "integer", "minimum": 0} for k in "hwxy"},
+                    },
+                    "targets": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"type": "object", "required": ["refId", "expr"]},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def _exported_names(text: str) -> set[str]:
+    """Every sample name the families in `text` can have (a family listed with no samples yet too)."""
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created")}
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names |= {family.name + s for s in suffixes.get(family.type, ("",))}
+    return names
+
+
+def test_the_dashboard_loads_and_queries_only_exported_metrics(server):
+    dashboard = json.loads((Path(__file__).parents[2] / "docs/grafana/pi05-runtime.json").read_text())
+    jsonschema.validate(dashboard, DASHBOARD_SCHEMA)
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    requests_of_known_kinds(server.router)
+    with urllib.request.urlopen(server.ready["endpoints"]["metrics"], timeout=CAP_S) as response:
+        exported = _exported_names(response.read().decode())
+    fleet, robot = CollectorRegistry(), CollectorRegistry()
+    fleet.register(BrokerCollector(Broker(BrokerSettings())))
+    LoopMetrics(robot)
+    exported |= _exported_names(generate_latest(fleet).decode()) | _exported_names(generate_latest(robot).decode())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b((?:pi05|process)_[a-z0-9_]+)", target["expr"])
+    }
+    assert queried, "no query names a metric"
+    assert queried <= exported, f"queried but not exported: {sorted(queried - exported)}"
