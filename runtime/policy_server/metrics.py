@@ -39,7 +39,8 @@ class EngineMetrics:
         self.subtask = stage("subtask", "Decoding the subtask (requests that generated one)")
         self.action = stage("action", "Sampling the action chunk (flow matching)")
 
-    def observe(self, request: InferenceRequest, result: InferenceResult) -> None:
+    def observe(self, session: str, request: InferenceRequest, result: InferenceResult) -> None:
+        """A `PolicyService` `on_result`: the session is not a label (robot ids are unbounded)."""
         labels = (result_kind(request), str(result.batch))
         timing = result.timing
         self.total.labels(*labels).observe(timing["total_ms"] / 1e3)

@@ -78,8 +78,8 @@ class Session:
 
 class PolicyService:
     """`publish(topic, message)` delivers refreshes; `subscribers(topic)` counts who listens (the
-    XPUB's view), `forget(topic)` drops a gone robot's last value; `on_result(request, result)` is
-    told of every result the backend gave (the metrics' engine figures)."""
+    XPUB's view), `forget(topic)` drops a gone robot's last value; `on_result(session, request,
+    result)` is told of every result the backend gave (the metrics' engine figures, Rerun's log)."""
 
     def __init__(
         self,
@@ -89,7 +89,7 @@ class PolicyService:
         forget: Callable[[str], None] = lambda topic: None,
         limits: ServiceLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
-        on_result: Callable[[InferenceRequest, InferenceResult], None] | None = None,
+        on_result: Callable[[str, InferenceRequest, InferenceResult], None] | None = None,
     ):
         self.backend = backend
         self._on_result = on_result
@@ -223,7 +223,9 @@ class PolicyService:
         if task is not None:
             running.add(task)
         try:
-            result = await self._submit(self._inference_request(request, observation, prompt, options, kind))
+            result = await self._submit(
+                session.key, self._inference_request(request, observation, prompt, options, kind)
+            )
         finally:
             running.discard(task)
             if not running and self._running.get(session.key) is running:
@@ -294,13 +296,13 @@ class PolicyService:
             self.backend.check(self._inference_request(request, observation, prompt, options, kind))
         return prompt, options
 
-    async def _submit(self, request: InferenceRequest) -> InferenceResult:
+    async def _submit(self, key: str, request: InferenceRequest) -> InferenceResult:
         try:
             result = await self.backend.submit(request)
         except EngineError as e:
             raise TransportError(str(e), e.code) from None
         if self._on_result is not None:
-            self._on_result(request, result)
+            self._on_result(key, request, result)
         return result
 
     def _refresh_ack(self, session: Session) -> dict[str, Any]:
@@ -322,7 +324,7 @@ class PolicyService:
         # A fresh seed each time: a refresh may change its mind as the scene changes.
         options = dataclasses.replace(session.options, seed=None)
         return await self._submit(
-            InferenceRequest(session.observation, session.prompt, options, kind="subtask", priority="refresh")
+            key, InferenceRequest(session.observation, session.prompt, options, kind="subtask", priority="refresh")
         )
 
     def ping(self) -> dict[str, Any]:
