@@ -1,1 +1,2 @@
-"""The robot side: the `Robot` interface, the simulated robot and adapters for real robot layouts."""
+"""The robot side: the `Robot` interface, the simulated robot, adapters for real robot layouts and
+LeRobot's robots."""

@@ -23,6 +23,10 @@ That is an outage: counted, timed from the unanswered request to the next reply,
 status and the summary. A new server `epoch` (in replies and refreshes) counts as a restart. When
 the loop stops it clears its refresh and says `bye`, so the server stops working for it.
 
+With `--rerun` the loop holds a `RobotLog` and hands it each observation (the images and state it
+sends), each chunk as planned with its latency, each action it executes and each subtask it hears;
+those calls only enqueue. Without it the loop holds None: no copy, no thread, no `rerun` import.
+
 The clock and sleep are injectable: tests run the loop on a simulated clock, step by step.
 """
 
@@ -40,6 +44,7 @@ import numpy as np
 
 from robots.base import Robot
 from runtime.robot.chunk_buffer import ActionChunkBuffer, BufferSettings, append_bounded
+from runtime.robot.rerun_log import RobotLog
 from transport.errors import RemoteError, RequestTimeout, TransportError
 
 log = logging.getLogger(__name__)
@@ -107,9 +112,13 @@ class _InFlight:
 
 @dataclasses.dataclass
 class LoopStatus:
-    """What the live status line shows."""
+    """What the live status line and the metrics (`runtime.robot.metrics`) read each tick."""
 
     step: int = 0
+    ticks: int = 0
+    jitter_ms: float | None = None  # how late this tick ran
+    chunks_received: int = 0
+    last_delay_steps: int | None = None
     subtask: str | None = None
     refresh_count: int = 0
     last_delay_ms: float | None = None
@@ -133,6 +142,7 @@ class ControlLoop:
         on_tick: Callable[[LoopStatus], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        rerun: RobotLog | None = None,
     ):
         self.robot = robot
         self.client = client
@@ -148,6 +158,7 @@ class ControlLoop:
         self._pub = pub_endpoint
         self._clock = clock
         self._sleep = sleep
+        self._rerun = rerun
         self._stop = threading.Event()
         self._in_flight: list[_InFlight] = []
         self._elapsed_s = 0.0  # from the first tick to the latest one
@@ -167,6 +178,8 @@ class ControlLoop:
         self.status.subtask = message.get("subtask")
         self.status.refresh_count = message.get("refresh_count", 0)
         self.subtasks_seen += 1
+        if self._rerun is not None and self.status.subtask is not None:
+            self._rerun.subtask(self.status.step, self.status.subtask, self.status.refresh_count)
 
     def _see_epoch(self, epoch: Any) -> None:
         """A server epoch not seen before, after another one, is a restarted server."""
@@ -180,6 +193,8 @@ class ControlLoop:
     def _request(self, step: int, timeout_s: float | None, retries: int | None) -> _InFlight:
         obs = self.robot.observe()
         obs_time = self._clock()
+        if self._rerun is not None:
+            self._rerun.observation(step, obs.images, obs.state)
         s = self.settings
         options: dict[str, Any] = {"max_decoding_steps": s.max_decoding_steps, "temperature": s.temperature}
         generate = s.subtask_mode == "per_chunk" or (s.subtask_mode == "refresh" and self.status.subtask is None)
@@ -248,11 +263,17 @@ class ControlLoop:
             log.warning("a reply without a usable action chunk (shape %s) was dropped", np.shape(actions))
             return
         delay_ms = (now - flight.obs_time) * 1e3
-        self.buffer.add_chunk(np.asarray(actions), flight.obs_step, step, delay_ms)
+        actions = np.asarray(actions)
+        self.buffer.add_chunk(actions, flight.obs_step, step, delay_ms)
         self.status.last_delay_ms = delay_ms
+        if self._rerun is not None:  # the robot's dimensions of the plan (a view)
+            planned = actions[:, : self.robot.action_dim]
+            self._rerun.chunk(step, flight.obs_step, planned, 1.0 / self.settings.hz, delay_ms)
         if flight.generates_subtask and reply.get("subtask") is not None:
             self.status.subtask = reply["subtask"]
             self.subtasks_seen += 1
+            if self._rerun is not None:
+                self._rerun.subtask(step, self.status.subtask)
 
     def _server_lost(self, flight: _InFlight, error: TransportError) -> None:
         if self._outage_since is None:
@@ -278,6 +299,8 @@ class ControlLoop:
         period = 1.0 / s.hz
         if s.subtask_mode == "refresh" and self._pub:
             self.client.listen_refreshes(self._pub, self._on_refresh)
+        if self._rerun is not None:
+            self._rerun.start_run()
         try:
             # The first chunk is waited for before the clock starts: underruns count only real ones.
             first = self._request(0, timeout_s=None, retries=None)
@@ -295,6 +318,8 @@ class ControlLoop:
                 action = self.buffer.next_action(step)
                 self.robot.act(action)
                 append_bounded(self.executed, action)
+                if self._rerun is not None:
+                    self._rerun.executed(step, action)
                 self.ticks += 1
                 pending = [f.obs_step for f in self._in_flight]
                 if len(pending) < s.max_in_flight and self.buffer.needs_chunk(step + 1, pending):
@@ -329,8 +354,13 @@ class ControlLoop:
     def _update_status(self, step: int) -> None:
         st = self.status
         st.step = step
+        st.ticks = self.ticks
+        st.jitter_ms = self.jitter_ms[-1] if self.jitter_ms else None
+        metrics = self.buffer.metrics
+        st.chunks_received = metrics.chunks_received
+        st.last_delay_steps = metrics.delays_steps[-1] if metrics.delays_steps else None
         st.depth = self.buffer.actions_left(step)
-        st.underruns = self.buffer.metrics.underruns
+        st.underruns = metrics.underruns
         st.achieved_hz = self._rate()
         st.outage_s = self._outage_s(self._clock())
         if self._on_tick is not None:

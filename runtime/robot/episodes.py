@@ -5,7 +5,8 @@ plate") and ends when the simulator judges the task done or after `episode_s`. E
 loop and a client of its own: a loop signs off from the server when it ends (refresh cleared,
 session ended), and the next starts clean. An arm without a task runs one episode for the whole
 time, the plain control loop. The summary has the loop's keys over all episodes (counts summed,
-percentiles over every tick and chunk) and `episodes`, `episodes_succeeded`.
+percentiles over every tick and chunk) and `episodes`, `episodes_succeeded`. With `rerun`
+(`--rerun`) every episode's loop logs to it, one after the other on the robot's `step` timeline.
 """
 
 from __future__ import annotations
@@ -14,13 +15,26 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from robots.sim import SimArm
+from robots.base import Robot
 from runtime.robot.chunk_buffer import append_bounded
 from runtime.robot.control_loop import ControlLoop, LoopClient, LoopSettings, LoopStatus
+from runtime.robot.rerun_log import RobotLog
+
+if TYPE_CHECKING:
+    from robots.tasks import PickPlaceTask
+
+
+class EpisodeArm(Robot, Protocol):
+    """What the episodes drive: a robot whose `safe_action` the buffer holds on underrun (None: the
+    last action again) and whose `task` is the simulated arm's (`robots.sim.SimArm`, which then
+    says its `prompt` and `success`), or None: a robot without one runs one plain episode."""
+
+    safe_action: tuple[float, ...] | None
+    task: PickPlaceTask | None
 
 
 class EpisodeClient(LoopClient, Protocol):
@@ -97,13 +111,14 @@ class TaskEpisodes:
 
     def __init__(
         self,
-        arm: SimArm,
+        arm: EpisodeArm,
         make_client: Callable[[], EpisodeClient],
         settings: LoopSettings,
         pub: str | None,
         episode_s: float = 15.0,
         on_tick: Callable[[LoopStatus, Tally], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rerun: RobotLog | None = None,
     ):
         self.arm = arm
         self.tally = Tally()
@@ -113,6 +128,7 @@ class TaskEpisodes:
         self._episode_s = episode_s
         self._on_tick = on_tick
         self._clock = clock
+        self._rerun = rerun
         self._totals = _Totals()
         self._loop: ControlLoop | None = None
         self._stopped = threading.Event()
@@ -126,6 +142,8 @@ class TaskEpisodes:
             if left is not None and left <= 0:
                 break
             self._episode(left)
+            if self.arm.task is None:  # its one episode ran the whole time (its ticks end just short of it)
+                break
         return self.summary()
 
     def _episode(self, left_s: float | None) -> None:
@@ -139,7 +157,7 @@ class TaskEpisodes:
         )
         lengths = [s for s in (left_s, self._episode_s if arm.task is not None else None) if s is not None]
         client = self._make_client()
-        loop = ControlLoop(arm, client, settings, self._pub, on_tick=self._tick)
+        loop = ControlLoop(arm, client, settings, self._pub, on_tick=self._tick, rerun=self._rerun)
         self._loop = loop
         try:
             if not self._stopped.is_set():
