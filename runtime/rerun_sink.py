@@ -15,7 +15,8 @@ Entities, per robot: `robots/<robot_id>/camera/<name>` (the images as the model 
 `state/<i>`, `executed/<dim>` (one series per dimension), `planned/<dim>/<slot>`, `subtask` (a text
 log: each refresh and each subtask generated with a chunk) and `latency_ms`. Rows are on two
 timelines: `step`, the robot's control tick, and `time`, the wall clock when it was logged, which
-lines robots and processes up with each other.
+lines robots and processes up with each other. The policy server's `--rerun` logs its own view under
+`server/<session>/` (`runtime.policy_server.rerun_log`).
 
 A chunk is logged as the series it plans over the steps ahead (its action for step s at s, from the
 step of the observation it answers), one line per chunk: a plot joins consecutive points of an entity,
@@ -88,16 +89,18 @@ class _RerunAction(argparse.Action):
             raise argparse.ArgumentError(self, str(e)) from None
 
 
+# `--rerun`'s argparse settings: a `RerunTarget`, or None when not given (off).
+RERUN_ARGUMENT: dict[str, Any] = {
+    "nargs": "+",
+    "action": _RerunAction,
+    "default": None,
+    "metavar": ("MODE", "ARG"),
+    "help": f"log to Rerun (the rerun extra): {FORMS} (off by default)",
+}
+
+
 def add_rerun_argument(parser: argparse.ArgumentParser) -> None:
-    """`--rerun` on `parser`: a `RerunTarget`, or None when not given (off)."""
-    parser.add_argument(
-        "--rerun",
-        nargs="+",
-        action=_RerunAction,
-        default=None,
-        metavar=("MODE", "ARG"),
-        help=f"log to Rerun (the rerun extra): {FORMS} (off by default)",
-    )
+    parser.add_argument("--rerun", **RERUN_ARGUMENT)
 
 
 def model_view(image: np.ndarray, size: int | None) -> np.ndarray:
@@ -126,11 +129,12 @@ class RerunSink:
     thread goes on with the next. `close` sends what is queued, flushes the recording and ends it
     (a file is complete then)."""
 
-    def __init__(self, recording: Any, queue_size: int = QUEUE_SIZE):
+    def __init__(self, recording: Any, queue_size: int = QUEUE_SIZE, root: str = "robots"):
         import rerun  # the extra, imported only when a sink is made
 
         self._rr = rerun
         self._rec = recording
+        self._root = root  # the entities' first part: `robots` (the robots' own view) or `server`
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(queue_size)
         self._dropped = 0
         self._drop_lock = threading.Lock()  # callers on several threads may drop at once
@@ -140,7 +144,7 @@ class RerunSink:
         self._thread.start()
 
     @classmethod
-    def open(cls, target: RerunTarget, application_id: str = "pi05-runtime") -> RerunSink:
+    def open(cls, target: RerunTarget, application_id: str = "pi05-runtime", root: str = "robots") -> RerunSink:
         """A sink on a new recording sent to `target`. Raises `RerunUnavailable`, in one line, without
         rerun-sdk or when the viewer cannot be spawned or the file not made."""
         try:
@@ -159,7 +163,7 @@ class RerunSink:
         except RuntimeError as e:  # what the SDK raises: no viewer to spawn, a file it cannot make
             raise RerunUnavailable(f"--rerun {target.kind}: {e}") from None
         log.info("logging to Rerun: %s %s", target.kind, target.address or "")
-        return cls(rec)
+        return cls(rec, root=root)
 
     @property
     def dropped(self) -> int:
@@ -186,6 +190,11 @@ class RerunSink:
 
     def log_subtask(self, robot_id: str, step: int, text: str, refresh_count: int | None = None) -> None:
         self._put(self._write_subtask, robot_id, step, time.time(), text, refresh_count)
+
+    def log_chunk(self, robot_id: str, step: int, actions: np.ndarray) -> None:
+        """A whole chunk (horizon x dims) as one tensor at `step`: the server's view, which knows no
+        robot tick to lay it out on."""
+        self._put(self._write_chunk, robot_id, step, time.time(), actions)
 
     def log_latency(self, robot_id: str, step: int, ms: float) -> None:
         """The inference latency of the chunk arriving at `step`, from its observation, in ms."""
@@ -225,7 +234,7 @@ class RerunSink:
         self._rec.set_time(TIME, timestamp=at)
 
     def _path(self, robot_id: str, *parts: object) -> str:
-        return self._rr.new_entity_path(["robots", robot_id, *(str(p) for p in parts)])
+        return self._rr.new_entity_path([self._root, robot_id, *(str(p) for p in parts)])
 
     def _write_images(
         self, robot_id: str, step: int, at: float, images: Mapping[str, np.ndarray], size: int | None
@@ -260,6 +269,10 @@ class RerunSink:
         self._at(step, at)
         line = text if refresh_count is None else f"{text} (refresh {refresh_count})"
         self._rec.log(self._path(robot_id, "subtask"), self._rr.TextLog(line))
+
+    def _write_chunk(self, robot_id: str, step: int, at: float, actions: np.ndarray) -> None:
+        self._at(step, at)
+        self._rec.log(self._path(robot_id, "chunk"), self._rr.Tensor(np.asarray(actions), dim_names=("step", "dim")))
 
     def _write_latency(self, robot_id: str, step: int, at: float, ms: float) -> None:
         self._at(step, at)

@@ -29,6 +29,7 @@ from runtime.cli_args import (
     positive,
 )
 from runtime.fleet.heartbeat import DEFAULT_INTERVAL_S
+from runtime.rerun_sink import RERUN_ARGUMENT
 from transport.zmq_requests import zmq_endpoint
 
 FRONT, WORKER, BOTH = Where.FRONT, Where.WORKER, Where.BOTH
@@ -179,6 +180,7 @@ ENDPOINTS = (
 )
 RUN = (
     cli_args.METRICS_PORT,
+    Option(("--rerun",), RERUN_ARGUMENT, FRONT),
     _opt("--demo", FRONT, action="store_true", help="also drive the simulated arm through the ZMQ endpoints"),
     _opt("--demo-duration", FRONT, type=float, default=None, help="seconds of demo, then exit (default: until Ctrl-C)"),
     READY_FILE,
@@ -263,6 +265,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.workers and args.gpu_ids, "--workers (CPU workers) and --gpu-ids (GPU workers) exclude each other"),
         (front and args.join, "--join makes this process a worker; --workers and --gpu-ids make it a front host"),
         (args.join and args.demo, "--demo needs the robot endpoints of a front host, not a worker's --join"),
+        (front and args.rerun,
+         "--rerun logs one engine's view: give it to a single server, a --join worker or robots.run"),
         (args.worker_curve_secret and not (front and args.worker_port),
          "--worker-curve-secret protects a front host's --worker-port (its own workers join over ipc://)"),
         (args.join_curve_key and not args.join,

@@ -31,9 +31,11 @@ from runtime.cli_args import loopback, tcp_endpoint
 from runtime.fleet.front import join_link, serve_front
 from runtime.policy_server.flags import is_front, parse_args, worker_argv
 from runtime.policy_server.metrics import EngineMetrics, ServerCollector
+from runtime.policy_server.rerun_log import ServerLog
 from runtime.policy_server.service import InferenceBackend, PolicyService, ServiceLimits
 from runtime.ready import Readiness
 from runtime.request_metrics import RequestMetrics
+from runtime.rerun_sink import RerunSink, RerunUnavailable
 from runtime.serving import (
     cancel,
     checkpoint_of,
@@ -179,6 +181,7 @@ async def _serve_here(
         pub_endpoints.append(tcp_endpoint(args.host, args.pub_port))
     metrics = open_metrics(args, stack)
     registry = metrics[0] if metrics else None
+    server_log = _server_log(args, stack)  # before the model loads: a Rerun that cannot be had fails fast
     zmq_server = ZmqServer(
         ZmqServerSettings(
             router_endpoint=tcp_endpoint(args.host, args.router_port) if args.router_port and not worker else None,
@@ -220,7 +223,7 @@ async def _serve_here(
             min_refresh_interval_s=args.min_refresh_interval,
             session_ttl_s=args.session_ttl,
         ),
-        on_result=EngineMetrics(registry).observe if registry else None,
+        on_result=_fan_out(EngineMetrics(registry).observe if registry else None, server_log),
     )
     on_close(stack, service.close)
     await zmq_server.start()
@@ -253,6 +256,30 @@ async def _serve_here(
     log.info("shutting down")
 
 
+def _server_log(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> ServerLog | None:
+    """`--rerun`'s log of what the engine received and answered (None when off)."""
+    if args.rerun is None:
+        return None
+    sink = RerunSink.open(args.rerun, root="server")
+    on_close(stack, lambda: asyncio.to_thread(sink.close))
+    return ServerLog(sink)
+
+
+def _fan_out(*callbacks: Callable[..., None] | None) -> Callable[..., None] | None:
+    """One callback calling each given one in turn; None when none is given (nothing to call)."""
+    given = [c for c in callbacks if c is not None]
+    if not given:
+        return None
+    if len(given) == 1:
+        return given[0]
+
+    def each(*args: Any) -> None:
+        for callback in given:
+            callback(*args)
+
+    return each
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # A fleet worker's lines name it (and its `ready` is not its front host's, which shares the log).
@@ -275,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("cannot bind an endpoint on %s: %s", args.host, e)
         log.debug("traceback", exc_info=True)
         return 2
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, RerunUnavailable) as e:
         log.error("%s", e)
         log.debug("traceback", exc_info=True)
         return 2

@@ -4,7 +4,6 @@ exists (no thread, no `rerun` import)."""
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import subprocess
@@ -14,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pytest
-from rerun.chunk import RrdReader
 
 from robots import run as robots_run
 from robots.sim import CAMERAS
@@ -26,6 +23,7 @@ from runtime.robot.chunk_buffer import BufferSettings
 from runtime.robot.control_loop import ControlLoop, LoopSettings
 from runtime.robot.rerun_log import RobotLog
 from runtime.robot.virtual_time import VirtualClock
+from tests.support.rerun_files import read_rrd
 from tests.support.server_process import ServerProcess
 from tests.support.serving import zmq_server_thread
 from tests.support.simulated_loop import HZ, SAFE, START_S, CountingRobot, SimServer, simulated_loop
@@ -33,24 +31,6 @@ from transport.zmq_client import PolicyClient
 
 ROBOT = "arm-1"
 SIM_STATE_DIM = SIM_ACTION_DIM = 4  # the sim arm without a task: three joints and the gripper
-
-
-def read_rrd(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every row of the recording in `path`, by entity path (as `/robots/arm-1/executed/0`), each row a
-    dict of its columns: components (`Scalars:scalars`, ...) and timelines (`step`, `time`)."""
-    rows: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-    for chunk in RrdReader(path).stream().to_chunks():
-        if chunk.is_static:
-            continue
-        batch = chunk.to_record_batch()
-        columns = {  # `time` in integer nanoseconds: Python's datetime holds microseconds
-            field.name: (column.cast(pa.int64()) if pa.types.is_timestamp(field.type) else column).to_pylist()
-            for field, column in zip(batch.schema, batch.columns, strict=True)
-        }
-        rows[chunk.entity_path].extend(
-            dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)
-        )
-    return rows
 
 
 def with_column(rows: list[dict[str, Any]], column: str) -> list[dict[str, Any]]:
