@@ -11,6 +11,8 @@ import importlib.metadata
 import os
 import platform
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +61,22 @@ def write_section(
     BENCHMARKS_MD.parent.mkdir(exist_ok=True)
     BENCHMARKS_MD.write_text(text)
     return section
+
+
+def time_rounds(
+    calls: dict[str, Callable[[], None]], per_round: dict[str, int], rounds: int, warmup: int
+) -> dict[str, list[float]]:
+    """Each call `per_round[name]` times per round, the order rotating each round."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            call, out = calls[name], samples[name]
+            for _ in range(per_round[name]):
+                start = time.perf_counter()
+                call()
+                out.append(time.perf_counter() - start)
+    return samples

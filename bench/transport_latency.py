@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from bench.report import percentiles_ms, write_section
+from bench.report import percentiles_ms, time_rounds, write_section
 from policy.request import Observation, Options
 from robots.adapters import BASE, LEFT_WRIST, RIGHT_WRIST
 from tests.support.ports import free_local_ports
@@ -293,25 +293,6 @@ class _BareDealer:
         self.socket.close(linger=0)
 
 
-def _time_rounds(
-    calls: dict[str, Callable[[], None]], per_round: dict[str, int], rounds: int, warmup: int
-) -> dict[str, list[float]]:
-    """Each call `per_round[name]` times per round, the order rotating each round."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            call, out = calls[name], samples[name]
-            for _ in range(per_round[name]):
-                start = time.perf_counter()
-                call()
-                out.append(time.perf_counter() - start)
-    return samples
-
-
 def run(iters: int, json_iters: int, rounds: int, cameras: int) -> str:
     from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
@@ -370,7 +351,7 @@ def run(iters: int, json_iters: int, rounds: int, cameras: int) -> str:
         per_round = {name: max(1, iters // rounds) for name in calls}
         per_round[JSON] = max(1, json_iters // rounds)
         load_start = os.getloadavg()[0]
-        results = _time_rounds(calls, per_round, rounds, warmup=5)
+        results = time_rounds(calls, per_round, rounds, warmup=5)
         load = (load_start, os.getloadavg()[0])
         complaints = complaint_counts(server)
     flags = f"--iters {iters} --json-iters {json_iters} --rounds {rounds} --cameras {cameras}"

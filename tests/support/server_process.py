@@ -38,7 +38,9 @@ class ServerProcess:
     ready when its `--ready-file` appears (`ready` then holds that JSON). Without `--config` in
     `extra` it runs `TEST_CONFIG`."""
 
-    def __init__(self, *extra: str, ports: Sequence[int] | None = None, gateways: bool = True, env=None):
+    def __init__(
+        self, *extra: str, ports: Sequence[int] | None = None, gateways: bool = True, env=None, repo: Path = REPO
+    ):
         self.ports = list(ports) if ports is not None else free_local_ports(4)
         router, pub, ws, openpi = self.ports
         if not gateways:
@@ -56,6 +58,7 @@ class ServerProcess:
         self.ready: dict | None = None
         self._ready_line = 0
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._repo = repo  # the checkout whose server runs (a benchmark's baseline: another revision's)
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._ended = False
@@ -89,7 +92,7 @@ class ServerProcess:
             with contextlib.suppress(FileNotFoundError):
                 self.ready_file.unlink()
             self.proc = subprocess.Popen(
-                self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self._env, cwd=REPO
+                self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self._env, cwd=self._repo
             )
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
         return self

@@ -139,9 +139,12 @@ class SimServer:
         return {"dropped": True}
 
 
-def simulated_loop(server: SimServer, robot: CountingRobot, on_tick=None, pub=None, **settings) -> ControlLoop:
-    """The real control loop on `server`'s clock, driving `robot`; `settings` are `LoopSettings`
-    fields (`buffer`: `BufferSettings` fields, over a replacing blend and the `SAFE` action)."""
+def simulated_loop(
+    server: SimServer, robot: CountingRobot, on_tick=None, pub=None, rerun=None, **settings
+) -> ControlLoop:
+    """The real control loop on `server`'s clock, driving `robot` (and logging to `rerun`, a
+    `RobotLog`, if given); `settings` are `LoopSettings` fields (`buffer`: `BufferSettings` fields,
+    over a replacing blend and the `SAFE` action)."""
     buffer = BufferSettings(**{"blend": "replace", "safe_action": SAFE, **settings.pop("buffer", {})})
     return ControlLoop(
         robot,
@@ -151,4 +154,5 @@ def simulated_loop(server: SimServer, robot: CountingRobot, on_tick=None, pub=No
         on_tick=on_tick,
         clock=server.clock,
         sleep=server.clock.sleep,
+        rerun=rerun,
     )
