@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from runtime.policy_server.flags import parse_args
 from tests.support.eventually import eventually
 from tests.support.keys import Keys, make_keys
 from tests.support.ports import free_local_ports
-from tests.support.server_process import ServerProcess
+from tests.support.server_process import ServerProcess, broker_process
 from transport.curve import ClientKeys, CurveError, apply_client, load_client_keys, load_pair, load_public
 from transport.zmq_client import PolicyClient
 
@@ -61,22 +60,6 @@ class WorkerKeys:
     def client(self, key_secret: Path) -> ClientKeys:
         """A pair from anywhere (a robot's, say) as a client of the broker's worker side."""
         return load_client_keys(self.root / "broker.key", key_secret)
-
-
-def _broker(ports: list[int], *flags: str) -> ServerProcess:
-    """`python -m runtime.broker` on `ports` (router, pub, workers' ROUTER, workers' XSUB), with
-    `ServerProcess`'s log collection."""
-    proc = ServerProcess(ports=[*ports[:2], 0, 0])
-    proc.argv = [
-        sys.executable, "-m", "runtime.broker", "--router-port", str(ports[0]), "--pub-port", str(ports[1]),
-        "--worker-port", str(ports[2]), "--worker-pub-port", str(ports[3]), "--heartbeat", str(HEARTBEAT_S),
-        "--ready-file", str(proc.ready_file), *flags,
-    ]  # fmt: skip
-    proc.spawn()
-    assert proc.wait_ready(CAP_S), proc.log
-    assert proc.ready is not None and proc.ready["role"] == "broker"
-    assert proc.ready["endpoints"]["router"] == f"tcp://127.0.0.1:{ports[0]}"
-    return proc
 
 
 def _worker(endpoint: str, name: str, *flags: str) -> ServerProcess:
@@ -138,7 +121,8 @@ def test_a_worker_without_an_allowed_key_is_never_sent_a_robots_request(tmp_path
     workers = WorkerKeys(tmp_path / "workers")
     ports = free_local_ports(4)
     back, xsub = (f"tcp://127.0.0.1:{p}" for p in ports[2:])
-    broker = _broker(ports, *robots.server_flags(), *workers.broker_flags())
+    broker = broker_process(ports, "--heartbeat", str(HEARTBEAT_S), *robots.server_flags(), *workers.broker_flags())
+    assert broker.ready["endpoints"]["router"] == f"tcp://127.0.0.1:{ports[0]}"
     ctx = zmq.Context()
     rogues: list[Rogue] = []
     procs = [broker]

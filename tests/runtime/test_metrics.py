@@ -20,7 +20,7 @@ from runtime.fleet.metrics import BrokerCollector
 from runtime.robot.metrics import LoopMetrics
 from tests.support.eventually import eventually
 from tests.support.ports import free_local_ports
-from tests.support.server_process import ServerProcess
+from tests.support.server_process import ServerProcess, broker_process
 from transport.errors import RemoteError
 from transport.ws_client import JsonApiClient
 from transport.zmq_client import PolicyClient
@@ -218,3 +218,21 @@ def test_the_dashboard_loads_and_queries_only_exported_metrics(server):
     }
     assert queried, "no query names a metric"
     assert queried <= exported, f"queried but not exported: {sorted(queried - exported)}"
+
+
+def test_a_stand_alone_broker_serves_its_fleet_figures():
+    ports = free_local_ports(5)
+    broker = broker_process(ports[:4], "--metrics-port", str(ports[4]))
+    try:
+        url = broker.ready["endpoints"]["metrics"]
+        assert url == f"http://127.0.0.1:{ports[4]}/metrics"
+        before = scrape(url)
+        assert sample(before, "pi05_fleet_workers") == 0
+        with PolicyClient(broker.router, "lonely", timeout_s=CAP_S, retries=0) as client:
+            with pytest.raises(RemoteError) as refused:
+                client.infer(IMAGES, "pick up the cup")
+        assert refused.value.code == "unavailable"  # no worker joined
+        after = scrape(url)
+        assert moved(before, after, "pi05_requests_total", type="infer", transport="zmq", outcome="unavailable") == 1
+    finally:
+        broker.stop()

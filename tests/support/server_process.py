@@ -204,3 +204,18 @@ class ServerProcess:
         self.stop()
         if exc_type is not None:  # pytest shows what a failing test printed: the server's side of it
             print(f"--- the server's log ---\n{self.log}")
+
+
+def broker_process(ports: Sequence[int], *flags: str, timeout_s: float = 60.0) -> ServerProcess:
+    """`python -m runtime.broker` on `ports` (router, pub, workers' ROUTER, workers' XSUB), started and
+    ready, with `ServerProcess`'s log collection and ready file."""
+    proc = ServerProcess(ports=[*ports[:2], 0, 0])
+    proc.argv = [
+        sys.executable, "-m", "runtime.broker", "--router-port", str(ports[0]), "--pub-port", str(ports[1]),
+        "--worker-port", str(ports[2]), "--worker-pub-port", str(ports[3]), "--ready-file", str(proc.ready_file),
+        *flags,
+    ]  # fmt: skip
+    proc.spawn()
+    assert proc.wait_ready(timeout_s), proc.log
+    assert proc.ready is not None and proc.ready["role"] == "broker"
+    return proc
