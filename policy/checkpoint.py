@@ -71,7 +71,8 @@ def params_dir(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint not found: {path} does not exist")
     raise CheckpointError(
         f"{path} is not an openpi checkpoint: expected an orbax PyTree checkpoint in {path / 'params'} "
-        f"(with _METADATA and manifest.ocdbt) or in {path} itself"
+        f"(with _METADATA and manifest.ocdbt) or in {path} itself, nor a PyTorch one (model.safetensors with its "
+        "config.json, as LeRobot or openpi's conversion write them)"
     )
 
 

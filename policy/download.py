@@ -187,12 +187,18 @@ def _endpoint(fs, url: str) -> tuple[str, int] | None:
 
 
 def _reachable(url: str, part_of: str, pass_as: str):
-    """The filesystem and path of `url`, once its endpoint took a TCP connection: one try within
-    `CONNECT_TIMEOUT_S` (the name lookup included, on a daemon thread that may outlive it), so an
+    """The filesystem and path of `url`, once its endpoint took a TCP connection (`probe`), so an
     offline host fails now instead of after gcsfs's retries."""
     fs, root = _filesystem(url)
-    if (endpoint := _endpoint(fs, url)) is None:
-        return fs, root
+    if (endpoint := _endpoint(fs, url)) is not None:
+        probe(endpoint, part_of, _by_hand(part_of, pass_as))
+    return fs, root
+
+
+def probe(endpoint: tuple[str, int], what: str, by_hand: str) -> None:
+    """One try at a TCP connection to `endpoint` within `CONNECT_TIMEOUT_S` (the name lookup
+    included, on a daemon thread that may outlive it); unreachable: `DownloadError` naming `what`,
+    the endpoint and why, then `by_hand`, how to fetch it without this process."""
     outcome: list[BaseException | None] = []
 
     def connect() -> None:
@@ -202,14 +208,13 @@ def _reachable(url: str, part_of: str, pass_as: str):
         except OSError as e:
             outcome.append(e)
 
-    probe = threading.Thread(target=connect, name="download-probe", daemon=True)
-    probe.start()
-    probe.join(CONNECT_TIMEOUT_S)
+    thread = threading.Thread(target=connect, name="download-probe", daemon=True)
+    thread.start()
+    thread.join(CONNECT_TIMEOUT_S)
     if not outcome or outcome[0] is not None:
         why = f"{outcome[0]}" if outcome else f"no answer within {CONNECT_TIMEOUT_S:g} s"
         host, port = endpoint
-        raise DownloadError(f"cannot reach {part_of} ({host}:{port}: {why}); {_by_hand(part_of, pass_as)}")
-    return fs, root
+        raise DownloadError(f"cannot reach {what} ({host}:{port}: {why}); {by_hand}")
 
 
 def _download(url: str, scratch: Path, progress: TextIO | None, pass_as: str) -> None:

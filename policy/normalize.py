@@ -2,7 +2,8 @@
 
 pi05 uses quantile normalization, `(x - q01) / (q99 - q01 + 1e-6) * 2 - 1`; z-score with
 `std + 1e-6` is the other mode. As in openpi, normalizing uses the first `x.shape[-1]` entries of the
-stats, and unnormalizing leaves dims beyond the stats unchanged.
+stats, and unnormalizing leaves dims beyond the stats unchanged. The 1e-6 is openpi's; LeRobot's
+processors save their own (1e-8), which a `Normalizer` carries as `eps`.
 """
 
 from __future__ import annotations
@@ -52,12 +53,14 @@ class Normalizer:
     state: Stats | None
     actions: Stats | None
     mode: Mode = "quantile"
+    eps: float = _EPS
+    """Added to the denominator (q99 - q01, or std): openpi's 1e-6, or the eps a LeRobot processor saved."""
 
     def normalize_state(self, state: np.ndarray) -> np.ndarray:
-        return _normalize(state, self.state, self.mode)
+        return _normalize(state, self.state, self.mode, self.eps)
 
     def unnormalize_actions(self, actions: np.ndarray) -> np.ndarray:
-        return _unnormalize(actions, self.actions, self.mode)
+        return _unnormalize(actions, self.actions, self.mode, self.eps)
 
     def normalize_actions(self, actions: np.ndarray, dim: int) -> np.ndarray:
         """Robot-unit actions (..., n) into model space (..., dim): the inverse of
@@ -68,14 +71,14 @@ class Normalizer:
         if n > dim:
             raise ValueError(f"actions have {n} dims, more than the model's {dim}")
         out = np.zeros((*x.shape[:-1], dim), np.float32)
-        out[..., :n] = _normalize(x, self.actions, self.mode)
+        out[..., :n] = _normalize(x, self.actions, self.mode, self.eps)
         return out
 
 
 IDENTITY = Normalizer(state=None, actions=None)
 
 
-def _normalize(x: np.ndarray, s: Stats | None, mode: Mode) -> np.ndarray:
+def _normalize(x: np.ndarray, s: Stats | None, mode: Mode, eps: float) -> np.ndarray:
     if s is None:
         return np.asarray(x, np.float32)
     n = x.shape[-1]
@@ -83,13 +86,13 @@ def _normalize(x: np.ndarray, s: Stats | None, mode: Mode) -> np.ndarray:
         raise ValueError(f"value has {n} dims, the norm stats only {s.dim}")
     if mode == "quantile":
         q01, q99 = s.q01[:n], s.q99[:n]
-        out = (x - q01) / (q99 - q01 + _EPS) * 2.0 - 1.0
+        out = (x - q01) / (q99 - q01 + eps) * 2.0 - 1.0
     else:
-        out = (x - s.mean[:n]) / (s.std[:n] + _EPS)
+        out = (x - s.mean[:n]) / (s.std[:n] + eps)
     return out.astype(np.float32)
 
 
-def _unnormalize(x: np.ndarray, s: Stats | None, mode: Mode) -> np.ndarray:
+def _unnormalize(x: np.ndarray, s: Stats | None, mode: Mode, eps: float) -> np.ndarray:
     if s is None:
         return np.asarray(x, np.float32)
     n = min(x.shape[-1], s.dim)
@@ -97,9 +100,9 @@ def _unnormalize(x: np.ndarray, s: Stats | None, mode: Mode) -> np.ndarray:
     head = out[..., :n]
     if mode == "quantile":
         q01, q99 = s.q01[:n], s.q99[:n]
-        out[..., :n] = (head + 1.0) / 2.0 * (q99 - q01 + _EPS) + q01
+        out[..., :n] = (head + 1.0) / 2.0 * (q99 - q01 + eps) + q01
     else:
-        out[..., :n] = head * (s.std[:n] + _EPS) + s.mean[:n]
+        out[..., :n] = head * (s.std[:n] + eps) + s.mean[:n]
     return out.astype(np.float32)
 
 

@@ -26,11 +26,19 @@ from policy.tokenizer import Tokenizer
 class HostPrep:
     """Images to the model's resolution, prompts to tokens, state normalized: `Row`s."""
 
-    def __init__(self, cfg: ModelConfig, prompts: Prompts, normalizer: Normalizer, resizer: Resizer):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        prompts: Prompts,
+        normalizer: Normalizer,
+        resizer: Resizer,
+        camera_aliases: Mapping[str, str] | None = None,
+    ):
         self.cfg = cfg
         self.prompts = prompts
         self.normalizer = normalizer
         self.resizer = resizer
+        self.camera_aliases = dict(camera_aliases or {})
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -99,7 +107,9 @@ class HostPrep:
         return self.prompts.tokenize(text)
 
     def _cameras(self, images: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(C, S, S, 3) uint8 in config order and the (C,) mask; a missing camera is black and masked."""
+        """(C, S, S, 3) uint8 in config order and the (C,) mask; a missing camera is black and masked.
+        A camera named by an alias goes to its model key's slot."""
+        images = {self.camera_aliases.get(name, name): image for name, image in images.items()}
         size = self.cfg.siglip.image_size
         keys = self.cfg.image_keys
         out = np.zeros((len(keys), size, size, 3), np.uint8)

@@ -25,7 +25,6 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -33,11 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import get_model_config
+from configs.model_config import ModelConfig
 from policy import checkpoint
 from policy.engine.executables import Executables
 from policy.engine.host_prep import HostPrep
 from policy.engine.images import Resizer
-from policy.engine.model_files import fetch_model_files
+from policy.engine.model_files import ModelFiles, fetch_model_files
 from policy.engine.scheduler import Scheduler, Ticket, fail
 from policy.engine.settings import EngineSettings
 from policy.engine.validation import RequestValidator, decodes_subtask
@@ -86,6 +86,8 @@ class AsyncPi05Inference:
         self.normalizer: Normalizer | None = None
         self.robot_action_dim: int | None = None
         self.state_dim: int | None = None
+        # Other names of the cameras (a LeRobot fine-tune's feature names -> model camera keys).
+        self.camera_aliases: dict[str, str] = {}
         self._validator: RequestValidator | None = None
         self._prep: HostPrep | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(settings.host_workers, thread_name_prefix="pi05-host")
@@ -164,6 +166,7 @@ class AsyncPi05Inference:
             "device": str(self.device) if self.device is not None else None,
             "checkpoint": str(self.settings.checkpoint_dir) if self.settings.checkpoint_dir else None,
             "image_keys": list(self.cfg.image_keys),
+            "camera_aliases": dict(self.camera_aliases),
             "image_resolutions": [list(r) for r in self.resizer.declared],
             "input_resolution": [self.cfg.siglip.image_size] * 2,
             "action_horizon": self.cfg.action_horizon,
@@ -304,17 +307,22 @@ class AsyncPi05Inference:
             self._fatal = e
             self._scheduler.close(EngineError(f"the engine's device thread died: {e}", code="internal"))
 
-    def _load_host(self) -> Path | None:
-        """Tokenizer, norm stats and the host-side stages built on them; the local checkpoint path.
-        Remote locations are downloaded here, on the device thread, never in the constructor."""
+    def _load_host(self) -> ModelFiles:
+        """Tokenizer, norm stats and the host-side stages built on them; the local files. Remote
+        locations are downloaded here, on the device thread, never in the constructor."""
         start = time.perf_counter()
         settings = self.settings
         files = fetch_model_files(self.cfg, settings)
+        if files.torch is not None:
+            self._serve_config(files.torch.cfg)
+            self.camera_aliases = dict(files.torch.camera_aliases)
         ckpt = files.checkpoint
         self.tokenizer = load_tokenizer(self.cfg, files.tokenizer)
         self.prompts = Prompts(self.cfg, self.tokenizer)
         if files.norm_stats is not None:
             self.normalizer = load_norm_stats(files.norm_stats)
+        elif files.torch is not None:
+            self.normalizer = files.torch.normalizer
         elif ckpt is not None:
             self.normalizer = checkpoint_normalizer(self.cfg, checkpoint.assets_dir(ckpt))
         else:
@@ -323,7 +331,7 @@ class AsyncPi05Inference:
             log.warning("no norm stats for %s: state and actions pass unnormalized (--norm-stats)", self.cfg.name)
         self.robot_action_dim = self.normalizer.actions.dim if self.normalizer.actions else self.cfg.action_dim
         self.state_dim = self.normalizer.state.dim if self.normalizer.state else None
-        self._prep = HostPrep(self.cfg, self.prompts, self.normalizer, self.resizer)
+        self._prep = HostPrep(self.cfg, self.prompts, self.normalizer, self.resizer, self.camera_aliases)
         self._validator = RequestValidator(
             self.cfg,
             self.prompts,
@@ -331,19 +339,38 @@ class AsyncPi05Inference:
             self.resizer,
             settings.max_decoding_steps_limit,
             settings.max_image_side,
+            self.camera_aliases,
         )
         self.startup_s["fetch"] = time.perf_counter() - start
-        return ckpt
+        return files
+
+    def _serve_config(self, cfg: ModelConfig) -> None:
+        """A checkpoint that brings its own model config (LeRobot's `config.json`) is served with it,
+        whatever config the settings named: its sizes, steps, dtype and input resolution."""
+        if cfg.siglip.image_size != self.cfg.siglip.image_size:
+            self.resizer = Resizer(
+                cfg.siglip.image_size,
+                self.settings.image_resolutions,
+                self.settings.max_image_resolutions,
+                clock=self._clock,
+            )
+        self.cfg = cfg
+        self.num_steps = self.settings.num_steps or cfg.num_steps
+        self._param_dtype = self.settings.param_dtype or cfg.dtype
+        log.info("serving the checkpoint's own config %s", cfg.name)
 
     def _load_and_compile(self) -> None:
-        ckpt = self._load_host()
+        files = self._load_host()
+        ckpt = files.checkpoint
         devices, gpu_id, seed = jax.devices(), self.settings.gpu_id, self.settings.seed
         if gpu_id is not None and gpu_id >= len(devices):
             raise ValueError(f"gpu_id {gpu_id} is out of range: {len(devices)} device(s) {devices}")
         self.device = devices[gpu_id or 0]
         dtype = jnp.dtype(self._param_dtype)
         start = time.perf_counter()
-        if ckpt is not None:
+        if files.torch is not None:
+            weights = files.torch.load_params(dtype, self.device)
+        elif ckpt is not None:
             weights = checkpoint.load_params(ckpt, self.cfg, dtype=dtype, device=self.device)
         else:
             log.info("no checkpoint given: random weights for %s (seed %d)", self.cfg.name, seed)

@@ -4,7 +4,8 @@ Every error is a `ValueError` naming the field, so a transport can answer `bad_r
 The checks are cheap: shapes and dtypes, option ranges, the state against the norm stats, real-time
 chunking's leftover in model space (normalized as the engine will guide toward it), and the token
 budget of the prompt the request will certainly need (tokenized once: `Prompts` remembers it for
-the host preparation).
+the host preparation). A camera may be named by its model key or by an alias of it (a LeRobot
+fine-tune's own feature names, `camera_aliases`), once.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ class RequestValidator:
         resizer: Resizer,
         max_decoding_steps_limit: int,
         max_image_side: int,
+        camera_aliases: Mapping[str, str] | None = None,
     ):
         self.cfg = cfg
+        self.camera_aliases = dict(camera_aliases or {})
         self.prompts = prompts
         self.normalizer = normalizer
         self.resizer = resizer
@@ -103,9 +106,15 @@ class RequestValidator:
             raise ValueError(
                 f"images must be a non-empty mapping of camera name to image; cameras: {list(self.cfg.image_keys)}"
             )
+        seen: dict[str, str] = {}
         for name, image in images.items():
-            if name not in self.cfg.image_keys:
-                raise ValueError(f"unknown camera {name!r}; this model's cameras are {list(self.cfg.image_keys)}")
+            key = self.camera_aliases.get(name, name)
+            if key not in self.cfg.image_keys:
+                names = list(self.cfg.image_keys) + list(self.camera_aliases)
+                raise ValueError(f"unknown camera {name!r}; this model's cameras are {names}")
+            if key in seen:
+                raise ValueError(f"cameras {seen[key]!r} and {name!r} are the same camera ({key!r}): send it once")
+            seen[key] = name
             check_image(name, image)
             if max(image.shape[:2]) > self.max_image_side:
                 raise ValueError(
