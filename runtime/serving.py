@@ -39,8 +39,10 @@ def checkpoint_of(args: argparse.Namespace) -> str | None:
     return str(shipped) if shipped is not None else None
 
 
-def model_info(args: argparse.Namespace) -> dict[str, Any]:
-    """Which model answers, for the `ready` line, the ready file and the demo's status line."""
+def model_info(args: argparse.Namespace, config: str | None = None) -> dict[str, Any]:
+    """Which model answers, for the `ready` line, the ready file and the demo's status line. `config`
+    is the one the engine serves once loaded: a PyTorch checkpoint brings its own (LeRobot's
+    `config.json`), whatever `--config` says."""
     checkpoint = checkpoint_of(args)
     shipped = SHIPPED_CHECKPOINTS.get(args.config)
     trained = checkpoint is not None and not args.fixed_reply
@@ -50,9 +52,11 @@ def model_info(args: argparse.Namespace) -> dict[str, Any]:
         label = f"{args.config}: random weights"
     elif shipped is not None and Path(checkpoint) == shipped:
         label = f"{args.config}: trained demo policy ({checkpoint})"
+    elif config is None:  # not loaded yet: its own files may name another config than --config
+        label = f"checkpoint {checkpoint}"
     else:
-        label = f"{args.config}: checkpoint {checkpoint}"
-    return {"config": args.config, "checkpoint": checkpoint, "trained": trained, "label": label}
+        label = f"{config}: checkpoint {checkpoint}"
+    return {"config": config or args.config, "checkpoint": checkpoint, "trained": trained, "label": label}
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -149,11 +149,12 @@ def _announcer(
     readiness: Readiness,
     role: str,
     on_ready: Callable[[dict[str, str]], None] | None,
-) -> Callable[[dict[str, str]], None]:
-    """What is done once everything serves: the log line, the ready file and systemd, `on_ready`."""
-    model = model_info(args)
+) -> Callable[..., None]:
+    """What is done once everything serves: the log line, the ready file and systemd, `on_ready`;
+    `announce(found, config)` names the config the engine serves (None: `--config`)."""
 
-    def announce(found: dict[str, str]) -> None:
+    def announce(found: dict[str, str], config: str | None = None) -> None:
+        model = model_info(args, config)
         log_ready(args, role, found, model)
         readiness.ready({"role": role, "endpoints": found, "model": model})
         if on_ready is not None:
@@ -244,7 +245,7 @@ async def _serve_here(
         registry.register(ServerCollector(service))
     if not await start_gateways(args, zmq_server, sockets, ipc_dir, stop, stack, registry):
         return
-    announce(found)
+    announce(found, engine.info().get("config"))
     if args.demo:
         if backend is None:
             # Compiles running beside the robot's loop would starve it on a small CPU.

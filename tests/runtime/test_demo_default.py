@@ -38,7 +38,9 @@ def test_random_weights_when_asked_for_or_when_nothing_ships():
 def test_a_given_checkpoint_wins_and_parsing_changes_no_value(tmp_path):
     args = parse_args(["--checkpoint", str(tmp_path)])
     assert checkpoint_of(args) == str(tmp_path) == args.checkpoint
-    assert model_info(args)["label"] == f"{DEMO_MODEL}: checkpoint {tmp_path}"
+    # Before loading, the checkpoint's own files may name its config; once loaded the engine's is named.
+    assert model_info(args)["label"] == f"checkpoint {tmp_path}"
+    assert model_info(args, "pi05_tiny")["label"] == f"pi05_tiny: checkpoint {tmp_path}"
     assert parse_args([]).checkpoint is None  # the shipped one is derived where it is used
 
 
