@@ -3,7 +3,8 @@
 openpi's `DroidInputs`/`DroidOutputs`, `LiberoInputs`/`LiberoOutputs` and
 `AlohaInputs`/`AlohaOutputs` (with `adapt_to_pi`), as pure functions of numpy data: the same
 keys, the same state layout, the same action dimensions, so such a robot (or an openpi client)
-plugs in without glue code.
+plugs in without glue code. `lerobot` passes a LeRobot fine-tune's own observation names through
+(its checkpoint defines the cameras, state and actions, which the engine knows as aliases).
 """
 
 from __future__ import annotations
@@ -42,12 +43,16 @@ def to_hwc_uint8(name: str, image: Any) -> np.ndarray:
     return img
 
 
+def _missing(obs: Mapping[str, Any], key: str, layout: str) -> ValueError:
+    # Name a few of the keys it has, not all: the observation may come from anyone.
+    keys = [k for k in obs if isinstance(k, str)][:8]
+    more = "" if len(obs) <= len(keys) else f" and {len(obs) - len(keys)} more"
+    return ValueError(f"{layout} observation is missing {key!r}; it has {keys}{more}")
+
+
 def _get(obs: Mapping[str, Any], key: str, layout: str) -> Any:
     if key not in obs:
-        # Name a few of the keys it has, not all: the observation may come from anyone.
-        keys = [k for k in obs if isinstance(k, str)][:8]
-        more = "" if len(obs) <= len(keys) else f" and {len(obs) - len(keys)} more"
-        raise ValueError(f"{layout} observation is missing {key!r}; it has {keys}{more}")
+        raise _missing(obs, key, layout)
     return obs[key]
 
 
@@ -65,25 +70,31 @@ def _vector(obs: Mapping[str, Any], key: str, layout: str, size: int | None = No
     return value
 
 
-def _prompt(obs: Mapping[str, Any]) -> str | None:
-    prompt = obs.get("prompt")
+def _prompt(obs: Mapping[str, Any], key: str = "prompt") -> str | None:
+    prompt = obs.get(key)
     if prompt is not None and not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        raise ValueError(f"{key} must be a string, got {type(prompt).__name__}")
     return prompt
 
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     """One robot layout: `to_model(observation dict)` and `from_model(actions)`; `actions_to_model`
-    inverts `from_model` on the layout's dims (real-time chunking sends the leftover back)."""
+    inverts `from_model` on the layout's dims (real-time chunking sends the leftover back).
+    `state_dim`/`action_dim` None: the served model's own (a layout that passes them through)."""
 
     name: str
-    state_dim: int
-    action_dim: int
+    state_dim: int | None
+    action_dim: int | None
     to_model: Callable[[Mapping[str, Any]], ModelInputs]
     from_model: Callable[[np.ndarray], np.ndarray]
     example: Callable[[np.random.Generator], dict[str, Any]]
     actions_to_model: Callable[[np.ndarray], np.ndarray] = lambda a: np.asarray(a, np.float64)
+
+    def for_model(self, action_dim: int) -> Adapter:
+        """This layout in front of a model of `action_dim` robot actions: a pass-through layout
+        takes that width, which openpi clients are told and their leftovers are checked against."""
+        return self if self.action_dim is not None else dataclasses.replace(self, action_dim=action_dim)
 
 
 # ----------------------------------------------------------------------------- DROID
@@ -201,10 +212,42 @@ def _aloha_example(rng: np.random.Generator) -> dict[str, Any]:
     }
 
 
+# ----------------------------------------------------------------------------- LeRobot
+
+_LEROBOT_IMAGES = "observation.images."
+
+
+def _lerobot_in(obs: Mapping[str, Any]) -> ModelInputs:
+    """A LeRobot policy's input names: the engine resolves `observation.images.<name>` through the
+    checkpoint's camera aliases and checks the state's size against its statistics, so neither is
+    renamed nor sized here; the prompt is `prompt`, else LeRobot's `task`."""
+    images = {
+        key: to_hwc_uint8(key, value)
+        for key, value in obs.items()
+        if isinstance(key, str) and key.startswith(_LEROBOT_IMAGES)
+    }
+    if not images:
+        raise _missing(obs, f"{_LEROBOT_IMAGES}<camera>", "lerobot")
+    prompt = _prompt(obs) if obs.get("prompt") is not None else _prompt(obs, "task")
+    return ModelInputs(images, _vector(obs, "observation.state", "lerobot"), prompt)
+
+
+def _lerobot_example(rng: np.random.Generator) -> dict[str, Any]:
+    """An SO-101 fine-tune's observation (front and wrist cameras, 6 joints), its frames uint8 HWC
+    as openpi clients send them (LeRobot's CHW floats in [0, 1] are converted too, 4x the bytes)."""
+    return {
+        f"{_LEROBOT_IMAGES}front": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+        f"{_LEROBOT_IMAGES}wrist": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+        "observation.state": rng.uniform(-1, 1, 6),
+        "task": "do something",
+    }
+
+
 ADAPTERS: dict[str, Adapter] = {
     "droid": Adapter("droid", 8, 8, _droid_in, lambda a: np.asarray(a, np.float64)[:, :8], _droid_example),
     "libero": Adapter("libero", 8, 7, _libero_in, lambda a: np.asarray(a, np.float64)[:, :7], _libero_example),
     "aloha": Adapter("aloha", 14, 14, _aloha_in, _aloha_out, _aloha_example, _aloha_actions_in),
+    "lerobot": Adapter("lerobot", None, None, _lerobot_in, lambda a: np.asarray(a, np.float64), _lerobot_example),
 }
 
 

@@ -89,6 +89,7 @@ class Gateway:
         self._clients: dict[str, AsyncPolicyClient] = {}
         self._ids = itertools.count(1)
         self._prefix = f"@{args.protocol}/{os.getpid()}-"
+        self.adapter = get_adapter(args.openpi_layout).for_model(model["action_dim"])
         self.server: WsServer = self._json_server() if args.protocol == "json" else self._openpi_server()
 
     def _settings(self) -> WsSettings:
@@ -123,7 +124,7 @@ class Gateway:
         )  # fmt: skip
 
     def _openpi_server(self) -> OpenpiServer:
-        adapter = get_adapter(self.args.openpi_layout)
+        adapter = self.adapter
         metadata = {
             "server": "pi05-runtime",
             "config": self.model.get("config"),
@@ -184,7 +185,7 @@ class Gateway:
         )  # fmt: skip
 
     async def _openpi_request(self, key: str, obs: dict[str, Any]) -> dict[str, Any]:
-        adapter = get_adapter(self.args.openpi_layout)
+        adapter = self.adapter
         obs, rtc_options, prev_actions = pop_guidance(obs)
         guidance, return_model_actions = parse_guidance(rtc_options, self._robot_actions(adapter, prev_actions))
         try:

@@ -1,15 +1,13 @@
 """`hf://OWNER/REPO[@REVISION]` from huggingface_hub's cache, offline.
 
-No hub is reachable here, so the cache is laid out as huggingface_hub lays it (blobs named by
-their sha256, a snapshot folder per commit linking to them, refs naming the commit of a branch or
-tag) and its own `scan_cache_dir` must read it back as a complete repo: what a model LeRobot
-downloaded looks like. The LeRobot fixture is the repo; its actions must match LeRobot's through
-`hf://` as through the folder.
+No hub is reachable here, so the cache is laid out as huggingface_hub lays it
+(`tests/support/hf_cache.py`) and its own `scan_cache_dir` must read it back as a complete repo:
+what a model LeRobot downloaded looks like. The LeRobot fixture is the repo; its actions must match
+LeRobot's through `hf://` as through the folder.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
@@ -28,28 +26,10 @@ from policy import download, fixture, hub
 from policy.engine.model_files import fetch_model_files
 from policy.engine.settings import EngineSettings
 from policy.model import pi05
+from tests.support.hf_cache import COMMIT, cache_repo
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "lerobot_pi05_tiny"
 REPO = "someone/pi05-tiny-finetune"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _cache_repo(hub_cache: Path, repo_id: str, folder: Path, refs: tuple[str, ...] = ("main",)) -> Path:
-    """`folder`'s files as huggingface_hub caches a model repo at one commit; its snapshot folder."""
-    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / COMMIT
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = snapshot / path.relative_to(folder)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref in refs:
-        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(COMMIT)
-    return snapshot
 
 
 @pytest.fixture
@@ -59,7 +39,7 @@ def hf_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hub"))  # read at import
-    _cache_repo(home / "hub", REPO, FIXTURE / "checkpoint", refs=("main", "v1"))
+    cache_repo(home / "hub", REPO, FIXTURE / "checkpoint", refs=("main", "v1"))
     return home
 
 

@@ -56,6 +56,30 @@ def test_aloha_flips_joints_and_converts_grippers():
     assert gripper_from_angular(np.array([-0.5476]))[0] == pytest.approx(0.6213 / 2.1123)
 
 
+def test_lerobot_passes_the_fine_tunes_names_through():
+    obs = get_adapter("lerobot").example(np.random.default_rng(3))
+    chw = np.random.default_rng(4).uniform(0, 1, (3, 48, 64)).astype(np.float32)  # as LeRobot's frames are
+    obs["observation.images.wrist"] = chw
+    obs["observation.velocity"] = np.zeros(6)  # another feature of the dataset: not the model's
+    inputs = get_adapter("lerobot").to_model(obs)
+    assert set(inputs.images) == {"observation.images.front", "observation.images.wrist"}  # the engine's aliases
+    np.testing.assert_array_equal(inputs.images["observation.images.front"], obs["observation.images.front"])
+    np.testing.assert_array_equal(
+        inputs.images["observation.images.wrist"], (255 * chw).astype(np.uint8).transpose(1, 2, 0)
+    )
+    np.testing.assert_array_equal(inputs.state, obs["observation.state"])
+    assert inputs.prompt == "do something"  # LeRobot's `task`
+    assert get_adapter("lerobot").to_model({**obs, "prompt": "stack"}).prompt == "stack"  # `prompt` wins
+    actions = np.random.default_rng(5).uniform(-1, 1, (10, 6))
+    np.testing.assert_array_equal(get_adapter("lerobot").from_model(actions), actions)
+
+
+def test_lerobot_takes_the_served_models_action_dim():
+    assert get_adapter("lerobot").action_dim is None
+    assert get_adapter("lerobot").for_model(6).action_dim == 6
+    assert get_adapter("droid").for_model(6) is get_adapter("droid")  # a fixed layout keeps its own
+
+
 @pytest.mark.parametrize(
     ("layout", "obs", "message"),
     [
@@ -64,6 +88,17 @@ def test_aloha_flips_joints_and_converts_grippers():
         ("aloha", {"images": {"cam_top": np.zeros((3, 4, 4), np.uint8)}, "state": [0] * 14}, "cameras must be"),
         ("aloha", {"images": {"cam_low": np.zeros((3, 4, 4), np.uint8)}, "state": [0] * 14}, "'cam_high'"),
         ("libero", {"observation/image": np.zeros((4, 4), np.uint8)}, "3 dims"),
+        (
+            "lerobot",
+            {"front": np.zeros((4, 4, 3), np.uint8)},
+            r"missing 'observation.images.<camera>'; it has \['front'\]",
+        ),
+        ("lerobot", {"observation.images.front": np.zeros((4, 4, 3), np.uint8)}, "missing 'observation.state'"),
+        (
+            "lerobot",
+            {"observation.images.a": np.zeros((4, 4, 3), np.uint8), "observation.state": [0], "task": 1},
+            "task must be a string",
+        ),
     ],
 )
 def test_bad_observations_name_the_problem(layout, obs, message):
