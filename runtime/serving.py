@@ -209,3 +209,18 @@ async def cancel(task: asyncio.Task) -> None:
     """Cancels `task` and waits for it."""
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+def fan_out(*callbacks: Callable[..., None] | None) -> Callable[..., None] | None:
+    """One callback calling each given one in turn; None when none is given (nothing to call)."""
+    given = [c for c in callbacks if c is not None]
+    if not given:
+        return None
+    if len(given) == 1:
+        return given[0]
+
+    def each(*args: Any) -> None:
+        for callback in given:
+            callback(*args)
+
+    return each

@@ -30,7 +30,9 @@ from runtime.fleet.worker_link import WorkerLink, tcp_host
 from runtime.fleet.workers import WorkerProcess, worker_specs
 from runtime.request_metrics import RequestMetrics
 from runtime.serving import (
+    cancel,
     endpoints,
+    fan_out,
     listen_websockets,
     on_close,
     open_metrics,
@@ -39,6 +41,7 @@ from runtime.serving import (
     until_stopped,
 )
 from transport import curve
+from transport.supervise import supervise
 from transport.zmq_server import ZmqServer
 
 log = logging.getLogger(__name__)
@@ -89,9 +92,15 @@ async def serve_front(
     """The front host, inside `runtime.policy_server`'s `serve` (which owns the signals, `ipc_dir`
     and `stack`). Its workers get `--join` and `worker_argv`, the parsed values of the flags that
     apply to workers; `announce` is called once every worker joined and the gateways serve."""
-    worker_keys = None
-    if args.worker_port:
+    worker_keys, ray_fleet = None, None
+    if args.ray:
+        from runtime.fleet import ray_front  # imports ray: only with --ray
+
+        worker_keys, replica_keys = ray_front.replica_keys(args, ipc_dir)
+        ray_fleet = ray_front.RayFleet(args, worker_argv, replica_keys)
+    elif args.worker_port:
         worker_keys = worker_side_keys(args.worker_curve_secret, args.worker_curve_clients, args.host, curve_keys)
+    remote = bool(args.worker_port or args.ray)  # a TCP side for workers of other hosts (a Ray node's)
     metrics = open_metrics(args, stack)
     registry = metrics[0] if metrics else None
     broker = Broker(
@@ -104,8 +113,8 @@ async def serve_front(
             ),
             backend_endpoint=f"ipc://{ipc_dir}/workers",  # this host's workers: plain, this user only
             xsub_endpoint=f"ipc://{ipc_dir}/worker-pub",
-            remote_backend_endpoint=tcp_endpoint(args.host, args.worker_port) if args.worker_port else None,
-            remote_xsub_endpoint=tcp_endpoint(args.host, 0) if args.worker_port else None,
+            remote_backend_endpoint=tcp_endpoint(args.host, args.worker_port) if remote else None,
+            remote_xsub_endpoint=tcp_endpoint(args.host, 0) if remote else None,
             heartbeat_s=args.heartbeat,
             heartbeat_misses=DEFAULT_MISSES,
             # A worker answers `timeout` itself after --deadline in its queue; the model's own time
@@ -114,7 +123,7 @@ async def serve_front(
             curve=curve_keys,
             worker_curve=worker_keys,
         ),
-        observe=RequestMetrics(registry).observe if registry else None,
+        observe=fan_out(RequestMetrics(registry).observe if registry else None, ray_fleet and ray_fleet.observe),
     )
     if registry is not None:
         registry.register(BrokerCollector(broker))
@@ -127,14 +136,24 @@ async def serve_front(
         how = "with an allowed CURVE key" if worker_keys else "with no key (plain)"
         log.info("workers of other hosts join %s %s", broker.remote_backend_endpoint, how)
     broker.start()
-    argv = ["--join", broker.backend_endpoint, *worker_argv]
-    workers = [WorkerProcess(spec, argv) for spec in worker_specs(args.workers or 0, args.gpu_ids)]
-    for worker in workers:
-        on_close(stack, worker.close)
-        await worker.start()
-    log.info("waiting for %d workers to join", len(workers))
-    if not await until_stopped(_joined(broker, workers), stop):
-        return
+    if ray_fleet is not None:
+        on_close(stack, ray_fleet.close)
+        if not await until_stopped(ray_fleet.start(broker), stop):
+            return
+        log.info("waiting for %d Ray replicas to join", args.replicas)
+        if not await until_stopped(ray_fleet.wait_joined(args.replicas), stop):
+            return
+        scaling = asyncio.create_task(supervise("ray-scaling", ray_fleet.run_scaling))
+        on_close(stack, lambda: cancel(scaling))
+    else:
+        argv = ["--join", broker.backend_endpoint, *worker_argv]
+        workers = [WorkerProcess(spec, argv) for spec in worker_specs(args.workers or 0, args.gpu_ids)]
+        for worker in workers:
+            on_close(stack, worker.close)
+            await worker.start()
+        log.info("waiting for %d workers to join", len(workers))
+        if not await until_stopped(_joined(broker, workers), stop):
+            return
     if not await start_gateways(args, broker, sockets, ipc_dir, stop, stack, registry):
         return
     announce(found)

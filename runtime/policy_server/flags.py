@@ -198,6 +198,40 @@ FLEET = (
         help="front host: broker + one worker per GPU, e.g. 0,1,2,3",
     ),
     _opt("--worker-port", FRONT, type=port, default=0, help="front host: TCP port workers of other hosts join"),
+    _opt(
+        "--ray",
+        FRONT,
+        default=None,
+        metavar="ADDRESS",
+        help="front host: the workers are Ray actors on the cluster at ADDRESS: auto (this host's), "
+        "ray://HOST:PORT, or local (start one here) (the ray extra)",
+    ),
+    _opt("--replicas", FRONT, type=positive(int), default=1, help="with --ray: worker replicas to start"),
+    _opt("--cpus-per-replica", FRONT, type=positive(float), default=1.0, help="with --ray: CPUs Ray gives each"),
+    _opt(
+        "--gpus-per-replica",
+        FRONT,
+        type=float,
+        default=0.0,
+        help="with --ray: GPUs Ray gives each (0: a CPU replica, one XLA thread)",
+    ),
+    _opt("--min-replicas", FRONT, type=positive(int), default=None, help="with --ray: scale down to this many"),
+    _opt("--max-replicas", FRONT, type=positive(int), default=None, help="with --ray: scale up to this many"),
+    _opt(
+        "--scale-wait-ms",
+        FRONT,
+        type=positive(float),
+        default=500.0,
+        help="with --ray: a median time at the workers above this, sustained, adds a replica",
+    ),
+    _opt("--scale-sustain-s", FRONT, type=positive(float), default=30.0, help="with --ray: ... for this long"),
+    _opt(
+        "--scale-idle-s",
+        FRONT,
+        type=positive(float),
+        default=300.0,
+        help="with --ray: a replica routed nothing this long is removed (above --min-replicas)",
+    ),
     WORKER_CURVE_SECRET,
     WORKER_CURVE_CLIENTS,
     cli_args.heartbeat_option(DEFAULT_INTERVAL_S),
@@ -263,6 +297,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (not 0 <= args.fixed_reply_delay <= 60, "--fixed-reply-delay must be between 0 and 60 seconds"),
         (args.random_weights and args.checkpoint, "--random-weights and --checkpoint contradict each other"),
         (args.workers and args.gpu_ids, "--workers (CPU workers) and --gpu-ids (GPU workers) exclude each other"),
+        (args.ray and (args.workers or args.gpu_ids), "--ray runs the workers on Ray: not with --workers or --gpu-ids"),
+        (not args.ray and _scaling_given(args), "--replicas and the scaling flags go with --ray"),
+        (args.ray and not (args.min_replicas or args.replicas) <= args.replicas <= (args.max_replicas or args.replicas),
+         "with --ray: --min-replicas <= --replicas <= --max-replicas"),
+        (args.ray and args.worker_curve_secret,
+         "--ray makes the workers' keys itself: not with --worker-curve-secret"),
         (front and args.join, "--join makes this process a worker; --workers and --gpu-ids make it a front host"),
         (args.join and args.demo, "--demo needs the robot endpoints of a front host, not a worker's --join"),
         (front and args.rerun,
@@ -279,7 +319,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def is_front(args: argparse.Namespace) -> bool:
-    return bool(args.workers or args.gpu_ids)
+    return bool(args.workers or args.gpu_ids or args.ray)
+
+
+def _scaling_given(args: argparse.Namespace) -> bool:
+    """Whether a flag that only --ray reads differs from its default."""
+    ray_only = ("--replicas", "--cpus-per-replica", "--gpus-per-replica", "--min-replicas", "--max-replicas",
+                "--scale-wait-ms", "--scale-sustain-s", "--scale-idle-s")  # fmt: skip
+    by_flag = {o.flags[0]: o for o in OPTIONS}
+    return any(getattr(args, by_flag[f].dest) != by_flag[f].settings.get("default") for f in ray_only)
 
 
 def worker_argv(args: argparse.Namespace) -> list[str]:

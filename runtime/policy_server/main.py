@@ -40,6 +40,7 @@ from runtime.serving import (
     cancel,
     checkpoint_of,
     endpoints,
+    fan_out,
     listen_websockets,
     model_info,
     on_close,
@@ -224,7 +225,7 @@ async def _serve_here(
             min_refresh_interval_s=args.min_refresh_interval,
             session_ttl_s=args.session_ttl,
         ),
-        on_result=_fan_out(EngineMetrics(registry).observe if registry else None, server_log),
+        on_result=fan_out(EngineMetrics(registry).observe if registry else None, server_log),
     )
     on_close(stack, service.close)
     await zmq_server.start()
@@ -264,21 +265,6 @@ def _server_log(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> S
     sink = RerunSink.open(args.rerun, root="server")
     on_close(stack, lambda: asyncio.to_thread(sink.close))
     return ServerLog(sink)
-
-
-def _fan_out(*callbacks: Callable[..., None] | None) -> Callable[..., None] | None:
-    """One callback calling each given one in turn; None when none is given (nothing to call)."""
-    given = [c for c in callbacks if c is not None]
-    if not given:
-        return None
-    if len(given) == 1:
-        return given[0]
-
-    def each(*args: Any) -> None:
-        for callback in given:
-            callback(*args)
-
-    return each
 
 
 def main(argv: list[str] | None = None) -> int:

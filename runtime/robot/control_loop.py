@@ -55,6 +55,9 @@ SubtaskMode = Literal["off", "per_chunk", "refresh"]
 _SPIN_S = 0.0005
 # How long a stopping loop waits for each goodbye message: it must not hang on a dead server.
 _LEAVE_TIMEOUT_S = 1.0
+# A first chunk answered `unavailable` (a fleet between workers) is asked again this often, this long.
+FIRST_CHUNK_RETRY_GAP_S = 0.5
+FIRST_CHUNK_RETRY_S = 60.0
 
 
 class LoopClient(Protocol):
@@ -303,9 +306,7 @@ class ControlLoop:
             self._rerun.start_run()
         try:
             # The first chunk is waited for before the clock starts: underruns count only real ones.
-            first = self._request(0, timeout_s=None, retries=None)
-            self.client.wait(first.future)
-            self._in_flight = [first]
+            self._in_flight = [self._first_chunk()]
             start = self._clock()
             step = 0
             while not self._stop.is_set() and (duration_s is None or step * period < duration_s):
@@ -337,6 +338,21 @@ class ControlLoop:
             if self._served:
                 self._leave()
         return self.summary()
+
+    def _first_chunk(self) -> _InFlight:
+        """The first chunk's request, answered. A fleet answers `unavailable` when the worker holding it
+        died, or none is joined yet: asked again, as a later chunk would be, for `FIRST_CHUNK_RETRY_S`."""
+        deadline = self._clock() + FIRST_CHUNK_RETRY_S
+        while True:
+            first = self._request(0, timeout_s=None, retries=None)
+            try:
+                self.client.wait(first.future)
+                return first
+            except RemoteError as e:
+                if e.code != "unavailable" or self._stop.is_set() or self._clock() > deadline:
+                    raise
+                log.warning("%s; asking for the first chunk again", e)
+                self._sleep(FIRST_CHUNK_RETRY_GAP_S)
 
     def _wait_until(self, deadline: float) -> None:
         while (remaining := deadline - self._clock()) > 0:

@@ -228,3 +228,14 @@ def test_a_server_that_never_answered_gets_no_goodbye():
     with pytest.raises(RequestTimeout):
         loop.run(1.0)
     assert server.calls == [] and loop.ticks == 0
+
+
+def test_a_first_chunk_answered_unavailable_is_asked_again():
+    """A fleet whose worker died under the first request (or with none joined yet) answers
+    `unavailable`: the loop asks again instead of failing, and starts once a chunk comes."""
+    clock = VirtualClock(START_S)
+    server = SimServer(clock, 0.1)
+    server.unavailable_first = 2
+    loop = simulated_loop(server, CountingRobot(clock), buffer={"request_when_left": 20})
+    summary = loop.run(1.0)
+    assert summary["ticks"] == 50 and len(server.requests) >= 3

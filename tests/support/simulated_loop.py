@@ -18,7 +18,7 @@ from robots.base import RobotObservation
 from runtime.robot.chunk_buffer import BufferSettings
 from runtime.robot.control_loop import ControlLoop, LoopSettings
 from runtime.robot.virtual_time import VirtualClock
-from transport.errors import RequestTimeout
+from transport.errors import RemoteError, RequestTimeout
 
 HZ = 50.0
 PERIOD = 1.0 / HZ
@@ -78,6 +78,7 @@ class SimServer:
         self.shift = shift  # each chunk answered plans `shift` more than the one before: a model changing its mind
         self.chunks_sent = 0
         self.broken_replies: set[int] = set()  # the numbers (from 1) of the replies that are malformed
+        self.unavailable_first = 0  # this many first requests are answered `unavailable` (a fleet between workers)
         self.down = down  # (from, until): absolute simulated times
         self.requests: list[SimRequest] = []
         self.calls: list[tuple] = []  # set_refresh / bye, in order
@@ -105,7 +106,10 @@ class SimServer:
             if r.future.done():
                 continue
             ready = r.sent + self.latency_s
-            if now >= ready and self._up_during(r.sent, ready):
+            if now >= ready and self.unavailable_first > 0:
+                self.unavailable_first -= 1
+                r.future.set_exception(RemoteError("policy worker w0 is gone; ask again", "unavailable"))
+            elif now >= ready and self._up_during(r.sent, ready):
                 r.answered = ready
                 offset = self.shift * self.chunks_sent
                 self.chunks_sent += 1

@@ -1,0 +1,84 @@
+"""The Ray fleet's scale-by-load rule on an injected clock: a replica added after requests waited too
+long for the sustained time (not before), one removed after it was idle, never past the bounds, never
+twice within the cooldown."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.fleet.autoscale import Autoscaler, Decision, ScaleRule
+from runtime.robot.virtual_time import VirtualClock
+
+RULE = ScaleRule(min_replicas=1, max_replicas=3, wait_ms=100.0, sustain_s=30.0, idle_s=120.0, cooldown_s=60.0)
+START = 1000.0
+
+
+class Fleet:
+    """Replicas as the front host sees them: each one's routed count, applied decisions, a clock."""
+
+    def __init__(self, *names: str):
+        self.clock = VirtualClock(START)
+        self.scaler = Autoscaler(RULE, self.clock)
+        self.routed = dict.fromkeys(names, 0)
+        self.decisions: list[tuple[float, Decision]] = []
+
+    def run(self, seconds: int, wait_s: float, busy: tuple[str, ...] = ()) -> list[tuple[float, Decision]]:
+        """One-second ticks: requests that waited `wait_s` each, routed to the `busy` replicas."""
+        made = []
+        for _ in range(seconds):
+            self.clock.advance(1.0)
+            for name in busy:
+                self.routed[name] += 1
+            for _ in range(5):
+                self.scaler.observe(wait_s)
+            decision = self.scaler.decide(self.routed)
+            if decision is None:
+                continue
+            made.append((self.clock() - START, decision))
+            if decision.action == "add":
+                self.routed[f"new-{len(self.routed)}"] = 0
+            else:
+                del self.routed[decision.replica]
+        self.decisions += made
+        return made
+
+
+def test_a_replica_is_added_only_after_the_wait_was_sustained():
+    fleet = Fleet("a")
+    assert fleet.run(30, wait_s=0.5) == []  # slow from the first tick, for 29 s so far
+    ((at, decision),) = fleet.run(1, wait_s=0.5)
+    assert (decision.action, at) == ("add", 31.0)
+    assert "500 ms at the median (over 100 ms) for 30 s" in decision.reason
+
+
+def test_a_short_slow_spell_adds_nothing():
+    fleet = Fleet("a")
+    assert fleet.run(20, wait_s=0.5) == []
+    assert fleet.run(1, wait_s=0.01) == []  # fast again: the spell is over
+    assert fleet.run(30, wait_s=0.5) == []  # and the next one counts from its own start
+
+
+def test_adding_waits_out_the_cooldown_and_stops_at_the_maximum():
+    fleet = Fleet("a")
+    made = fleet.run(300, wait_s=0.5, busy=("a",))
+    assert [(at, d.action) for at, d in made] == [(31.0, "add"), (91.0, "add")]  # 60 s apart, then 3 = max
+    assert len(fleet.routed) == RULE.max_replicas
+
+
+def test_an_idle_replica_is_removed_but_never_below_the_minimum():
+    fleet = Fleet("a", "b")
+    ((at, decision),) = fleet.run(400, wait_s=0.01, busy=("a",))
+    assert (decision.action, decision.replica, at) == ("remove", "b", 121.0)
+    assert "b was routed no request for 120 s" in decision.reason
+    assert fleet.run(1000, wait_s=0.01) == []  # "a" idle too now, but it is the minimum
+
+
+def test_a_slow_fleet_removes_nobody():
+    fleet = Fleet("a", "b", "c")
+    made = fleet.run(400, wait_s=0.5, busy=("a",))
+    assert all(d.action != "remove" for _, d in made)
+
+
+def test_the_rule_refuses_impossible_bounds():
+    with pytest.raises(ValueError, match="min_replicas <= max_replicas"):
+        ScaleRule(min_replicas=3, max_replicas=2)

@@ -1,0 +1,47 @@
+"""A fleet on Ray (`--ray local --replicas 2`): both replicas serve robots, a replica whose actor
+process is killed is restarted by Ray and serves again while every loop keeps getting chunks, and the
+front host's exit leaves no Ray process behind. The scenario runs in a network namespace with only
+loopback (`unshare -n`, as root), where Ray listens on 127.0.0.1 alone (`tests/support/ray_scenario.py`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.server_process import REPO
+
+CAP_S = 900.0  # failure detection only
+
+
+def _can_unshare() -> bool:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return False
+    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare -n` (root) for a loopback-only network namespace")
+def test_ray_replicas_serve_restart_after_a_kill_and_leave_nothing_behind(tmp_path):
+    out = tmp_path / "report.json"
+    script = f"ip link set lo up && exec {sys.executable} -m tests.support.ray_scenario {out}"
+    result = subprocess.run(
+        ["unshare", "-n", "sh", "-c", script], cwd=REPO.parent, capture_output=True, text=True, timeout=CAP_S
+    )
+    assert out.exists(), result.stdout[-5000:] + result.stderr[-5000:]
+    report = json.loads(out.read_text())
+    context = json.dumps(report, indent=1)[:4000]
+    assert report["ready"]["role"] == "front host", context
+    assert report["workers_at_start"] == ["ray-0@127.0.0.1", "ray-1@127.0.0.1"], context  # named by their node
+    assert len(report["log_names_nodes"]) == 2, context
+    assert report["spread"], "both replicas should have robots"
+    assert report["left"] and report["rejoined"] and report["restarted_actor"], context
+    assert report["restarted_serves"], context
+    assert report["chunks_grew"] and report["loops_ended"], context
+    summaries = report["summaries"]
+    assert len(summaries) == 4 and all(s["chunks_received"] > 0 for s in summaries.values()), context
+    assert sum(s["outages"] for s in summaries.values()) >= 1, "the killed replica's robots saw an outage"
+    assert report["exit_code"] == 0, result.stderr[-5000:]
+    assert report["left_behind"] is True, f"left behind: {report['left_behind']}"
