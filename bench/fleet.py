@@ -135,41 +135,63 @@ def serve_worker(argv: list[str], device_ms: float, max_batch: int, window_ms: f
 class Fleet:
     """`python -m runtime.broker` and its workers, each in a process of its own."""
 
-    def __init__(self, backend: str, config: str, device_ms: float, max_batch: int):
+    def __init__(
+        self, backend: str, config: str, device_ms: float, max_batch: int, worker_curve: tuple[Path, Path] | None = None
+    ):
+        """`worker_curve`: the broker's workers'-side secret file and allow-list folder (workers then
+        join with keys, as Ray replicas always do)."""
         self.backend, self.config, self.device_ms, self.max_batch = backend, config, device_ms, max_batch
         router, self.worker_port, worker_pub = free_local_ports(3)
         self.router = f"tcp://127.0.0.1:{router}"
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        curve = (
+            ["--worker-curve-secret", str(worker_curve[0]), "--worker-curve-clients", str(worker_curve[1])]
+            if (worker_curve)
+            else []
+        )
         self.broker = subprocess.Popen(
             [sys.executable, "-m", "runtime.broker", "--router-port", str(router), "--pub-port", "0",
-             "--worker-port", str(self.worker_port), "--worker-pub-port", str(worker_pub), "--log-level", "WARNING"],
+             "--worker-port", str(self.worker_port), "--worker-pub-port", str(worker_pub), "--log-level", "WARNING",
+             *curve],
             cwd=REPO, env=self._env,
         )  # fmt: skip
         self.workers: list[subprocess.Popen] = []
         self._probe = PolicyClient(self.router, "bench-probe", timeout_s=10)
 
-    def start_workers(self, count: int, window_ms: float, gpu_ids: tuple[int, ...] = ()) -> None:
-        """`count` workers, each on one core (round-robin), or each on one of `gpu_ids`."""
+    def worker_command(self, window_ms: float, *flags: str) -> list[str]:
+        """A worker's command line (after the interpreter), joining this broker: the simulated device
+        (`--serve-worker`) or the server (`--fixed-reply` or the model), with `flags` of its own."""
+        flags = ("--join", f"tcp://127.0.0.1:{self.worker_port}", "--max-batch", str(self.max_batch),
+                 "--batch-window-ms", str(window_ms), "--log-level", "WARNING", *flags)  # fmt: skip
+        if self.backend == "device":
+            return ["-m", "bench.fleet", "--serve-worker", "--device-ms", str(self.device_ms), "--max-batch",
+                    str(self.max_batch), "--batch-window-ms", str(window_ms), "--", *flags]  # fmt: skip
+        # The model's first requests wait for its compiles: a deadline that never cuts them short.
+        model = ["--fixed-reply"] if self.backend == "fixed" else ["--config", self.config, "--deadline", "600"]
+        return ["-m", "runtime.policy_server", *flags, *model]
+
+    def start_workers(
+        self, count: int, window_ms: float, gpu_ids: tuple[int, ...] = (), keys: list[tuple[Path, Path]] | None = None
+    ) -> None:
+        """`count` workers, each on one core (round-robin), or each on one of `gpu_ids`; with `keys`
+        (the broker's public key and each worker's secret file), over CURVE."""
         cores = sorted(os.sched_getaffinity(0))
         for i in range(count):
-            flags = ["--join", f"tcp://127.0.0.1:{self.worker_port}", "--worker-name", f"w{i}"]
-            flags += ["--max-batch", str(self.max_batch), "--batch-window-ms", str(window_ms)]
-            flags += ["--log-level", "WARNING", "--die-with-parent"]
+            flags = ["--worker-name", f"w{i}", "--die-with-parent"]
+            if keys:
+                flags += ["--join-curve-server-key", str(keys[i][0]), "--join-curve-key", str(keys[i][1])]
             env = dict(self._env)
             if gpu_ids:
                 env["CUDA_VISIBLE_DEVICES"] = str(gpu_ids[i])
             else:
                 flags += ["--cpus", str(cores[i % len(cores)])]
-            if self.backend == "device":
-                argv = ["-m", "bench.fleet", "--serve-worker", "--device-ms", str(self.device_ms)]
-                argv += ["--max-batch", str(self.max_batch), "--batch-window-ms", str(window_ms), "--", *flags]
-            else:
-                argv = ["-m", "runtime.policy_server", *flags]
-                # The model's first requests wait for its compiles: a deadline that never cuts them short.
-                argv += ["--fixed-reply"] if self.backend == "fixed" else ["--config", self.config, "--deadline", "600"]
-                if not gpu_ids:
+                if self.backend == "model":
                     env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-            self.workers.append(subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env))
+            command = self.worker_command(window_ms, *flags)
+            self.workers.append(subprocess.Popen([sys.executable, *command], cwd=REPO, env=env))
+        self.wait_joined(count)
+
+    def wait_joined(self, count: int) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while len(self.placement()) < count:
             if time.monotonic() > deadline or any(w.poll() is not None for w in self.workers):
@@ -206,7 +228,7 @@ class Fleet:
 # ---------------------------------------------------------------------- robots
 
 
-async def _robots(
+async def run_robots(
     endpoint: str, names: list[str], seconds: float, placement: Callable[[], dict[str, int]]
 ) -> tuple[int, list[float], float, dict[str, int]]:
     """(chunks, latencies in s, window in s, robots per worker): every robot asks for chunks back to back."""
@@ -254,7 +276,7 @@ def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
             for robots in robot_counts:
                 names = [f"w{workers}-r{robots}-b{window_ms:g}-{i}" for i in range(robots)]
                 served, latencies, window, placed = asyncio.run(
-                    _robots(fleet.router, names, args.seconds, fleet.placement)
+                    run_robots(fleet.router, names, args.seconds, fleet.placement)
                 )
                 p50, p99 = percentiles_ms(latencies)
                 rows.append({

@@ -28,7 +28,7 @@ def test_ray_replicas_serve_restart_after_a_kill_and_leave_nothing_behind(tmp_pa
     out = tmp_path / "report.json"
     script = f"ip link set lo up && exec {sys.executable} -m tests.support.ray_scenario {out}"
     result = subprocess.run(
-        ["unshare", "-n", "sh", "-c", script], cwd=REPO.parent, capture_output=True, text=True, timeout=CAP_S
+        ["unshare", "-n", "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=CAP_S
     )
     assert out.exists(), result.stdout[-5000:] + result.stderr[-5000:]
     report = json.loads(out.read_text())
