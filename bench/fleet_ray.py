@@ -158,7 +158,7 @@ def main() -> None:
             hops = hop(args, Path(tmp))
     finally:
         ray.shutdown()
-    command = "unshare -n sh -c 'ip link set lo up && python -m bench.fleet_ray " + " ".join(sys.argv[1:]) + "'"
+    command = f"unshare -n sh -c 'ip link set lo up && {' '.join(['python -m bench.fleet_ray', *sys.argv[1:]])}'"
     print(write_section("fleet_ray", "Fleet on Ray", report(args, rows, hops), command, ("pyzmq", "ray")))
 
 
