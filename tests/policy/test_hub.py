@@ -1,9 +1,10 @@
 """`hf://OWNER/REPO[@REVISION]` from huggingface_hub's cache, offline.
 
-No hub is reachable here, so the cache is laid out as huggingface_hub lays it
-(`tests/support/hf_cache.py`) and its own `scan_cache_dir` must read it back as a complete repo:
-what a model LeRobot downloaded looks like. The LeRobot fixture is the repo; its actions must match
-LeRobot's through `hf://` as through the folder.
+No hub is reachable here, so the cache is written by huggingface_hub's own `snapshot_download`
+from a fake Hub on 127.0.0.1 (`tests/support/hf_cache.py`), then read offline, and its own
+`scan_cache_dir` must read it back as a complete repo: what a model LeRobot downloaded looks like.
+The LeRobot fixture is the repo; its actions must match LeRobot's through `hf://` as through the
+folder.
 """
 
 from __future__ import annotations

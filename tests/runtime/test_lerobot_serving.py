@@ -3,10 +3,10 @@
 The README's promise for a LeRobot user: `python -m runtime.policy_server --checkpoint
 hf://OWNER/REPO` serves the fine-tune (its config, cameras, state and actions, not the demo's),
 and a robot reaches it over ZMQ, the JSON WebSocket API and openpi's protocol naming its cameras as
-its dataset does (`observation.images.front`, or `front`). The hub is the LeRobot fixture laid out
-in huggingface_hub's cache, offline, read by the server process from its environment as a user's
-would be. The same inputs and seed give the same chunk on ZMQ and JSON; the openpi protocol carries
-no seed, so its chunk is checked for the fine-tune's shape.
+its dataset does (`observation.images.front`, or `front`). The hub is the LeRobot fixture, downloaded
+into huggingface_hub's cache by huggingface_hub from a fake Hub, then read offline by the server
+process from its environment as a user's would be. The same inputs and seed give the same chunk on
+ZMQ and JSON; the openpi protocol carries no seed, so its chunk is checked for the fine-tune's shape.
 """
 
 from __future__ import annotations

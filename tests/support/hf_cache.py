@@ -1,33 +1,36 @@
-"""A model repo in huggingface_hub's cache, laid out offline as huggingface_hub lays it.
+"""A model repo in huggingface_hub's cache, written by huggingface_hub's own download.
 
-No hub is reachable in the tests, so `hf://` checkpoints are served from a cache built here: blobs
-named by their sha256, a snapshot folder per commit linking to them, refs naming the commit of a
-branch or tag. What a model LeRobot downloaded looks like, and what `scan_cache_dir` reads back.
+No hub is reachable in the tests, so `hf://` checkpoints are read from a cache that
+huggingface_hub's `snapshot_download` fills from a fake Hub on 127.0.0.1 (`fake_hub`) serving the
+repo's files: blobs, snapshot links, refs and the commit's cached file tree are what a model LeRobot
+downloaded has, laid out by huggingface_hub's code, not by a copy of it. The tests then read the
+cache offline (`HF_HUB_OFFLINE=1`), as a user without network does.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
+from unittest import mock
+
+from huggingface_hub import constants, snapshot_download
+
+from tests.support import fake_hub
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def cache_repo(hub_cache: Path, repo_id: str, folder: Path, refs: tuple[str, ...] = ("main",)) -> Path:
-    """`folder`'s files as huggingface_hub caches a model repo at `COMMIT` under `hub_cache`
-    (`$HF_HOME/hub`), each ref naming that commit; its snapshot folder."""
-    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / COMMIT
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = snapshot / path.relative_to(folder)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref in refs:
-        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(COMMIT)
-    return snapshot
+    """`folder`'s files downloaded by huggingface_hub into `hub_cache` (`$HF_HOME/hub`) as the model
+    repo `repo_id` at `COMMIT`, once per ref (a branch or tag naming that commit); its snapshot
+    folder. Online for the download whatever HF_HUB_OFFLINE says (huggingface_hub reads it at
+    import), with no token sent to the fake Hub."""
+    with (
+        fake_hub.serving(repo_id, folder, COMMIT, refs) as endpoint,
+        mock.patch.object(constants, "HF_HUB_OFFLINE", False),
+    ):
+        snapshots = {
+            snapshot_download(repo_id, revision=ref, cache_dir=hub_cache, endpoint=endpoint, token=False)
+            for ref in refs
+        }
+    (snapshot,) = snapshots
+    return Path(snapshot)
