@@ -1,5 +1,5 @@
-"""The policy server's fleet modes: the front host (`--workers N`, `--gpu-ids 0,1`) and a
-worker's start (`--join tcp://BROKER:PORT`).
+"""The policy server's fleet modes: the front host (`--workers N`, `--gpu-ids 0,1`, `--ray ADDRESS`)
+and a worker's start (`--join tcp://BROKER:PORT`).
 
 The front host binds what robots reach (the broker's ROUTER and XPUB, and the WebSocket ports,
 whose gateway processes stay on the front host and talk to the broker's internal endpoints as they
@@ -7,7 +7,8 @@ would to a single server's), starts the broker on a thread and one worker proces
 announces `ready` once every worker has joined. Its own workers join over `ipc://`, plain; `--worker-port`
 also opens the broker's back end on TCP for workers on other hosts (`--join tcp://FRONT:PORT`), with
 CURVE and an allow-list of worker keys under `--worker-curve-secret/--worker-curve-clients` (such a
-worker gives `--join-curve-server-key/--join-curve-key`; docs/security.md).
+worker gives `--join-curve-server-key/--join-curve-key`; docs/security.md). With `--ray` the workers
+are Ray replicas instead (`runtime.fleet.ray_front`), joining the TCP side with keys this host makes.
 """
 
 from __future__ import annotations
