@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ray
 
-from runtime.fleet.autoscale import Autoscaler, ScaleRule
+from runtime.fleet.autoscale import Autoscaler, Decision, ScaleRule
 from runtime.fleet.broker import Broker
 from runtime.fleet.ray_cluster import RayReplicas, ReplicaKeys, ReplicaSpec, connect, make_keys, wait_placed
 from transport import curve
@@ -93,21 +93,26 @@ class RayFleet:
             await asyncio.sleep(0.05)
 
     async def run_scaling(self) -> None:
-        """Applies the scale rule every second, each decision logged with its reason."""
-        assert self.replicas is not None
+        """Applies the scale rule every second."""
         while True:
             await asyncio.sleep(SCALE_PERIOD_S)
-            decision = self.autoscaler.decide(self._joined(), len(self.replicas.actors))
-            if decision is None:
-                continue
-            if decision.action == "add":
-                slot = await asyncio.to_thread(self.replicas.add)
-                log.info("scaling: adding replica ray-%d: %s", slot, decision.reason)
-            else:
-                assert decision.replica is not None
-                slot = int(decision.replica.removeprefix("ray-").partition("@")[0])  # named by `Replica`
-                log.info("scaling: removing replica ray-%d: %s", slot, decision.reason)
-                await asyncio.to_thread(self.replicas.remove, slot)
+            await self.scale_once()
+
+    async def scale_once(self) -> Decision | None:
+        """One look at the load: a replica added or removed as the rule decides, logged with its reason."""
+        assert self.replicas is not None
+        decision = self.autoscaler.decide(self._joined(), len(self.replicas.actors))
+        if decision is None:
+            return None
+        if decision.action == "add":
+            slot = await asyncio.to_thread(self.replicas.add)
+            log.info("scaling: adding replica ray-%d: %s", slot, decision.reason)
+        else:
+            assert decision.replica is not None
+            slot = int(decision.replica.removeprefix("ray-").partition("@")[0])  # named by `Replica`
+            log.info("scaling: removing replica ray-%d: %s", slot, decision.reason)
+            await asyncio.to_thread(self.replicas.remove, slot)
+        return decision
 
     async def close(self) -> None:
         """Removes every replica (their workers leave the broker), then the Ray instance it started."""
