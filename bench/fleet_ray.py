@@ -9,7 +9,9 @@ requests do not go through Ray: in a network namespace with only loopback, as ev
    robots ask back to back. Chunks per second and start-up time (workers started to all joined).
 2. The hop: one robot's round trip through the broker to one fixed-reply worker, against a call of a
    Ray actor method carrying the same observation and returning the same chunk (Ray's own RPC, which a
-   request would take if robots went through Ray), taking turns in rounds.
+   request would take if robots went through Ray), and against an HTTP POST of it (msgpack, as openpi
+   encodes it) through Ray Serve's proxy to a deployment that answers the chunk (with the `bench` extra,
+   `ray[serve]`; left out without it), taking turns in rounds.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,8 @@ import ray
 from bench.fleet import IMAGES, PROMPT, STATE, Fleet, run_robots
 from bench.report import percentiles_ms, time_rounds, write_section
 from runtime.fleet.ray_cluster import RayReplicas, ReplicaSpec, connect, make_keys
+from tests.support.ports import free_local_ports
+from transport import openpi_msgpack
 from transport.curve import PUBLIC_SUFFIX, SECRET_SUFFIX
 from transport.zmq_client import PolicyClient
 
@@ -86,8 +91,38 @@ def placement(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def hop(args: argparse.Namespace, folder: Path) -> dict[str, list[float]]:
-    """Round trips of one robot: through the broker to a fixed-reply worker, and a Ray actor call."""
+def serve_call(port: int) -> Callable[[], None] | None:
+    """A POST of the observation through Ray Serve's HTTP proxy, or None without `ray[serve]`."""
+    try:
+        import requests
+        from ray import serve
+        from starlette.responses import Response
+    except ImportError:
+        return None
+
+    @serve.deployment
+    class HttpPolicy:
+        async def __call__(self, request: Any) -> Response:
+            openpi_msgpack.unpackb(await request.body())
+            return Response(openpi_msgpack.packb({"actions": CHUNK}), media_type="application/msgpack")
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(HttpPolicy.bind(), route_prefix="/infer")
+    session = requests.Session()
+    url = f"http://127.0.0.1:{port}/infer"
+
+    def call() -> None:
+        body = openpi_msgpack.packb({"images": IMAGES, "prompt": PROMPT, "state": STATE})
+        reply = session.post(url, data=body, timeout=60)
+        reply.raise_for_status()
+        openpi_msgpack.unpackb(reply.content)
+
+    return call
+
+
+def hop(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Round trips of one robot: through the broker to a fixed-reply worker, a Ray actor call, and
+    an HTTP call through Ray Serve."""
     fleet = Fleet("fixed", "pi05_tiny", 0.0, 1)
     try:
         fleet.start_workers(1, 3.0)
@@ -98,6 +133,9 @@ def hop(args: argparse.Namespace, folder: Path) -> dict[str, list[float]]:
                 "broker -> worker (ZMQ frames)": lambda: client.infer(IMAGES, PROMPT, STATE, generate_subtask=False),
                 "Ray actor call (Ray's RPC)": lambda: ray.get(echo.infer.remote(IMAGES, PROMPT, STATE)),
             }
+            served = serve_call(free_local_ports(1)[0])
+            if served is not None:
+                calls["Ray Serve: HTTP POST through its proxy (msgpack)"] = served
             return time_rounds(calls, dict.fromkeys(calls, args.hop_iters // args.rounds), args.rounds, warmup=20)
     finally:
         fleet.close()
@@ -133,9 +171,9 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], hops: dict[str,
         base = base or p50
         lines.append(f"| {name} | {p50:.3f} | {p99:.3f} | {p50 / base:.2f}x |")
     lines += ["", "Ray's own RPC carries the observation through Ray's object serialization and its core worker "
-              "for each call, with no batching across robots, no sticky sessions and no refresh PUB; the broker "
-              "path is the one robots take. Ray Serve's HTTP proxy (not installed here) adds an HTTP hop and a "
-              "proxy process on top of Ray's RPC."]  # fmt: skip
+              "for each call; Ray Serve adds an HTTP request to its proxy process, which then calls the "
+              "deployment over Ray's RPC. Neither batches across robots, keeps a robot on its worker or "
+              "forwards refreshes; the broker path is the one robots take."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -155,7 +193,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="pi05-fleet-ray-") as tmp:
             rows = placement(args, Path(tmp))
-            hops = hop(args, Path(tmp))
+            hops = hop(args)
     finally:
         ray.shutdown()
     command = f"unshare -n sh -c 'ip link set lo up && {' '.join(['python -m bench.fleet_ray', *sys.argv[1:]])}'"
