@@ -41,7 +41,9 @@ def _step(folder: Path, pipeline: str, registry: str, source: str) -> tuple[dict
     if not (folder / pipeline).is_file():
         raise CheckpointError(f"{source}: no {pipeline}, which holds the normalization statistics; {_HOW}")
     steps = read_json(folder / pipeline, source).get("steps")
-    found = [s for s in steps or [] if isinstance(s, dict) and s.get("registry_name") == registry]
+    if not isinstance(steps, list):
+        raise CheckpointError(f"{source}: {pipeline} holds no list of steps; {_HOW}")
+    found = [s for s in steps if isinstance(s, dict) and s.get("registry_name") == registry]
     if len(found) != 1:
         raise CheckpointError(f"{source}: {pipeline} has {len(found)} {registry!r} steps, expected one; {_HOW}")
     step = found[0]

@@ -23,7 +23,6 @@ import contextlib
 import io
 import json
 import math
-import re
 import socket
 import time
 from typing import Any
@@ -35,10 +34,10 @@ import websockets.sync.client as ws_client
 import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from openpi_client import msgpack_numpy as openpi_msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from websockets.exceptions import ConnectionClosed
 
+from tests.support.openpi_exchange import MAX_ERROR_MESSAGE_CHARS, REPLY_TIMEOUT_S, openpi_exchange
 from tests.support.raw_dealer import RawDealer, image, infer_arrays, infer_header
 from tests.support.server_process import ServerProcess
 from tests.support.strategies import (
@@ -81,8 +80,6 @@ ZMQ_CODES = frozenset(
      "busy"}
 )  # fmt: skip
 JSON_CODES = frozenset({"bad_request", "invalid_json", "oversize"})
-MAX_ERROR_MESSAGE_CHARS = 4096  # an error message says what is wrong; it never echoes the input back
-REPLY_TIMEOUT_S = 5.0
 
 pytestmark = pytest.mark.filterwarnings(
     # openpi-client 0.1.2 opens its connection outside a `with` block; not ours to change.
@@ -698,55 +695,6 @@ def openpi_messages(draw) -> bytes | str:
         return b"\xc1"
 
 
-def _openpi_exchange(server: ServerProcess, message: bytes | str, model: dict[str, Any]) -> str | None:
-    """Sends one message on a fresh connection; what is wrong with the answer (None: fine)."""
-    try:
-        with ws_client.connect(server.openpi, max_size=None, open_timeout=10, close_timeout=5) as connection:
-            metadata = openpi_msgpack_numpy.unpackb(connection.recv(timeout=REPLY_TIMEOUT_S))
-            if not isinstance(metadata, dict):
-                return f"metadata is not a map: {metadata!r:.200}"
-            connection.send(message)
-            reply = connection.recv(timeout=REPLY_TIMEOUT_S)
-            if isinstance(reply, bytes):
-                out = openpi_msgpack_numpy.unpackb(reply)
-                actions = out.get("actions") if isinstance(out, dict) else None
-                dim = metadata["action_dim"]
-                if not isinstance(actions, np.ndarray) or actions.ndim != 2 or actions.shape[1] != dim:
-                    return f"a reply without (horizon, {metadata['action_dim']}) actions: {out!r:.300}"
-                return None
-            if not reply.startswith("Error: "):
-                return f"a text frame that is not an error: {reply[:300]!r}"
-            if reply.startswith("Error: internal"):
-                return f"an internal error for client input: {reply[:300]!r}"
-            if len(reply) > MAX_ERROR_MESSAGE_CHARS or "\x7fELF" in reply:
-                return f"an error text of {len(reply)} characters: {reply[:300]!r}"
-            try:
-                connection.recv(timeout=REPLY_TIMEOUT_S)
-                return f"the connection stayed open after {reply[:200]!r}"
-            except ConnectionClosed as e:
-                code = e.rcvd.code if e.rcvd is not None else None
-                if code != 1011:
-                    return f"closed with {code} after {reply[:200]!r}, not 1011"
-            return None
-    except TimeoutError:
-        return f"no answer within {REPLY_TIMEOUT_S} s"
-    except ConnectionClosed as e:
-        if _past_twice_the_limit(e, message):
-            return None
-        return f"the connection closed without an error frame: {e}"
-    except OSError as e:
-        return f"cannot connect: {e}"
-
-
-def _past_twice_the_limit(e: ConnectionClosed, message: bytes | str) -> bool:
-    """The documented answer to a message of more than twice the server's limit: websockets closes
-    with 1009 without reading it (docs/protocol.md); its reason names the bytes it reads."""
-    if e.rcvd is None or e.rcvd.code != 1009:
-        return False
-    match = re.search(r"exceeds limit of (\d+) bytes", e.rcvd.reason)
-    return match is not None and len(message) > int(match.group(1))
-
-
 def _describe_openpi(message: bytes | str) -> str:
     if isinstance(message, str):
         return f"text frame {message[:200]!r}"
@@ -783,7 +731,7 @@ def test_openpi_port_answers_mutated_observations_with_an_error_frame(server, mo
     since = len(server.lines)
     problems = []
     for message in messages:
-        problem = _openpi_exchange(server, message, model)
+        problem = openpi_exchange(server.openpi, message)
         if problem is not None:
             problems.append(f"{problem}\n    for {_describe_openpi(message)}")
         if not server.alive():
@@ -847,7 +795,7 @@ def test_openpi_port_answers_the_inputs_issue_9_names(server, model):
     since = len(server.lines)
     problems = []
     for name, message in cases.items():
-        problem = _openpi_exchange(server, message, model)
+        problem = openpi_exchange(server.openpi, message)
         if problem is not None:
             problems.append(f"{name}: {problem}")
         if not server.alive():

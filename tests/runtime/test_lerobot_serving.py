@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from openpi_client import msgpack_numpy as openpi_msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
 from tests.support.hf_cache import cache_repo
+from tests.support.openpi_exchange import openpi_exchange
 from tests.support.server_process import ServerProcess
 from transport.ws_client import JsonApiClient, build_request
 from transport.zmq_client import PolicyClient
@@ -28,6 +30,7 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "lerobot_pi05_tiny"
 REPO = "someone/pi05-tiny-finetune"
 PROMPT = "put the cube in the bowl"
 SEED = 7
+CAP_S = 60.0  # failure detection only
 HORIZON, ACTION_DIM = 10, 6  # the fixture's chunk and its robot's (an SO-101's) action size
 
 
@@ -95,3 +98,48 @@ def test_openpi_client_with_the_lerobot_layout(server, inputs):
     leftover = {"prev_actions": actions[3:], "inference_delay": 2, "execute_horizon": 5}
     guided = policy.infer({**observation, **leftover})["actions"]
     assert guided.shape == (HORIZON, ACTION_DIM) and np.isfinite(guided).all()
+
+
+def _hostile_lerobot_observation(rng: np.random.Generator, frames: dict[str, np.ndarray], state: np.ndarray) -> bytes:
+    """A LeRobot-named observation with one to three keys given hostile values: wrong types, dtypes,
+    shapes and sizes, unknown or missing cameras, a state of another length, a prompt of odds."""
+    obs: dict = {
+        **{f"observation.images.{name}": frame for name, frame in frames.items()},
+        "observation.state": state,
+        "task": PROMPT,
+    }
+    hostile = [
+        None, 7, -1.5, "", "x" * 100_000, b"\x00\xff", [], [1, [2, [3]]], {"a": {"b": 1}},
+        np.zeros((0, 3), np.uint8), np.zeros((4096, 4097, 3), np.uint8)[:2], np.ones((224, 224), np.float64),
+        np.full((224, 224, 3), np.nan, np.float32), np.zeros((3, 224, 224), np.int64), np.zeros(10**5, np.float32),
+        np.zeros((224, 224, 3), np.float16), np.full(6, np.inf, np.float32), np.zeros((2, 2, 2, 2), np.uint8),
+    ]  # fmt: skip
+    keys = [*obs, "observation.images.third", "prompt", "prev_actions", "inference_delay", "observation.environment"]
+    for _ in range(int(rng.integers(1, 4))):
+        key = keys[int(rng.integers(len(keys)))]
+        if rng.random() < 0.15:
+            obs.pop(key, None)
+        else:
+            obs[key] = hostile[int(rng.integers(len(hostile)))]
+    return openpi_msgpack_numpy.packb(obs)  # openpi's own packer: any dtype travels, as from a stranger
+
+
+def test_hostile_lerobot_observations_get_error_frames_and_well_formed_ones_are_served(server, inputs):
+    """60 mutated observations on the openpi port with the lerobot layout: each answered with the
+    fine-tune's actions or an `Error: ...` frame (never `internal`) and a 1011 close; then openpi's own
+    client is served, and the gateway's memory stayed flat."""
+    frames, state = inputs
+    rng = np.random.default_rng(3)
+    before = server.rss_mb()["openpi gateway"]
+    problems = []
+    for _ in range(60):
+        message = _hostile_lerobot_observation(rng, frames, state)
+        problem = openpi_exchange(server.openpi, message, reply_timeout_s=CAP_S)
+        if problem is not None:
+            problems.append(problem)
+    assert not problems, problems[:5]
+    policy = WebsocketClientPolicy(host="127.0.0.1", port=server.ports[3])
+    observation = {f"observation.images.{n}": f for n, f in frames.items()}
+    observation |= {"observation.state": state, "task": PROMPT}
+    assert policy.infer(observation)["actions"].shape == (HORIZON, ACTION_DIM)
+    assert server.rss_mb()["openpi gateway"] - before < 100

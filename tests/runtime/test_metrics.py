@@ -4,8 +4,10 @@ and read with prometheus-client's own parser before and after requests of known 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -236,3 +238,47 @@ def test_a_stand_alone_broker_serves_its_fleet_figures():
         assert moved(before, after, "pi05_requests_total", type="infer", transport="zmq", outcome="unavailable") == 1
     finally:
         broker.stop()
+
+
+def _threads(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
+
+
+def test_hostile_http_on_the_metrics_port_leaves_it_serving_with_bounded_threads_and_memory(server):
+    """Idle connections past the cap, random bytes, an oversized request line, a flood of headers, a
+    large body and odd methods: robots are still served, `/metrics` answers again once the idle
+    connections time out, and the server's threads and memory stay bounded."""
+    url = server.ready["endpoints"]["metrics"]
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    pid = server.proc.pid
+    threads, memory = _threads(pid), server.rss_mb()["server"]
+    rng = np.random.default_rng(0)
+    idle = [socket.create_connection((host, int(port))) for _ in range(200)]
+    garbage = [
+        rng.integers(0, 256, 70_000, dtype=np.uint8).tobytes(),
+        b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\n" + b"X-A: b\r\n" * 500 + b"\r\n",
+        b"POST /metrics HTTP/1.1\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 1_000_000,
+        b"DELETE /metrics HTTP/1.1\r\n\r\n",
+        b"\r\n\r\n\r\n",
+    ]
+    for payload in garbage:
+        with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=CAP_S) as s:
+            s.sendall(payload)
+            s.settimeout(CAP_S)
+            s.recv(1024)
+    assert _threads(pid) - threads <= 20, "a thread per connection past the cap"
+    with PolicyClient(server.router, "beside-the-flood", timeout_s=CAP_S) as client:
+        client.infer(IMAGES, "pick up the cup", generate_subtask=False)
+    assert eventually(lambda: _scrapes(url), CAP_S), "/metrics never answered again"
+    for s in idle:
+        s.close()
+    assert server.rss_mb()["server"] - memory < 50
+
+
+def _scrapes(url: str) -> bool:
+    try:
+        return "pi05_requests_total" in urllib.request.urlopen(url, timeout=5).read().decode()
+    except OSError:
+        return False
