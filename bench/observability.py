@@ -35,14 +35,13 @@ from runtime.robot.metrics import LoopMetrics
 from runtime.robot.rerun_log import RobotLog
 from runtime.robot.virtual_time import VirtualClock
 from tests.support.ports import free_local_ports
-from tests.support.server_process import ServerProcess
+from tests.support.server_process import REPO, ServerProcess
 from tests.support.simulated_loop import START_S, CountingRobot, SimServer, simulated_loop
 from transport.zmq_client import PolicyClient
 
 IMAGES = {name: np.zeros((224, 224, 3), np.uint8) for name in ("base_0_rgb", "left_wrist_0_rgb")}
 STATE = np.zeros(8, np.float32)
 BEFORE, OFF, ON = "before metrics and Rerun", "both off", "metrics + rerun on"
-REPO = Path(__file__).resolve().parent.parent
 # The last revision before metrics and Rerun came in: the baseline that "off costs nothing" is read against.
 BASELINE_REVISION = "355e4d9"
 

@@ -5,9 +5,9 @@ motor's `"<motor>.pos"` -> `float`, a camera's name -> its (height, width, chann
 takes in `action_features`, and trades flat dicts of those names: `get_observation()` and
 `send_action(action)`, between `connect()` and `disconnect()`. Pi0.5 takes a state vector and
 images in its camera slots and gives action vectors. A checkpoint trained on a LeRobot dataset
-names both sides: its state by the dataset's `observation.state` names (the server's ping:
-`state_names`), its cameras by the dataset's `observation.images.<camera>` keys (`camera_aliases`:
-alias -> the model's camera slot). `map_lerobot` ties the robot's names to the model's once, from
+names its cameras by the dataset's `observation.images.<camera>` keys (the server's ping:
+`camera_aliases`, alias -> the model's camera slot); its state is the robot's motors in the robot's
+order, as the dataset recorded them. `map_lerobot` ties the robot's names to the model's once, from
 the features alone (they are there before the robot connects), and refuses a robot that cannot
 drive the model in one line; `LeRobotRobot` then maps each observation and action.
 
@@ -119,17 +119,9 @@ def map_lerobot(
 
 
 def _state_keys(motors: list[str], model: ServerModel) -> tuple[str, ...]:
-    """The robot's scalar entries in the checkpoint's state order when the server names it, else in
-    the robot's order, as many as the model's state takes (a model without norm stats takes any)."""
-    if model.state_names is not None:
-        missing = [name for name in model.state_names if name not in motors]
-        if missing:
-            raise Mismatch(
-                f"the server's model {model.config} takes state {', '.join(model.state_names)}; the robot "
-                f"lacks {', '.join(missing)} (it has {', '.join(motors) or 'none'}): serve a checkpoint "
-                "trained on this robot"
-            )
-        return tuple(model.state_names)
+    """The robot's scalar entries in the robot's order (LeRobot's datasets record `observation.state`
+    in it; a checkpoint's config.json keeps only its size), as many as the model's state takes (a
+    model without norm stats takes any)."""
     if model.state_dim is not None and model.state_dim != len(motors):
         raise Mismatch(
             f"the server's model {model.config} takes {model.state_dim} state values; the robot has "

@@ -39,9 +39,8 @@ class ServerModel:
     trained_task: str | None = None
     weights: str | None = None  # None: a checkpoint's
     # A checkpoint trained on a LeRobot dataset: its camera names (`observation.images.front` and
-    # `front`) -> the model's camera slots, and its `observation.state` names in order.
+    # `front`) -> the model's camera slots.
     camera_aliases: dict[str, str] | None = None
-    state_names: tuple[str, ...] | None = None
 
     @classmethod
     def from_ping(cls, reply: dict[str, Any]) -> ServerModel:
@@ -57,7 +56,6 @@ class ServerModel:
             trained_task=model.get("trained_task"),
             weights=_weights(model),
             camera_aliases=model.get("camera_aliases") or None,
-            state_names=tuple(model["state_names"]) if model.get("state_names") else None,
         )
 
     @property
