@@ -30,6 +30,7 @@ from transport.zmq_client import PolicyClient
 
 CAP_S = 300.0  # failure detection only
 LOOPS = 4
+HZ = 25.0
 RAY_PROCESSES = ("raylet", "gcs_server", "ray::", "--worker-name ray-")
 
 
@@ -57,18 +58,33 @@ def workers(router: str) -> dict[str, dict[str, Any]]:
         return {w["name"]: w for w in probe.ping()["broker"]["workers"]}
 
 
+class Report(dict):
+    """What happened so far, written to `out` at each step: a scenario cut short by the test's
+    timeout still says how far it got and when."""
+
+    def __init__(self, out: Path):
+        super().__init__()
+        self._out, self._start = out, time.monotonic()
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.setdefault("elapsed_s", {})[key] = round(time.monotonic() - self._start, 1)
+        self._out.write_text(json.dumps(self, indent=1, default=str))
+
+
 def run(out: Path) -> None:
-    report: dict[str, Any] = {}
+    report = Report(out)
     server = ServerProcess("--ray", "local", "--replicas", "2", gateways=False)
     server.start(CAP_S)
+    report["started"] = True
     try:
         report["ready"] = server.ready
         report["workers_at_start"] = sorted(workers(server.router))
         loops = [
             ControlLoop(
-                SimArm(control_hz=25.0, seed=i),
+                SimArm(control_hz=HZ, seed=i),
                 PolicyClient(server.router, f"arm-{i}", timeout_s=CAP_S),
-                LoopSettings(hz=25.0, buffer=BufferSettings(request_when_left=25), subtask_mode="off",
+                LoopSettings(hz=HZ, buffer=BufferSettings(request_when_left=25), subtask_mode="off",
                              request_timeout_s=2.0),
                 server.pub,
             )
@@ -119,8 +135,9 @@ def run(out: Path) -> None:
         report["log_tail"] = server.lines[-60:]
     report["left_behind"] = eventually(lambda: not processes(*RAY_PROCESSES), 30.0) or processes(*RAY_PROCESSES)
     report["log_names_nodes"] = [line for line in server.lines if "runs on node" in line]
-    out.write_text(json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":
+    # Stopped (the test's deadline): `run`'s finally stops the front host, which takes Ray down with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     run(Path(sys.argv[1]))
