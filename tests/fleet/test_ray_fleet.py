@@ -60,6 +60,8 @@ def test_ray_replicas_serve_restart_after_a_kill_and_leave_nothing_behind(tmp_pa
     assert report["chunks_grew"] and report["loops_ended"], context
     summaries = report["summaries"]
     assert len(summaries) == 4 and all(s["chunks_received"] > 0 for s in summaries.values()), context
-    assert sum(s["outages"] for s in summaries.values()) >= 1, "the killed replica's robots saw an outage"
+    # The killed replica's robots moved to the other (an outage is counted only by a loop whose request
+    # was in flight at the kill, which depends on timing; the broker moving them does not).
+    assert report["robots_moved"] >= report["killed"]["robots"] >= 1, context
     assert report["exit_code"] == 0, "".join(report["log_tail"])[-5000:]
     assert report["left_behind"] is True, f"left behind: {report['left_behind']}"

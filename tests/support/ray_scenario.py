@@ -85,7 +85,7 @@ def run(out: Path) -> None:
                 SimArm(control_hz=HZ, seed=i),
                 PolicyClient(server.router, f"arm-{i}", timeout_s=CAP_S),
                 LoopSettings(hz=HZ, buffer=BufferSettings(request_when_left=25), subtask_mode="off",
-                             request_timeout_s=2.0),
+                             request_timeout_s=10.0),
                 server.pub,
             )
             for i in range(LOOPS)
@@ -106,6 +106,8 @@ def run(out: Path) -> None:
         report["left"] = eventually(lambda: victim_name not in workers(server.router), CAP_S)
         report["rejoined"] = eventually(lambda: victim_name in workers(server.router), CAP_S)
         report["rejoin_s"] = time.monotonic() - killed_at
+        with PolicyClient(server.router, "probe", timeout_s=30) as probe:
+            report["robots_moved"] = probe.ping()["broker"]["robots_moved"]
         report["restarted_actor"] = any(
             parent_of(p) != actor_pid for p in processes(f"--worker-name {victim_name}") if p != worker_pid
         )
