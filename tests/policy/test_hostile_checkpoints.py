@@ -36,12 +36,16 @@ def _value(rng: random.Random, depth: int = 0) -> Any:
     if kind == 3:
         return rng.choice([0.0, -0.5, 1e-300, 1e300, float("inf"), float("nan")])
     if kind == 4:
-        return rng.choice(["", "pi05", "VISUAL", "STATE", "ACTION", "gemma_2b", "dummy", "../../etc/passwd", "x" * 5000])
+        return rng.choice(
+            ["", "pi05", "VISUAL", "STATE", "ACTION", "gemma_2b", "dummy", "../../etc/passwd", "x" * 5000]
+        )
     if kind == 5:
         return rng.choice([[], [3, 224, 224], [6], [-1], [10**9, 10**9]])
     if kind in (6, 7):
         return [_value(rng, depth + 1) for _ in range(rng.randrange(4))]
-    return {rng.choice(["type", "shape", "steps", "config", "state_file", "x"]): _value(rng, depth + 1) for _ in range(3)}
+    return {
+        rng.choice(["type", "shape", "steps", "config", "state_file", "x"]): _value(rng, depth + 1) for _ in range(3)
+    }
 
 
 def _mutate_json(node: Any, rng: random.Random) -> Any:
