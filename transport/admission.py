@@ -65,7 +65,7 @@ class Admission:
 
     def _admit(self, body: list, identity: bytes, internal: bool, principal: str) -> Request:
         limits = self.limits
-        size = sum(len(f) for f in body)
+        size = sum(map(len, body))
         if size > limits.max_message_bytes:
             raise ProtocolError(
                 f"message is {size} bytes, more than the server's limit of {limits.max_message_bytes}", "oversize"

@@ -2,7 +2,7 @@
 
 Pure functions, no sockets. `encode` returns the frames to send (arrays as zero-copy memoryviews);
 `decode` takes received frames (bytes, memoryviews or `zmq.Frame`s) and rebuilds arrays as
-read-only `np.frombuffer` views over them. Only the dtypes in `DTYPES` travel; no pickle, no object
+read-only array views over them (no copy). Only the dtypes in `DTYPES` travel; no pickle, no object
 arrays. The layout is documented byte for byte in docs/protocol.md.
 
 Decoding trusts nothing: every field is type-checked before it is used, so any input gives either
@@ -13,7 +13,6 @@ dimensions, bytes per array) is checked before anything is allocated.
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,16 +84,17 @@ def array_spec(dtype: Any, shape: Any, what: str, code: str) -> tuple[np.dtype, 
     if dt is None:
         raise ProtocolError(f"{what}: dtype {describe(dtype)} is not allowed; allowed: {_ALLOWED}", "bad_dtype")
     # A plain loop with `type(d) is int` (bool excluded): this runs for every array of every request.
-    sizes = dt.itemsize  # counting zero-length dimensions as 1
-    if isinstance(shape, list | tuple) and len(shape) <= MAX_NDIM:
+    bound = nbytes = dt.itemsize  # the bound counts zero-length dimensions as 1
+    if isinstance(shape, (list, tuple)) and len(shape) <= MAX_NDIM:
         for d in shape:
             if type(d) is not int or not 0 <= d <= MAX_DIM:
                 break
-            sizes *= d or 1
+            bound *= d or 1
+            nbytes *= d
         else:
-            if sizes > MAX_ARRAY_BYTES:
+            if bound > MAX_ARRAY_BYTES:
                 raise ProtocolError(f"{what}: shape {list(shape)} is larger than {MAX_ARRAY_BYTES} bytes", code)
-            return dt, tuple(shape), math.prod(shape) * dt.itemsize
+            return dt, tuple(shape), nbytes
     raise ProtocolError(
         f"{what}: shape must be a list of at most {MAX_NDIM} sizes 0..{MAX_DIM}, got {describe(shape)}", code
     )
@@ -112,12 +112,14 @@ def is_request_id(value: Any) -> bool:
 
 def encode(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> list[bytes | memoryview]:
     """Frames for `header` (a dict without `arrays`) and `arrays` (name -> ndarray, in order)."""
-    arrays = arrays or {}
     descriptors, buffers = [], []
-    for name, value in arrays.items():
-        arr = wire_array(value, f"array {name!r}")
-        descriptors.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape)})
-        buffers.append(memoryview(arr).cast("B") if arr.size else b"")
+    if arrays:
+        for name, value in arrays.items():
+            arr = value  # most arrays travel as they are: three cheap looks instead of a call
+            if type(arr) is not np.ndarray or arr.dtype.str not in DTYPES or not arr.flags.c_contiguous:
+                arr = wire_array(value, f"array {name!r}")
+            descriptors.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape)})
+            buffers.append(memoryview(arr).cast("B") if arr.size else b"")
     head = dict(header)
     head["v"] = PROTOCOL_VERSION
     head["arrays"] = descriptors
@@ -186,23 +188,19 @@ def decode(frames: Sequence[Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]
         raise ProtocolError(
             f"header describes {len(descriptors)} arrays but {len(frames) - 1} array frames followed", "bad_frames"
         )
-    specs = [_descriptor(desc, i) for i, desc in enumerate(descriptors)]
-    seen: set[str] = set()
-    for name, *_ in specs:
-        if name in seen:
+    # One pass, each array checked before it is built; an array is a read-only view over its frame
+    # (`np.ndarray` over a read-only buffer: one call where `frombuffer` and `reshape` are two).
+    arrays: dict[str, np.ndarray] = {}
+    for i, desc in enumerate(descriptors):
+        name, dtype, shape, nbytes = _descriptor(desc, i)
+        if name in arrays:
             raise ProtocolError(f"array {name!r} appears twice", "bad_header")
-        seen.add(name)
-    buffers = [_buffer(frame) for frame in frames[1:]]
-    for (name, dtype, shape, nbytes), buf in zip(specs, buffers, strict=True):
+        buf = _buffer(frames[i + 1])
         if buf.nbytes != nbytes:
             raise ProtocolError(
                 f"array {name!r} ({dtype.str} {shape}) needs {nbytes} bytes, its frame has {buf.nbytes}", "bad_frames"
             )
-    arrays: dict[str, np.ndarray] = {}
-    for (name, dtype, shape, _), buf in zip(specs, buffers, strict=True):
-        arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
-        arr.flags.writeable = False
-        arrays[name] = arr
+        arrays[name] = np.ndarray(shape, dtype, buf.toreadonly())
     return header, arrays
 
 

@@ -289,7 +289,7 @@ def _check_float32_range(arr: np.ndarray, field: str) -> np.ndarray:
         return arr
     # float16 and float32 need only be finite; float64 must also fit float32, which the model computes in.
     fits = np.isfinite(arr) if arr.dtype.itemsize <= 4 else np.abs(arr) <= _FLOAT32_MAX
-    if not bool(np.all(fits)):
+    if not fits.all():  # the method: `np.all` costs a microsecond more per call
         raise BadRequest(f"{field} must hold finite numbers within float32's range (|x| <= {_FLOAT32_MAX:.4g})")
     return arr
 

@@ -37,6 +37,7 @@ from transport import codec
 from transport.curve import ClientKeys, apply_client
 from transport.errors import ProtocolError, RequestTimeout, TransportError
 from transport.messages import BYE, INFER, KEEP, PING, REFRESH, SUBTASK, client_guidance
+from transport.zmq_frames import NOBLOCK, readable, recv_frames, send_frames
 from transport.zmq_requests import (
     HANDSHAKE_FAILURES,
     QUEUE_LIMIT,
@@ -186,7 +187,7 @@ class ClientCore:
             now,
         )
         try:
-            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            send_frames(self.socket, frames, NOBLOCK, copy=False)
         except zmq.Again:
             future.set_exception(self._not_sendable())
             return
@@ -203,8 +204,8 @@ class ClientCore:
         """Handles every reply waiting on the socket (the blocking driver; an event loop's reader
         calls `handle_reply` per message)."""
         # EVENTS, not a receive until `zmq.Again`: the exception costs more than the look.
-        while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self.handle_reply(self.socket.recv_multipart(copy=False))
+        while readable(self.socket):
+            self.handle_reply(recv_frames(self.socket))
 
     def handle_reply(self, frames: list) -> None:
         """Resolves the request a reply answers; drops an undecodable or late one."""
@@ -301,7 +302,7 @@ class ClientCore:
         for request_id, p in list(self.pending.items()):
             p.sent = now
             try:
-                self.socket.send_multipart(p.frames, flags=zmq.NOBLOCK, copy=False)
+                send_frames(self.socket, p.frames, NOBLOCK, copy=False)
             except zmq.Again:
                 del self.pending[request_id]
                 p.future.set_exception(queue_full(self.endpoint))

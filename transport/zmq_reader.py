@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import zmq
 
+from transport.zmq_frames import NOBLOCK, readable, recv_frames
+
 
 class SocketReader:
     """Calls `on_message(frames)` for every message a socket receives, from the event loop.
@@ -45,14 +47,14 @@ class SocketReader:
             return
         for _ in range(self.BURST):
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self._sock, NOBLOCK)
             except zmq.Again:
                 return
             self._on_message(frames)
         self._queue()  # more waiting: let other work run first
 
     def kick(self) -> None:
-        if not self._closed and self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not self._closed and readable(self._sock):
             self._queue()
 
     def _queue(self) -> None:

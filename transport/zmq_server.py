@@ -58,6 +58,7 @@ from transport.errors import TransportError
 from transport.heap import HeapTrimmer
 from transport.messages import ERROR, PING, REPLY_TYPE, Request
 from transport.subscriptions import SUBSCRIBERS_DOMAIN, SubscriptionBook, SubscriptionLimits, configure_xpub
+from transport.zmq_frames import NOBLOCK, send_frames
 from transport.zmq_reader import SocketReader
 
 log = logging.getLogger(__name__)
@@ -326,9 +327,10 @@ class ZmqServer:
         self.receive(peer, frames[1:], router)
 
     def receive(self, peer: Peer, body: list, router: Any) -> None:
-        """Serves one request message of `peer`; the reply goes out as `router.send_multipart([identity,
-        *frames])`. The ROUTERs' readers call it, and so does a fleet worker for the requests its
-        broker forwards (`runtime.fleet.worker_link`), with a sink that wraps the reply for the broker."""
+        """Serves one request message of `peer`; the reply goes out as through a ROUTER, the peer's
+        identity and then the reply's frames by `router.send`. The ROUTERs' readers call it, and so
+        does a fleet worker for the requests its broker forwards (`runtime.fleet.worker_link`), with
+        a sink that wraps the reply for the broker."""
         received = time.perf_counter()
         try:
             request = self.admission.admit(body, peer.identity, peer.internal, peer.principal)
@@ -338,9 +340,7 @@ class ZmqServer:
         counted = request.type != PING
         if counted:
             self.admission.take(peer.identity, peer.internal, peer.principal)
-        task = asyncio.create_task(self._serve(router, peer, request, received, counted))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.add(asyncio.create_task(self._serve(router, peer, request, received, counted)))
 
     def _reject(self, router: zmq.Socket, peer: Peer, body: list, e: TransportError, received: float) -> None:
         self.errors[e.code] += 1
@@ -363,6 +363,7 @@ class ZmqServer:
         finally:
             if counted:
                 self.admission.settle(peer.identity, peer.internal, peer.principal)
+            self._tasks.discard(asyncio.current_task())
         seconds = time.perf_counter() - received
         if "data" in header:
             header["data"]["server_timing"] = {"total_ms": seconds * 1e3}
@@ -384,7 +385,7 @@ def send_to_peer(router: zmq.Socket, identity: bytes, frames: list) -> None:
     """A reply through a ROUTER that never blocks the loop: a peer that does not read (its queue at
     the high-water mark) loses this reply, and one that has left is skipped (ROUTER_MANDATORY)."""
     try:
-        router.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+        send_frames(router, [identity, *frames], NOBLOCK, copy=False)
     except zmq.Again:
         log.warning("peer %s is not reading (high-water mark); dropped its reply", identity.hex())
     except zmq.ZMQError as e:

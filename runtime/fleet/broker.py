@@ -81,6 +81,7 @@ from transport.messages import BYE, ERROR, KEEP, PING, REFRESH_INTERVAL, REPLY_T
 from transport.server_info import ServerInfo
 from transport.subscriptions import SUBSCRIBERS_DOMAIN, SubscriptionBook, SubscriptionLimits, configure_xpub
 from transport.zap import ZapHandler
+from transport.zmq_frames import NOBLOCK, recv_frames, send_frames
 from transport.zmq_server import principal_of, send_to_peer
 
 log = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ class Broker:
     def _drain(self, sock: zmq.Socket, handle: Callable[[list], None]) -> None:
         for _ in range(BURST):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -438,7 +439,7 @@ class Broker:
         """Whether the message went out (False: the worker is gone or not reading)."""
         assert self._back is not None
         try:
-            self._back.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+            send_frames(self._back, [identity, *frames], NOBLOCK, copy=False)
             return True
         except zmq.Again:
             log.warning("a policy worker is not reading (high-water mark)")
@@ -542,7 +543,7 @@ class Broker:
         if self._xpub is None or len(frames) != 2:
             return
         try:
-            self._xpub.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            send_frames(self._xpub, frames, NOBLOCK, copy=False)
             self.published += 1
         except zmq.Again:
             log.warning("refresh publisher is at its high-water mark; dropped a message")

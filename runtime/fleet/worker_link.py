@@ -47,6 +47,7 @@ from runtime.fleet.protocol import (
 from transport import curve
 from transport.subscriptions import FROM_BROKER, SubscriptionBook, configure_xpub
 from transport.supervise import supervise
+from transport.zmq_frames import NOBLOCK, send_frames
 from transport.zmq_reader import SocketReader
 from transport.zmq_server import Peer, Publisher, ZmqServer
 
@@ -72,15 +73,21 @@ def tcp_host(endpoint: str) -> str | None:
 
 
 class _ReplySink:
-    """Where `ZmqServer` sends one request's reply: wrapped in REPLY for the broker, on the socket the
-    request came on (a reply for a socket replaced since is dropped: the broker answered it)."""
+    """Where `ZmqServer` sends one request's reply, frame by frame as to a ROUTER (`send` with
+    SNDMORE until the last frame): wrapped in REPLY for the broker, on the socket the request came
+    on (a reply for a socket replaced since is dropped: the broker answered it)."""
 
-    __slots__ = ("_link", "_seq", "_socket")
+    __slots__ = ("_link", "_parts", "_seq", "_socket")
 
     def __init__(self, link: WorkerLink, seq: int, socket: zmq.Socket):
         self._link, self._seq, self._socket = link, seq, socket
+        self._parts: list = []
 
-    def send_multipart(self, frames: list, flags: int = 0, copy: bool = True) -> None:
+    def send(self, frame: Any, flags: int = 0, copy: bool = True) -> None:
+        self._parts.append(frame)
+        if flags & zmq.SNDMORE:
+            return
+        frames, self._parts = self._parts, []
         if self._socket is self._link.socket:
             self._link.send(reply_frames(self._seq, frames[1:]))
 
@@ -202,7 +209,7 @@ class WorkerLink:
         """Sends without blocking (`zmq.Again` when the broker is not reading: the caller's to handle)."""
         if self.socket is None:
             return
-        self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        send_frames(self.socket, frames, NOBLOCK, copy=False)
         if self._reader is not None:
             self._reader.kick()
 

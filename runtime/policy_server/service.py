@@ -206,7 +206,7 @@ class PolicyService:
         session.principal, session.last_seen = principal, self._clock()
         if request.observation is not None:
             images = await self.backend.prepare_images(request.observation.images)
-            session.observation = dataclasses.replace(request.observation, images=images)
+            session.observation = Observation(images, request.observation.state, request.observation.timestamp)
         if request.prompt is not None:
             session.prompt, session.options = request.prompt, request.options
         if request.refresh_interval is not KEEP:
@@ -239,7 +239,7 @@ class PolicyService:
         }
         if request.type == SUBTASK:
             return data, {}
-        data["state"] = None if result.state is None else [float(x) for x in np.asarray(result.state).ravel()]
+        data["state"] = None if result.state is None else np.asarray(result.state, np.float64).ravel().tolist()
         data["obs_timestamp"] = observation.timestamp
         arrays = {ACTIONS: np.asarray(result.actions, np.float32)}
         if result.model_actions is not None:
