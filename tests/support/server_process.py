@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,10 @@ from tests.support.server_thread import TEST_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]  # the repository root: `-m bench...` runs from there
 START_TIMEOUT_S = 600.0
+# The server logs `ready (<role>): ...` just before it writes its ready file; the line reaches this
+# process through a pipe, so it may come a moment after the file.
+READY_LINE = re.compile(r"\bready \(")
+READY_LINE_TIMEOUT_S = 10.0
 
 
 def _rss_mb(pid: int) -> float:
@@ -113,8 +118,12 @@ class ServerProcess:
                 return False
             time.sleep(0.02)
         self.ready = json.loads(self.ready_file.read_text())
+        # `log` then holds everything the server said before it was ready (its endpoints too).
+        self.wait_for(READY_LINE.search, READY_LINE_TIMEOUT_S)
         with self._changed:
-            self._ready_line = len(self.lines)
+            self._ready_line = next(
+                (i + 1 for i, line in enumerate(self.lines) if READY_LINE.search(line)), len(self.lines)
+            )
         return True
 
     def _read(self, proc: subprocess.Popen) -> None:
