@@ -5,8 +5,9 @@ its own (its WebSocket protocols in their gateway processes), with the model rep
 that checks each request and answers a fixed chunk, so only the transports are timed. Beside it, in
 processes of their own, references with no server machinery at all: openpi's `serve_policy`
 minus the model (websockets + `openpi_client.msgpack_numpy`, a fixed reply), a bare ROUTER loop
-that decodes our frames and answers fixed ones, and a bare pyzmq exchange (the same frames, built
-once, each way; the arrays rebuilt with `np.frombuffer`, nothing decoded or checked). The clients
+that decodes our frames and answers fixed ones, the server's own ZMQ edge (`ZmqServer`) with a
+handler that only answers, and a bare pyzmq exchange (the same frames, built once, each way; the
+arrays rebuilt with `np.frombuffer`, nothing decoded or checked). The clients
 are in this process, one call at a time: `PolicyClient`, openpi-client's `WebsocketClientPolicy`,
 `JsonApiClient`, a bare DEALER (encode, send, receive, decode, nothing else), and the bare
 exchange's DEALER. `PolicyClient` against the server, over the bare exchange, is what the whole ZMQ
@@ -62,6 +63,7 @@ ZMQ = "ZMQ: `PolicyClient` -> policy server"
 OPENPI = "openpi protocol: `WebsocketClientPolicy` -> policy server"
 OPENPI_REF = "openpi protocol: `WebsocketClientPolicy` -> openpi-style reference server"
 ZMQ_REF = "ZMQ: `PolicyClient` -> bare ROUTER loop (reference)"
+EDGE = "ZMQ: `PolicyClient` -> the server's ZMQ edge alone (`ZmqServer` with a handler that only answers)"
 BARE = "ZMQ: bare DEALER -> policy server"
 BARE_REF = "ZMQ: bare DEALER -> bare ROUTER loop (the floor of our protocol)"
 EXCHANGE = "bare pyzmq exchange: the same frames, `np.frombuffer` each side (the floor of moving the bytes)"
@@ -153,6 +155,26 @@ def _serve_zmq_reference(port: int, ready: Any) -> None:
         }
         reply = {"type": REPLY_TYPE[header["type"]], "id": header.get("id"), "data": data}
         router.send_multipart([identity, *codec.encode(reply, {ACTIONS: actions})], copy=False)
+
+
+def _serve_zmq_edge(port: int, ready: Any) -> None:
+    """The policy server's ZMQ edge (`ZmqServer`: its event-loop reader, admission with the full
+    decoding and checks of a request, a task per request, the reply) with a handler that only
+    answers: what the server costs before its service and backend."""
+    from transport.zmq_server import ZmqServer, ZmqServerSettings
+
+    chunk = _chunk()
+
+    async def handler(peer: Any, request: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {"subtask": None, "subtask_tokens": [], "state": None, "obs_timestamp": None}, {ACTIONS: chunk}
+
+    async def main() -> None:
+        server = ZmqServer(ZmqServerSettings(router_endpoint=f"tcp://127.0.0.1:{port}", pub_endpoints=()), handler)
+        await server.start()
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
 
 
 def _serve_bare_exchange(port: int, ready: Any) -> None:
@@ -306,8 +328,10 @@ def run(iters: int, json_iters: int, rounds: int, cameras: int) -> str:
         openpi_ref = stack.enter_context(ReferenceProcess(_serve_openpi_reference))
         zmq_ref = stack.enter_context(ReferenceProcess(_serve_zmq_reference))
         exchange_ref = stack.enter_context(ReferenceProcess(_serve_bare_exchange))
+        edge = stack.enter_context(ReferenceProcess(_serve_zmq_edge))
         zmq_client = stack.enter_context(PolicyClient(server.router, "bench-zmq"))
         zmq_ref_client = stack.enter_context(PolicyClient(f"tcp://127.0.0.1:{zmq_ref.port}", "bench-zmq-ref"))
+        edge_client = stack.enter_context(PolicyClient(f"tcp://127.0.0.1:{edge.port}", "bench-zmq-edge"))
         openpi_client = WebsocketClientPolicy(host="127.0.0.1", port=server.ports[3])
         stack.callback(openpi_client._ws.close)  # openpi-client 0.1.2 has no close()
         openpi_ref_client = WebsocketClientPolicy(host="127.0.0.1", port=openpi_ref.port)
@@ -345,6 +369,7 @@ def run(iters: int, json_iters: int, rounds: int, cameras: int) -> str:
             JSON: json_caller,
             BARE: bare,
             ZMQ_REF: zmq_call(zmq_ref_client, ZMQ_REF),
+            EDGE: zmq_call(edge_client, EDGE),
             BARE_REF: bare_ref,
             EXCHANGE: exchange,
         }
@@ -381,11 +406,12 @@ def _report(
         "Each server in its own process, as deployed: `python -m runtime.policy_server --fixed-reply` (the model "
         "replaced by a backend that checks each request and answers zeros; the WebSocket protocols in their gateway "
         "processes), an openpi-style reference server (openpi's `serve_policy` handler, websockets + "
-        "`openpi_client.msgpack_numpy`, minus the model) and a bare ROUTER loop (decodes our frames, answers fixed "
-        "ones). A bare DEALER is a client that only encodes, sends, receives and decodes; the bare pyzmq exchange "
-        "sends the same frames built once and rebuilds the arrays with `np.frombuffer` on each side, nothing "
-        "decoded or checked. One call at a time from "
-        "this process over 127.0.0.1. Out: DROID's two 224x224x3 uint8 images + 8 state values (openpi: "
+        "`openpi_client.msgpack_numpy`, minus the model), a bare ROUTER loop (decodes our frames, answers fixed "
+        "ones) and the server's ZMQ edge alone (`transport.zmq_server.ZmqServer`: its event-loop reader, admission "
+        "with every check of a request, a task per request, with a handler that only answers). A bare DEALER is a "
+        "client that only encodes, sends, receives and decodes; the bare pyzmq exchange sends the same frames built "
+        "once and rebuilds the arrays with `np.frombuffer` on each side, nothing decoded or checked. One call at a "
+        "time from this process over 127.0.0.1. Out: DROID's two 224x224x3 uint8 images + 8 state values (openpi: "
         "`observation/exterior_image_1_left`, `observation/wrist_image_left`, `observation/joint_position`, "
         "`observation/gripper_position`, `prompt`; JSON: nested lists)"
         + (
@@ -409,8 +435,9 @@ def _report(
         f"{'yes' if p50[ZMQ] < p50[OPENPI] else 'NO'}. Where the difference goes, p50: our codec both ways "
         f"and the reference's reply (bare DEALER -> bare ROUTER loop over the exchange) "
         f"{p50[BARE_REF] - p50[EXCHANGE]:+.2f} ms, `PolicyClient` over a bare DEALER (same loop) "
-        f"{p50[ZMQ_REF] - p50[BARE_REF]:+.2f} ms, the policy server over the bare ROUTER loop "
-        f"{p50[ZMQ] - p50[ZMQ_REF]:+.2f} ms\n"
+        f"{p50[ZMQ_REF] - p50[BARE_REF]:+.2f} ms, the server's ZMQ edge over the bare ROUTER loop "
+        f"{p50[EDGE] - p50[ZMQ_REF]:+.2f} ms, the server's service and backend over its edge "
+        f"{p50[ZMQ] - p50[EDGE]:+.2f} ms\n"
         f"- vs openpi's protocol on the policy server (through its gateway process): {versus(OPENPI)}\n"
         f"- vs openpi's own handler (the reference server, what openpi serves today): {versus(OPENPI_REF)}\n"
         f"- the policy server's own time per ZMQ request (`server_timing.total_ms`, receipt to reply), p50: "
