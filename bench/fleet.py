@@ -39,6 +39,7 @@ import numpy as np
 
 from bench.report import percentiles_ms, write_section
 from policy.request import InferenceRequest, InferenceResult
+from runtime.fleet.workers import cpu_env
 from runtime.policy_server.fixed_backend import FixedBackend
 from tests.support.ports import free_local_ports
 from tests.support.server_process import REPO, ServerProcess
@@ -186,7 +187,7 @@ class Fleet:
             else:
                 flags += ["--cpus", str(cores[i % len(cores)])]
                 if self.backend == "model":
-                    env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+                    env.update(cpu_env(env))
             command = self.worker_command(window_ms, *flags)
             self.workers.append(subprocess.Popen([sys.executable, *command], cwd=REPO, env=env))
         self.wait_joined(count)

@@ -214,7 +214,7 @@ def _aloha_example(rng: np.random.Generator) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- LeRobot
 
-_LEROBOT_IMAGES = "observation.images."
+LEROBOT_IMAGES = "observation.images."  # LeRobot's camera feature names: this prefix and the camera
 
 
 def _lerobot_in(obs: Mapping[str, Any]) -> ModelInputs:
@@ -224,10 +224,10 @@ def _lerobot_in(obs: Mapping[str, Any]) -> ModelInputs:
     images = {
         key: to_hwc_uint8(key, value)
         for key, value in obs.items()
-        if isinstance(key, str) and key.startswith(_LEROBOT_IMAGES)
+        if isinstance(key, str) and key.startswith(LEROBOT_IMAGES)
     }
     if not images:
-        raise _missing(obs, f"{_LEROBOT_IMAGES}<camera>", "lerobot")
+        raise _missing(obs, f"{LEROBOT_IMAGES}<camera>", "lerobot")
     prompt = _prompt(obs) if obs.get("prompt") is not None else _prompt(obs, "task")
     return ModelInputs(images, _vector(obs, "observation.state", "lerobot"), prompt)
 
@@ -236,8 +236,8 @@ def _lerobot_example(rng: np.random.Generator) -> dict[str, Any]:
     """An SO-101 fine-tune's observation (front and wrist cameras, 6 joints), its frames uint8 HWC
     as openpi clients send them (LeRobot's CHW floats in [0, 1] are converted too, 4x the bytes)."""
     return {
-        f"{_LEROBOT_IMAGES}front": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
-        f"{_LEROBOT_IMAGES}wrist": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+        f"{LEROBOT_IMAGES}front": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+        f"{LEROBOT_IMAGES}wrist": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
         "observation.state": rng.uniform(-1, 1, 6),
         "task": "do something",
     }

@@ -27,15 +27,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from robots.adapters import to_hwc_uint8
+from robots.adapters import LEROBOT_IMAGES, to_hwc_uint8
 from robots.base import RobotObservation
 from robots.server_model import Mismatch, ServerModel
 
 log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'pi05-runtime[lerobot]'"
-# How a LeRobot dataset names a camera's feature: a checkpoint's camera aliases may use either form.
-_IMAGE_FEATURE = "observation.images."
 
 
 class LeRobotDevice(Protocol):
@@ -142,7 +140,8 @@ def _camera_slots(cameras: list[str], model: ServerModel) -> tuple[tuple[str, st
         )
     else:
         aliases = model.camera_aliases
-        named = ((camera, aliases.get(_IMAGE_FEATURE + camera, aliases.get(camera))) for camera in cameras)
+        # A checkpoint's camera aliases name a camera as a LeRobot dataset does, or by the camera alone.
+        named = ((camera, aliases.get(LEROBOT_IMAGES + camera, aliases.get(camera))) for camera in cameras)
         slots = tuple((camera, slot) for camera, slot in named if slot is not None)
         if not slots:
             raise Mismatch(

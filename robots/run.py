@@ -40,7 +40,7 @@ from policy.request import SCHEDULES
 from robots.lerobot_robot import LeRobotConnectError, LeRobotSetupError, fit_lerobot, make_lerobot_device
 from robots.server_model import AUTO, NO_TASK, Mismatch, ServerModel, fit_sim
 from robots.tasks import TASKS
-from runtime.cli_args import port
+from runtime.cli_args import LOG_FORMAT, port
 from runtime.metrics_http import process_registry, serve_metrics
 from runtime.rerun_sink import RerunSink, RerunUnavailable, add_rerun_argument
 from runtime.robot.chunk_buffer import BLENDS, BufferSettings
@@ -52,7 +52,6 @@ from runtime.robot.status_line import StatusLine
 from transport import logs
 from transport.curve import CurveError, load_client_keys
 from transport.errors import TransportError
-from transport.logs import LOG_FORMATS
 from transport.zmq_client import PolicyClient
 from transport.zmq_requests import zmq_endpoint
 
@@ -139,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds to")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
-    p.add_argument("--log-format", default="text", choices=LOG_FORMATS, help="json: one JSON object a line")
+    LOG_FORMAT.add_to(p)
     return p
 
 

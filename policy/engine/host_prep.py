@@ -45,8 +45,9 @@ class HostPrep:
         return self.prompts.tokenizer
 
     def images(self, images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Each camera at the model's input resolution (an image already there passes unchanged)."""
-        return {name: self.resizer(image, name) for name, image in images.items()}
+        """Each camera at the model's input resolution (an image already there passes unchanged),
+        under the model's own name for it (a camera named by an alias goes to its model key)."""
+        return {self.camera_aliases.get(name, name): self.resizer(image, name) for name, image in images.items()}
 
     def prepare(self, ticket: Ticket) -> None:
         """Fills the ticket's state and its first phase's `Row` (raises `ValueError` on bad input)."""
@@ -107,9 +108,8 @@ class HostPrep:
         return self.prompts.tokenize(text)
 
     def _cameras(self, images: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(C, S, S, 3) uint8 in config order and the (C,) mask; a missing camera is black and masked.
-        A camera named by an alias goes to its model key's slot."""
-        images = {self.camera_aliases.get(name, name): image for name, image in images.items()}
+        """(C, S, S, 3) uint8 in config order and the (C,) mask, from `images`' output; a missing
+        camera is black and masked."""
         size = self.cfg.siglip.image_size
         keys = self.cfg.image_keys
         out = np.zeros((len(keys), size, size, 3), np.uint8)

@@ -71,15 +71,10 @@ class AsyncPi05Inference:
 
     def __init__(self, settings: EngineSettings, *, clock: Callable[[], float] = time.monotonic):
         self.settings = settings
-        self.cfg = get_model_config(settings.config_name)
         self.buckets = settings.buckets
-        self.num_steps = settings.num_steps or self.cfg.num_steps
-        self._param_dtype = settings.param_dtype or self.cfg.dtype
         self._seed_rng = np.random.default_rng(settings.seed)
         self._clock = clock
-        self.resizer = Resizer(
-            self.cfg.siglip.image_size, settings.image_resolutions, settings.max_image_resolutions, clock=clock
-        )
+        self._use_config(get_model_config(settings.config_name))
         # Set by `_load_host` at start (the tokenizer, norm stats and checkpoint may need a download).
         self.tokenizer = None
         self.prompts: Prompts | None = None
@@ -313,8 +308,12 @@ class AsyncPi05Inference:
         start = time.perf_counter()
         settings = self.settings
         files = fetch_model_files(self.cfg, settings)
+        if files.torch is not None and files.torch.cfg != self.cfg:
+            # A checkpoint that brings its own model config (LeRobot's `config.json`) is served with
+            # it, whatever config the settings named.
+            self._use_config(files.torch.cfg)
+            log.info("serving the checkpoint's own config %s", self.cfg.name)
         if files.torch is not None:
-            self._serve_config(files.torch.cfg)
             self.camera_aliases = dict(files.torch.camera_aliases)
         ckpt = files.checkpoint
         self.tokenizer = load_tokenizer(self.cfg, files.tokenizer)
@@ -344,20 +343,14 @@ class AsyncPi05Inference:
         self.startup_s["fetch"] = time.perf_counter() - start
         return files
 
-    def _serve_config(self, cfg: ModelConfig) -> None:
-        """A checkpoint that brings its own model config (LeRobot's `config.json`) is served with it,
-        whatever config the settings named: its sizes, steps, dtype and input resolution."""
-        if cfg.siglip.image_size != self.cfg.siglip.image_size:
-            self.resizer = Resizer(
-                cfg.siglip.image_size,
-                self.settings.image_resolutions,
-                self.settings.max_image_resolutions,
-                clock=self._clock,
-            )
+    def _use_config(self, cfg: ModelConfig) -> None:
+        """Serves `cfg`: its sizes, sampling steps, dtype and input resolution (unless the settings
+        name their own steps or dtype)."""
         self.cfg = cfg
         self.num_steps = self.settings.num_steps or cfg.num_steps
         self._param_dtype = self.settings.param_dtype or cfg.dtype
-        log.info("serving the checkpoint's own config %s", cfg.name)
+        s = self.settings
+        self.resizer = Resizer(cfg.siglip.image_size, s.image_resolutions, s.max_image_resolutions, clock=self._clock)
 
     def _load_and_compile(self) -> None:
         files = self._load_host()

@@ -35,13 +35,13 @@ from typing import Any
 
 import ray
 
+from runtime.fleet.workers import cpu_env
 from runtime.keys import create_pair
 from transport.curve import PUBLIC_SUFFIX, SECRET_SUFFIX
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0
-CPU_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 def connect(address: str) -> None:
@@ -94,7 +94,7 @@ def make_keys(folder: Path, slots: int) -> tuple[Path, Path, list[ReplicaKeys]]:
 class Replica:
     """One policy worker process on whichever node Ray placed this actor; restarted by Ray."""
 
-    def __init__(self, name: str, command: list[str], keys: ReplicaKeys, env: dict[str, str]):
+    def __init__(self, name: str, command: list[str], keys: ReplicaKeys, cpu: bool):
         self.node_ip = ray.util.get_node_ip_address()
         self.name = f"{name}@{self.node_ip}"
         self._dir = tempfile.mkdtemp(prefix="pi05-replica-")  # 0700: the keys stay this user's
@@ -105,7 +105,9 @@ class Replica:
         argv = [*command, "--worker-name", self.name, "--die-with-parent"]
         argv += ["--join-curve-server-key", str(server_key), "--join-curve-key", str(own_key)]
         self._stopping = False
-        self._proc = subprocess.Popen(argv, env={**os.environ, **env})
+        # A CPU replica uses one XLA thread (as a --workers worker does); Ray sets a GPU one's devices.
+        env = {**os.environ, **cpu_env(os.environ)} if cpu else None
+        self._proc = subprocess.Popen(argv, env=env)
         threading.Thread(target=self._exit_with_worker, name="replica-watch", daemon=True).start()
 
     def _exit_with_worker(self) -> None:
@@ -156,14 +158,12 @@ class RayReplicas:
         self._spec = spec
         self._keys = keys
         self.actors: dict[int, Any] = {}  # slot -> actor handle
-        # A CPU replica uses one XLA thread (as a --workers worker does); Ray sets a GPU one's devices.
-        self._env = {} if spec.gpus else {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": CPU_XLA_FLAGS}
 
     def add(self) -> int:
         """Starts a replica in the lowest free slot; its slot."""
         slot = next(i for i in range(len(self._keys)) if i not in self.actors)
         resources = Replica.options(num_cpus=self._spec.cpus, num_gpus=self._spec.gpus)
-        actor = resources.remote(f"ray-{slot}", list(self._spec.command), self._keys[slot], self._env)
+        actor = resources.remote(f"ray-{slot}", list(self._spec.command), self._keys[slot], not self._spec.gpus)
         self.actors[slot] = actor
         return slot
 

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 
 from runtime import child_process
 
@@ -36,13 +37,19 @@ class WorkerSpec:
     argv: tuple[str, ...]  # flags of this worker alone (device pinning)
 
 
+def cpu_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """What a CPU worker sets in the environment `environ` it starts from: JAX on the CPU with one
+    XLA thread, after whatever `XLA_FLAGS` the operator set."""
+    return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{environ.get('XLA_FLAGS', '')} {CPU_XLA_FLAGS}".strip()}
+
+
 def worker_specs(workers: int, gpu_ids: tuple[int, ...]) -> list[WorkerSpec]:
     """One spec per GPU id, or `workers` CPU workers pinned round-robin to this host's cores."""
     if gpu_ids:
         return [WorkerSpec(f"gpu{g}", {"CUDA_VISIBLE_DEVICES": str(g)}, ()) for g in gpu_ids]
     cores = sorted(os.sched_getaffinity(0))
-    cpu_env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {CPU_XLA_FLAGS}".strip()}
-    return [WorkerSpec(f"cpu{i}", cpu_env, ("--cpus", str(cores[i % len(cores)]))) for i in range(workers)]
+    env = cpu_env(os.environ)
+    return [WorkerSpec(f"cpu{i}", env, ("--cpus", str(cores[i % len(cores)]))) for i in range(workers)]
 
 
 class WorkerProcess:

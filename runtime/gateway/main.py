@@ -30,6 +30,7 @@ import numpy as np
 from policy.request import Observation, Options
 from robots.adapters import ADAPTERS, Adapter, get_adapter
 from runtime import child_process
+from runtime.cli_args import LOG_FORMAT
 from transport import logs
 from transport.errors import BadRequest, RemoteError, TransportError
 from transport.messages import (
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", default=None, help="the certificate's PEM private key")
     p.add_argument("--allow-origin", action="append", default=[], help="a browser Origin let in (repeatable)")
     p.add_argument("--log-level", default="INFO")
-    p.add_argument("--log-format", choices=logs.LOG_FORMATS, default="text")
+    LOG_FORMAT.add_to(p)
     return p
 
 

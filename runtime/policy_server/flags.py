@@ -298,7 +298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.random_weights and args.checkpoint, "--random-weights and --checkpoint contradict each other"),
         (args.workers and args.gpu_ids, "--workers (CPU workers) and --gpu-ids (GPU workers) exclude each other"),
         (args.ray and (args.workers or args.gpu_ids), "--ray runs the workers on Ray: not with --workers or --gpu-ids"),
-        (not args.ray and _scaling_given(args), "--replicas and the scaling flags go with --ray"),
+        (not args.ray and _scaling_given(args, by_flag), "--replicas and the scaling flags go with --ray"),
         (args.ray and not (args.min_replicas or args.replicas) <= args.replicas <= (args.max_replicas or args.replicas),
          "with --ray: --min-replicas <= --replicas <= --max-replicas"),
         (args.ray and args.worker_curve_secret,
@@ -322,12 +322,11 @@ def is_front(args: argparse.Namespace) -> bool:
     return bool(args.workers or args.gpu_ids or args.ray)
 
 
-def _scaling_given(args: argparse.Namespace) -> bool:
-    """Whether a flag that only --ray reads differs from its default."""
+def _scaling_given(args: argparse.Namespace, by_flag: dict[str, cli_args.Option]) -> bool:
+    """Whether a flag that only --ray reads was given a value other than its default."""
     ray_only = ("--replicas", "--cpus-per-replica", "--gpus-per-replica", "--min-replicas", "--max-replicas",
                 "--scale-wait-ms", "--scale-sustain-s", "--scale-idle-s")  # fmt: skip
-    by_flag = {o.flags[0]: o for o in OPTIONS}
-    return any(getattr(args, by_flag[f].dest) != by_flag[f].settings.get("default") for f in ray_only)
+    return any(by_flag[f].argv(args) for f in ray_only)
 
 
 def worker_argv(args: argparse.Namespace) -> list[str]:
