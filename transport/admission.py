@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 # Told of every message the server or the broker answered: whether it came in on the internal
 # ROUTER (the gateways'), its robot and request type ("" for a message refused before its header
-# was read), the outcome ("ok" or the error code) and the seconds from receipt to the reply.
-# Metrics hang on it; nothing is told when no observer is set.
+# was read), the outcome ("ok" or the error code) and the seconds from receipt to the reply. It is
+# told just before the answer goes out, so a client holding its reply finds it counted. Metrics hang
+# on it; nothing is told when no observer is set.
 Observer = Callable[[bool, str, str, str, float], None]
 
 

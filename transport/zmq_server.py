@@ -345,9 +345,9 @@ class ZmqServer:
     def _reject(self, router: zmq.Socket, peer: Peer, body: list, e: TransportError, received: float) -> None:
         self.errors[e.code] += 1
         log.info("rejected a message from %s (%r): %s", peer.identity.hex(), peer.principal, e.message)
-        self._send(router, peer.identity, rejection(body, e))
         if self._observe is not None:
             self._observe(peer.internal, "", "", e.code, time.perf_counter() - received)
+        self._send(router, peer.identity, rejection(body, e))
 
     async def _serve(self, router: zmq.Socket, peer: Peer, request: Request, received: float, counted: bool) -> None:
         try:
@@ -367,11 +367,11 @@ class ZmqServer:
         seconds = time.perf_counter() - received
         if "data" in header:
             header["data"]["server_timing"] = {"total_ms": seconds * 1e3}
-        self._send(router, peer.identity, header, arrays)
-        self._kick(router)
         if self._observe is not None:
             outcome = header["error"]["code"] if "error" in header else "ok"
             self._observe(peer.internal, request.robot, request.type, outcome, seconds)
+        self._send(router, peer.identity, header, arrays)
+        self._kick(router)
 
     def _error(self, request: Request, code: str, message: str) -> dict[str, Any]:
         self.errors[code] += 1

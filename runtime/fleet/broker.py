@@ -331,10 +331,10 @@ class Broker:
             self._forward(internal, identity, user, principal, body, request, received)
         except TransportError as e:
             self.errors[e.code] += 1
-            self._reply(internal, identity, rejection(body, e))
             if self._observe is not None:
                 robot, type_ = (request.robot, request.type) if request is not None else ("", "")
                 self._observe(internal, robot, type_, e.code, self._clock() - received)
+            self._reply(internal, identity, rejection(body, e))
 
     def _forward(
         self,
@@ -347,9 +347,9 @@ class Broker:
         received: float,
     ) -> None:
         if request.type == PING:  # exempt from the caps: a health check answers under load
-            self._reply(internal, identity, self._pong(request.id))
             if self._observe is not None:
                 self._observe(internal, request.robot, PING, "ok", self._clock() - received)
+            self._reply(internal, identity, self._pong(request.id))
             return
         key = curve.session_key(user, request.robot)  # the worker's session key: what sticks
         worker = self.table.placed(key) if request.type == BYE else self.table.route(key)
@@ -362,11 +362,11 @@ class Broker:
                 self.table.set_refresh(key, request.refresh_interval)
         if worker is None and request.type == BYE:
             data = {"dropped": False, "server_timing": {"total_ms": 0.0}}
+            if self._observe is not None:
+                self._observe(internal, request.robot, BYE, "ok", self._clock() - received)
             self._reply(
                 internal, identity, {"type": REPLY_TYPE[BYE], "id": request.id, "robot": request.robot, "data": data}
             )
-            if self._observe is not None:
-                self._observe(internal, request.robot, BYE, "ok", self._clock() - received)
             return
         if worker is None:
             raise TransportError("no policy worker is connected to the broker; retry later", "unavailable")
@@ -488,9 +488,9 @@ class Broker:
             flight = self.table.replied(identity, read_seq(rest[0]))
             if flight is not None:
                 self._settled(flight)
-                self._to_front(flight.internal, flight.client, rest[1:])
                 if self._observe is not None:
                     self._observed(flight, _outcome(rest[1:]))
+                self._to_front(flight.internal, flight.client, rest[1:])
         elif command == DISCONNECT:
             self.table.remove(identity)
             log.info("worker %r left", worker.name)
