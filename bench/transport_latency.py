@@ -170,8 +170,6 @@ def _serve_zmq_edge(port: int, ready: Any) -> None:
     """The policy server's ZMQ edge (`ZmqServer`: its event-loop reader, admission with the full
     decoding and checks of a request, a task per request, the reply) with a handler that only
     answers: what the server costs before its service and backend."""
-    from transport.zmq_server import ZmqServer, ZmqServerSettings
-
     chunk = _chunk()
 
     async def handler(peer: Any, request: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
